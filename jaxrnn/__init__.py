@@ -1,0 +1,45 @@
+"""jaxrnn: recurrent networks in JAX with a handwritten, reverse-scan BPTT.
+
+The public API::
+
+    model = jaxrnn.RNN(cell="elman", input_size=D, hidden_size=H, output_size=O)
+    params = model.init(jax.random.key(0))
+    ys, state = model.apply(params, xs)                       # xs (T, B, D) -> ys (T, B, O)
+    loss, grads = model.loss_and_grad(params, xs, targets, method="bptt")
+"""
+
+from jaxrnn.cells import GRU, LSTM, CellParams, Elman, make_cell
+from jaxrnn.losses import half_sse, mse, xent
+from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
+from jaxrnn.scan import BackwardTrace, ForwardTrace, backward_scan, forward_scan, layer
+from jaxrnn.tasks import Batch, reference_example
+from jaxrnn.train import fit, make_optimizer, make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RNN",
+    "RNNParams",
+    "ReadoutParams",
+    "CellParams",
+    "Elman",
+    "LSTM",
+    "GRU",
+    "make_cell",
+    "layer",
+    "forward_scan",
+    "backward_scan",
+    "ForwardTrace",
+    "BackwardTrace",
+    "sequence_mask",
+    "reverse_sequences",
+    "half_sse",
+    "mse",
+    "xent",
+    "Batch",
+    "reference_example",
+    "make_train_step",
+    "make_optimizer",
+    "fit",
+    "__version__",
+]

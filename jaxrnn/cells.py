@@ -1,0 +1,297 @@
+r"""Recurrent cells: parameters, initialisation, forward step, hand-derived backward step.
+
+Every cell shares one parameter layout, PyTorch's (``nn.RNN``, ``nn.LSTM``,
+``nn.GRU``), with the gate blocks stacked along the first axis::
+
+    w_ih (G*H, D)   w_hh (G*H, H)   b_ih (G*H,)   b_hh (G*H,)
+
+where ``G`` is the number of gate blocks (1 for Elman, 4 for LSTM, 3 for GRU).
+
+The work of a layer is split so that the sequential part is as small as possible:
+
+* the input projection ``xp_t = W_ih x_t + b_ih`` for *all* steps is one matrix
+  product before the loop (``scan.project_inputs``);
+* ``step(params, carry, xp_t) -> (carry, residuals)`` is the recurrence;
+* ``backward_step(params, carry_prev, carry, residuals, dcarry) ->
+  (dcarry_prev, dgi, dgh)`` is its hand-derived derivative. ``dcarry`` is the
+  *total* cotangent of the carry at step t (the loss's ``dh_t`` already added);
+  ``dgi`` is the cotangent of the input pre-activation ``xp_t`` (it gives
+  ``dW_ih``, ``db_ih`` and ``dx_t``) and ``dgh`` the cotangent of the recurrent
+  pre-activation ``W_hh h_{t-1} + b_hh`` (it gives ``dW_hh`` and ``db_hh``).
+  Weight gradients are *not* formed here: ``scan.py`` forms them after the loop
+  as single matrix products over all steps.
+
+A carry is always a tuple whose first element is the hidden state ``h``
+(``(h,)`` for Elman and GRU, ``(h, c)`` for LSTM), so the generic scan can read
+and add to ``h`` without knowing the cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Carry = tuple[jax.Array, ...]
+
+
+class CellParams(NamedTuple):
+    """Parameters of one recurrent layer in one direction, PyTorch's layout."""
+
+    w_ih: jax.Array  # (G*H, D)
+    w_hh: jax.Array  # (G*H, H)
+    b_ih: jax.Array | None  # (G*H,), or None without bias
+    b_hh: jax.Array | None  # (G*H,), or None without bias
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """Static description of a recurrent cell (hashable: a valid static jit argument).
+
+    Subclasses define ``step`` and ``backward_step``; everything else is shared.
+    """
+
+    name: ClassVar[str] = "cell"
+    num_gates: ClassVar[int] = 1
+    carry_size: ClassVar[int] = 1  # number of (B, H) arrays in the carry
+    # True when b_hh can be folded into the input projection (it enters the
+    # pre-activation additively); False for the GRU's n-gate, which scales it by r.
+    fold_recurrent_bias: ClassVar[bool] = True
+
+    def init(self, key: jax.Array, input_size: int, hidden_size: int, bias: bool = True,
+             dtype=jnp.float32) -> CellParams:
+        """PyTorch's initialisation: every entry ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+        Args:
+            key: a JAX PRNG key.
+            input_size: D, features per input step.
+            hidden_size: H, hidden units.
+            bias: whether to create ``b_ih`` and ``b_hh``.
+            dtype: floating dtype of the parameters.
+
+        Returns:
+            ``CellParams`` with ``w_ih (G*H, D)``, ``w_hh (G*H, H)`` and biases
+            ``(G*H,)`` or ``None``.
+        """
+        gh = self.num_gates * hidden_size
+        bound = 1.0 / math.sqrt(hidden_size)
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        u = lambda k, shape: jax.random.uniform(k, shape, dtype, -bound, bound)  # noqa: E731
+        return CellParams(
+            w_ih=u(k1, (gh, input_size)),
+            w_hh=u(k2, (gh, hidden_size)),
+            b_ih=u(k3, (gh,)) if bias else None,
+            b_hh=u(k4, (gh,)) if bias else None,
+        )
+
+    def zero_carry(self, batch: int, hidden_size: int, dtype=jnp.float32) -> Carry:
+        """The zero initial carry: a tuple of ``carry_size`` arrays of shape (B, H)."""
+        return tuple(jnp.zeros((batch, hidden_size), dtype) for _ in range(self.carry_size))
+
+    def recurrent_preactivation(self, params: CellParams, h_prev: jax.Array) -> jax.Array:
+        """``W_hh h_{t-1} (+ b_hh unless folded into the input projection)``, (B, G*H)."""
+        gh = h_prev @ params.w_hh.T
+        if params.b_hh is not None and not self.fold_recurrent_bias:
+            gh = gh + params.b_hh
+        return gh
+
+    def step(self, params: CellParams, carry: Carry, xp: jax.Array):
+        """One step of the recurrence: ``(carry, xp_t (B, G*H)) -> (carry, residuals)``."""
+        raise NotImplementedError
+
+    def backward_step(self, params: CellParams, carry_prev: Carry, carry: Carry, res,
+                      dcarry: Carry):
+        """Derivative of ``step``: ``-> (dcarry_prev, dgi (B, G*H), dgh (B, G*H))``."""
+        raise NotImplementedError
+
+
+def _split(a: jax.Array, n: int) -> list[jax.Array]:
+    return jnp.split(a, n, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Elman(Cell):
+    r"""The Elman (vanilla) cell, ``torch.nn.RNN``.
+
+    .. math::
+        a_t = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}, \qquad h_t = \phi(a_t)
+
+    with :math:`\phi \in \{\tanh, \mathrm{relu}\}`. Backward, given the total
+    :math:`\partial L/\partial h_t` (the loss's own term plus ``dh_next``):
+
+    .. math::
+        \delta a_t = \frac{\partial L}{\partial h_t}\,\phi'(a_t), \qquad
+        \texttt{dh\_next} = W_{hh}^\top \delta a_t,
+
+    where :math:`\phi'(a_t) = 1 - h_t^2` for tanh and :math:`[h_t > 0]` for relu,
+    both read from the stored output :math:`h_t`, so no residual is kept.
+    """
+
+    nonlinearity: str = "tanh"
+
+    name: ClassVar[str] = "elman"
+    num_gates: ClassVar[int] = 1
+    carry_size: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+
+    def _phi(self, a):
+        return jnp.tanh(a) if self.nonlinearity == "tanh" else jax.nn.relu(a)
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        a = xp + self.recurrent_preactivation(params, h_prev)  # a_t = W_ih x_t + b + W_hh h_{t-1}
+        h = self._phi(a)  # h_t = phi(a_t)
+        return (h,), ()
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        (h,) = carry
+        (dh,) = dcarry  # dL/dh_t: the loss's term at t plus dh_next from t+1
+        if self.nonlinearity == "tanh":
+            da = dh * (1 - h * h)  # back through tanh: tanh'(a) = 1 - h^2
+        else:
+            da = jnp.where(h > 0, dh, 0)  # back through relu: relu'(a) = [a > 0] = [h > 0]
+        dh_next = da @ params.w_hh  # dL/dh_{t-1} through a_t = ... + W_hh h_{t-1}
+        return (dh_next,), da, da
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTM(Cell):
+    r"""Long short-term memory, ``torch.nn.LSTM`` (gates in PyTorch's order i, f, g, o).
+
+    .. math::
+        [\hat\imath, \hat f, \hat g, \hat o] = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh} \\
+        i = \sigma(\hat\imath),\ f = \sigma(\hat f),\ g = \tanh(\hat g),\ o = \sigma(\hat o) \\
+        c_t = f \odot c_{t-1} + i \odot g, \qquad h_t = o \odot \tanh(c_t)
+
+    Backward, with :math:`\delta h_t, \delta c_t` the total cotangents of the carry:
+
+    .. math::
+        \delta c = \delta c_t + \delta h_t \odot o \odot (1 - \tanh^2 c_t) \\
+        \delta o = \delta h_t \odot \tanh c_t,\ \delta i = \delta c \odot g,\
+        \delta g = \delta c \odot i,\ \delta f = \delta c \odot c_{t-1} \\
+        \delta\hat\imath = \delta i\, i(1-i),\ \delta\hat f = \delta f\, f(1-f),\
+        \delta\hat g = \delta g\,(1-g^2),\ \delta\hat o = \delta o\, o(1-o) \\
+        \delta c_{t-1} = \delta c \odot f, \qquad \delta h_{t-1} = W_{hh}^\top \delta\hat{\text{gates}}
+
+    Residuals per step: the activated gates (B, 4H) and tanh(c_t) (B, H).
+    """
+
+    name: ClassVar[str] = "lstm"
+    num_gates: ClassVar[int] = 4
+    carry_size: ClassVar[int] = 2
+
+    def step(self, params, carry, xp):
+        h_prev, c_prev = carry
+        pre = xp + self.recurrent_preactivation(params, h_prev)  # all four gates at once
+        pi, pf, pg, po = _split(pre, 4)
+        i, f, o = jax.nn.sigmoid(pi), jax.nn.sigmoid(pf), jax.nn.sigmoid(po)
+        g = jnp.tanh(pg)
+        c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
+        tc = jnp.tanh(c)
+        h = o * tc  # h_t = o tanh(c_t)
+        return (h, c), (jnp.concatenate([i, f, g, o], axis=-1), tc)
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        _, c_prev = carry_prev
+        gates, tc = res
+        i, f, g, o = _split(gates, 4)
+        dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
+        dc = dc_next + dh * o * (1 - tc * tc)  # h_t = o tanh(c_t): add the path through tanh(c_t)
+        do = dh * tc  # h_t = o tanh(c_t)
+        di = dc * g  # c_t = f c_{t-1} + i g
+        dg = dc * i  # c_t = f c_{t-1} + i g
+        df = dc * c_prev  # c_t = f c_{t-1} + i g
+        dgates = jnp.concatenate([
+            di * i * (1 - i),  # back through sigmoid
+            df * f * (1 - f),  # back through sigmoid
+            dg * (1 - g * g),  # back through tanh
+            do * o * (1 - o),  # back through sigmoid
+        ], axis=-1)
+        dh_prev = dgates @ params.w_hh  # through W_hh h_{t-1}
+        dc_prev = dc * f  # through f c_{t-1}
+        return (dh_prev, dc_prev), dgates, dgates
+
+
+@dataclasses.dataclass(frozen=True)
+class GRU(Cell):
+    r"""Gated recurrent unit, ``torch.nn.GRU`` (gates in PyTorch's order r, z, n).
+
+    .. math::
+        r = \sigma(W_{ir} x + b_{ir} + W_{hr} h + b_{hr}),\quad
+        z = \sigma(W_{iz} x + b_{iz} + W_{hz} h + b_{hz}) \\
+        n = \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn})),\quad
+        h_t = (1 - z) \odot n + z \odot h_{t-1}
+
+    Backward, with :math:`\delta h` the total cotangent of :math:`h_t` and
+    :math:`\hat h_n = W_{hn} h_{t-1} + b_{hn}`:
+
+    .. math::
+        \delta n = \delta h (1 - z),\ \delta z = \delta h (h_{t-1} - n),\
+        \delta\hat n = \delta n (1 - n^2) \\
+        \delta r = \delta\hat n \odot \hat h_n,\ \delta\hat h_n = \delta\hat n \odot r,\
+        \delta\hat r = \delta r\, r(1-r),\ \delta\hat z = \delta z\, z(1-z) \\
+        \delta h_{t-1} = \delta h \odot z + W_{hh}^\top [\delta\hat r, \delta\hat z, \delta\hat h_n]
+
+    The input-side cotangent is ``[dr^, dz^, dn^]`` and the recurrent-side one
+    ``[dr^, dz^, dhn^]``: they differ in the n block, so ``b_hh`` is not folded.
+    Residuals per step: the activated r, z, n (B, 3H) and ``hn^`` (B, H).
+    """
+
+    name: ClassVar[str] = "gru"
+    num_gates: ClassVar[int] = 3
+    carry_size: ClassVar[int] = 1
+    fold_recurrent_bias: ClassVar[bool] = False
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        gh = self.recurrent_preactivation(params, h_prev)  # W_hh h_{t-1} + b_hh, (B, 3H)
+        xr, xz, xn = _split(xp, 3)
+        hr, hz, hn = _split(gh, 3)
+        r = jax.nn.sigmoid(xr + hr)  # reset gate
+        z = jax.nn.sigmoid(xz + hz)  # update gate
+        n = jnp.tanh(xn + r * hn)  # candidate
+        h = (1 - z) * n + z * h_prev  # h_t = (1 - z) n + z h_{t-1}
+        return (h,), (jnp.concatenate([r, z, n], axis=-1), hn)
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        (h_prev,) = carry_prev
+        rzn, hn = res
+        r, z, n = _split(rzn, 3)
+        (dh,) = dcarry  # total dL/dh_t
+        dn = dh * (1 - z)  # h_t = (1 - z) n + z h_{t-1}
+        dz = dh * (h_prev - n)  # h_t = (1 - z) n + z h_{t-1}
+        dan = dn * (1 - n * n)  # back through tanh
+        dhn = dan * r  # n's pre-activation holds r * hn
+        dar = dan * hn * r * (1 - r)  # through r * hn, then back through sigmoid
+        daz = dz * z * (1 - z)  # back through sigmoid
+        dgi = jnp.concatenate([dar, daz, dan], axis=-1)  # cotangent of W_ih x + b_ih
+        dgh = jnp.concatenate([dar, daz, dhn], axis=-1)  # cotangent of W_hh h + b_hh
+        dh_prev = dh * z + dgh @ params.w_hh  # direct path z h_{t-1} plus through W_hh
+        return (dh_prev,), dgi, dgh
+
+
+CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU}
+
+
+def make_cell(kind: str, nonlinearity: str = "tanh") -> Cell:
+    """Returns the cell named ``kind`` (``'elman'``, ``'lstm'`` or ``'gru'``).
+
+    Raises:
+        ValueError: for an unknown ``kind``, or a ``nonlinearity`` other than
+            ``'tanh'`` for the gated cells.
+    """
+    if kind not in CELLS:
+        raise ValueError(f"cell must be one of {sorted(CELLS)}, got {kind!r}")
+    if kind == "elman":
+        return Elman(nonlinearity)
+    if nonlinearity != "tanh":
+        raise ValueError(f"nonlinearity={nonlinearity!r} applies to the elman cell only; "
+                         f"cell={kind!r} takes nonlinearity='tanh'")
+    return CELLS[kind]()

@@ -1,0 +1,198 @@
+"""Gradient checks: handwritten BPTT against ``jax.grad`` and finite differences, in float64.
+
+For each random configuration, the gradient of a loss with respect to the
+parameters, the inputs and the initial state is computed three ways:
+
+* ``bptt``: ``jax.grad`` through the ``custom_vjp`` layers (the handwritten reverse scan);
+* ``autodiff``: ``jax.grad`` through the plain forward ``lax.scan``;
+* finite differences: the central difference of the loss along a random
+  direction ``v``, compared with ``<grad, v>`` for both methods.
+
+``bptt`` and ``autodiff`` are equal in exact arithmetic, so their float64
+relative difference should be at rounding level (<= 1e-10); the finite
+difference has truncation error (<= 1e-6 passes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrnn.model import RNN, loss_fn
+
+BPTT_TOL = 1e-10
+FD_TOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckConfig:
+    """One configuration to check."""
+
+    cell: str = "elman"
+    input_size: int = 3
+    hidden_size: int = 4
+    output_size: int = 2
+    num_layers: int = 1
+    bidirectional: bool = False
+    bias: bool = True
+    readout_bias: bool = True
+    nonlinearity: str = "tanh"
+    seq_len: int = 5
+    batch: int = 2
+    loss: str = "half_sse"
+    with_state: bool = True
+    with_lengths: bool = False
+
+    def model(self) -> RNN:
+        return RNN(cell=self.cell, input_size=self.input_size, hidden_size=self.hidden_size,
+                   output_size=self.output_size, num_layers=self.num_layers,
+                   bidirectional=self.bidirectional, bias=self.bias,
+                   readout_bias=self.readout_bias, nonlinearity=self.nonlinearity)
+
+
+class CheckResult(NamedTuple):
+    """Max relative errors of one configuration."""
+
+    config: CheckConfig
+    bptt_vs_autodiff: float  # max over all gradient leaves of max|a - b| / max|b|
+    bptt_vs_fd: float  # |<g_bptt, v> - fd| / max(|fd|, tiny)
+    autodiff_vs_fd: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.bptt_vs_autodiff <= BPTT_TOL and self.bptt_vs_fd <= FD_TOL
+                and self.autodiff_vs_fd <= FD_TOL)
+
+
+def tree_rel_error(a, b) -> float:
+    """Max over leaves of ``max|a - b| / max|b|`` (absolute where ``b`` is all zero).
+
+    Raises:
+        ValueError: the trees differ in structure or shapes.
+    """
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb:
+        raise ValueError(f"tree structures differ: {ta} vs {tb}")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.shape != y.shape:
+            raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+        scale = np.max(np.abs(y)) if y.size else 0.0
+        err = np.max(np.abs(x - y)) if x.size else 0.0
+        worst = max(worst, float(err / scale) if scale > 0 else float(err))
+    return worst
+
+
+def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckResult:
+    """Checks one configuration in float64 (enables x64 for the duration).
+
+    Args:
+        cfg: the configuration.
+        key: a PRNG key for parameters, data and the finite-difference direction.
+        eps: the finite-difference step.
+    """
+    with jax.enable_x64(True):
+        model = cfg.model()
+        kp, kx, kt, ks, kl, kv = jax.random.split(key, 6)
+        f64 = jnp.float64
+        params = model.init(kp, f64)
+        T, B = cfg.seq_len, cfg.batch
+        xs = jax.random.normal(kx, (T, B, cfg.input_size), f64)
+        if cfg.loss == "xent":
+            targets = jax.random.randint(kt, (T, B), 0, cfg.output_size)
+        else:
+            targets = jax.random.normal(kt, (T, B, cfg.output_size), f64)
+        state = None
+        if cfg.with_state:
+            shape = (model.num_layers * model.num_directions, B, cfg.hidden_size)
+            k1, k2 = jax.random.split(ks)
+            state = 0.5 * jax.random.normal(k1, shape, f64)
+            if model.cell_fn.carry_size == 2:
+                state = (state, 0.5 * jax.random.normal(k2, shape, f64))
+        lengths = jax.random.randint(kl, (B,), 1, T + 1) if cfg.with_lengths else None
+        model.check_inputs(params, xs, state, lengths)
+
+        def make(method):
+            def f(params, xs, state):
+                return loss_fn(model, cfg.loss, method, params, xs, targets, state, lengths)
+            return f
+
+        primals = (params, xs, state)
+        grads = {m: jax.jit(jax.grad(make(m), argnums=(0, 1, 2)))(*primals)
+                 for m in ("bptt", "autodiff")}
+        bva = tree_rel_error(grads["bptt"], grads["autodiff"])
+
+        leaves, treedef = jax.tree.flatten(primals)
+        vkeys = jax.random.split(kv, len(leaves))
+        v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, f64)
+                                         for k, x in zip(vkeys, leaves)])
+        f = jax.jit(make("autodiff"))
+        shift = lambda s: jax.tree.map(lambda x, d: x + s * d, primals, v)  # noqa: E731
+        fd = (float(f(*shift(eps))) - float(f(*shift(-eps)))) / (2 * eps)
+        dot = lambda g: float(sum(jnp.vdot(a, b) for a, b in  # noqa: E731
+                                  zip(jax.tree.leaves(g), jax.tree.leaves(v))))
+        denom = max(abs(fd), 1e-12)
+        return CheckResult(cfg, bva, abs(dot(grads["bptt"]) - fd) / denom,
+                           abs(dot(grads["autodiff"]) - fd) / denom)
+
+
+def random_configs(n: int, seed: int = 0, cells=("elman",), max_seq_len: int = 20,
+                   max_hidden: int = 8, layers=(1,), bidirectional=(False,),
+                   lengths=(False,)) -> list[CheckConfig]:
+    """``n`` random configurations over the given cells and options.
+
+    Args:
+        n: how many.
+        seed: numpy seed for the draw.
+        cells: cells to draw from.
+        max_seq_len: T is drawn from [1, max_seq_len].
+        max_hidden: H is drawn from [1, max_hidden].
+        layers: numbers of layers to draw from.
+        bidirectional: direction settings to draw from.
+        lengths: whether to draw variable lengths.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        cell = str(rng.choice(cells))
+        out.append(CheckConfig(
+            cell=cell,
+            input_size=int(rng.integers(1, 6)),
+            hidden_size=int(rng.integers(1, max_hidden + 1)),
+            output_size=int(rng.integers(1, 4)),
+            num_layers=int(rng.choice(layers)),
+            bidirectional=bool(rng.choice(bidirectional)),
+            bias=bool(rng.integers(2)),
+            readout_bias=bool(rng.integers(2)),
+            nonlinearity=str(rng.choice(["tanh", "relu"])) if cell == "elman" else "tanh",
+            seq_len=int(rng.integers(1, max_seq_len + 1)),
+            batch=int(rng.integers(1, 4)),
+            loss=str(rng.choice(["half_sse", "mse", "xent"])),
+            with_state=bool(rng.integers(2)),
+            with_lengths=bool(rng.choice(lengths)),
+        ))
+    return out
+
+
+def format_results(results: list[CheckResult]) -> str:
+    """A markdown table of the results, one row per configuration."""
+    head = ("| # | cell | nonlin | L | dirs | bias | T | B | D | H | O | loss | state | lengths "
+            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | ok |")
+    sep = "|" + "---|" * 18
+    rows = [head, sep]
+    for i, r in enumerate(results):
+        c = r.config
+        rows.append(
+            f"| {i} | {c.cell} | {c.nonlinearity} | {c.num_layers} | "
+            f"{2 if c.bidirectional else 1} | {'y' if c.bias else 'n'} | {c.seq_len} | "
+            f"{c.batch} | {c.input_size} | {c.hidden_size} | {c.output_size} | {c.loss} | "
+            f"{'y' if c.with_state else 'n'} | {'y' if c.with_lengths else 'n'} | "
+            f"{r.bptt_vs_autodiff:.1e} | {r.bptt_vs_fd:.1e} | {r.autodiff_vs_fd:.1e} | "
+            f"{'ok' if r.ok else 'MISMATCH'} |")
+    return "\n".join(rows)

@@ -1,0 +1,247 @@
+r"""One recurrent layer over a sequence: the forward ``lax.scan`` and the handwritten BPTT.
+
+Forward, for any cell (time-major, ``xs (T, B, D)``):
+
+.. math::
+    xp_t = W_{ih} x_t + b_{ih} \quad (\text{all } t \text{ in one matrix product}), \qquad
+    (carry_t, res_t) = \mathrm{step}(carry_{t-1}, xp_t)
+
+Backward (BPTT) is a *reverse* ``lax.scan`` that carries only the recurrence:
+
+.. math::
+    \delta carry_t = \Big(\frac{\partial L}{\partial h_t} + \texttt{dh\_next}, \ldots\Big), \qquad
+    (\delta carry_{t-1}, \delta gi_t, \delta gh_t) = \mathrm{backward\_step}(\delta carry_t)
+
+and the weight gradients are summed over the steps *after* the loop, each as one
+matrix product over all ``T*B`` rows:
+
+.. math::
+    \frac{\partial L}{\partial W_{ih}} = \sum_t \delta gi_t^\top x_t, \quad
+    \frac{\partial L}{\partial W_{hh}} = \sum_t \delta gh_t^\top h_{t-1}, \quad
+    \frac{\partial L}{\partial x_t} = \delta gi_t W_{ih}.
+
+``layer(..., method="bptt")`` wires this backward pass into JAX with
+``jax.custom_vjp``, so ``jax.grad`` of any loss built on the layer uses it;
+``method="autodiff"`` lets ``jax.grad`` differentiate the very same forward scan.
+
+Variable lengths: with a boolean ``mask (T, B)``, a step where ``mask`` is False
+leaves the carry unchanged and outputs zeros; in the backward pass it passes the
+carry's cotangent through unchanged and contributes nothing to any gradient.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn.cells import Carry, Cell, CellParams
+
+METHODS = ("bptt", "autodiff")
+
+
+class ForwardTrace(NamedTuple):
+    """What the forward scan keeps for the backward pass."""
+
+    carries: Carry  # each (T, B, H): the carry after every step (frozen where masked)
+    residuals: object  # cell-specific per-step residuals, leading axis T
+
+
+class BackwardTrace(NamedTuple):
+    """Per-step quantities of the reverse scan, for teaching and diagnostics."""
+
+    dh: jax.Array  # (T, B, H): total dL/dh_t (the loss's term plus dh_next)
+    dgi: jax.Array  # (T, B, G*H): dL/d(input pre-activation); ``da_t`` for Elman
+    dgh: jax.Array  # (T, B, G*H): dL/d(recurrent pre-activation)
+    dh_next: jax.Array  # (T, B, H): dL/dh_{t-1}, what step t passes back to step t-1
+
+
+def project_inputs(cell: Cell, params: CellParams, xs: jax.Array) -> jax.Array:
+    """The input projection for all steps at once.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D).
+
+    Returns:
+        ``xs @ W_ih^T + b_ih`` (plus ``b_hh`` when the cell folds it), (T, B, G*H).
+    """
+    xp = xs @ params.w_ih.T
+    if params.b_ih is not None:
+        xp = xp + params.b_ih
+    if params.b_hh is not None and cell.fold_recurrent_bias:
+        xp = xp + params.b_hh
+    return xp
+
+
+def _select(m: jax.Array | None, new, old):
+    """``new`` where the (B,) mask ``m`` is True, else ``old`` (leaf-wise)."""
+    if m is None:
+        return new
+    return jax.tree.map(lambda a, b: jnp.where(m[:, None], a, b), new, old)
+
+
+def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, Carry, ForwardTrace]:
+    """Runs the layer forward with ``lax.scan``.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D), time-major.
+        carry0: initial carry, a tuple of (B, H) arrays.
+        mask: optional boolean (T, B); False marks steps past a sequence's length.
+
+    Returns:
+        ``(hs, carry_T, trace)``: outputs ``hs (T, B, H)`` (zero where masked), the
+        final carry (the carry at each sequence's last valid step), and the
+        ``ForwardTrace`` the backward pass needs.
+    """
+    xp = project_inputs(cell, params, xs)
+
+    def body(carry, inputs):
+        xp_t, m_t = inputs
+        new_carry, res = cell.step(params, carry, xp_t)
+        new_carry = _select(m_t, new_carry, carry)  # frozen past the sequence's end
+        return new_carry, (new_carry, res)
+
+    carry_T, (carries, res) = jax.lax.scan(body, carry0, (xp, mask))
+    hs = carries[0]
+    if mask is not None:
+        hs = jnp.where(mask[:, :, None], hs, 0)
+    return hs, carry_T, ForwardTrace(carries, res)
+
+
+def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
+    """``[first, seq[0], ..., seq[T-2]]``: the previous step's value, (T, ...)."""
+    return jnp.concatenate([first[None], seq[:-1]], axis=0)
+
+
+def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                  fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
+                  mask: jax.Array | None = None, with_trace: bool = False):
+    """Handwritten BPTT: the reverse scan, then the weight gradients as matrix products.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs of the forward pass, (T, B, D).
+        carry0: initial carry of the forward pass, tuple of (B, H).
+        fwd: the ``ForwardTrace`` from ``forward_scan``.
+        dhs: cotangent of the outputs ``hs``, (T, B, H).
+        dcarry_T: cotangent of the final carry, tuple of (B, H).
+        mask: the forward pass's mask, (T, B), or None.
+        with_trace: also return the per-step ``BackwardTrace``.
+
+    Returns:
+        ``(dparams, dxs (T, B, D), dcarry0)``, plus the ``BackwardTrace`` when
+        ``with_trace``.
+    """
+    carries_prev = jax.tree.map(_shift, carry0, fwd.carries)
+
+    def body(dcarry, inputs):
+        carry_prev, carry, res, dh_t, m_t = inputs
+        dcarry_in = dcarry
+        dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
+        dcarry_prev, dgi, dgh = cell.backward_step(params, carry_prev, carry, res, dcarry)
+        if m_t is not None:
+            # A masked step output a constant zero and left the carry unchanged:
+            # its cotangent passes straight through, ignoring dh_t.
+            dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
+            dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
+            dgh = jnp.where(m_t[:, None], dgh, 0)
+        out = (dgi, dgh)
+        if with_trace:
+            out = out + (dcarry[0], dcarry_prev[0])
+        return dcarry_prev, out
+
+    dcarry0, outs = jax.lax.scan(
+        body, tuple(dcarry_T), (carries_prev, fwd.carries, fwd.residuals, dhs, mask),
+        reverse=True)
+    dgi, dgh = outs[0], outs[1]
+
+    # After the loop: every weight gradient is one product over all T*B rows.
+    h_prev = carries_prev[0]  # (T, B, H): h_{t-1}
+    dw_ih = jnp.einsum("tbg,tbd->gd", dgi, xs)  # sum_t dgi_t^T x_t
+    dw_hh = jnp.einsum("tbg,tbh->gh", dgh, h_prev)  # sum_t dgh_t^T h_{t-1}
+    dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
+    db_ih = None if params.b_ih is None else dgi.sum(axis=(0, 1))  # sum_t dgi_t
+    if params.b_hh is None:
+        db_hh = None
+    elif cell.fold_recurrent_bias:
+        db_hh = db_ih  # b_hh entered the same pre-activation as b_ih
+    else:
+        db_hh = dgh.sum(axis=(0, 1))  # sum_t dgh_t
+    dparams = CellParams(dw_ih, dw_hh, db_ih, db_hh)
+    if with_trace:
+        return dparams, dxs, dcarry0, BackwardTrace(outs[2], dgi, dgh, outs[3])
+    return dparams, dxs, dcarry0
+
+
+# --- custom_vjp wiring -------------------------------------------------------
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+               mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+    """One layer whose derivative is the handwritten BPTT (``method="bptt"``).
+
+    Args:
+        cell: the cell (static).
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask)
+    return hs, carry_T
+
+
+def _bptt_layer_fwd(cell, params, xs, carry0, mask):
+    hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask)
+    return (hs, carry_T), (params, xs, carry0, fwd, mask)
+
+
+def _bptt_layer_bwd(cell, saved, cotangents):
+    params, xs, carry0, fwd, mask = saved
+    dhs, dcarry_T = cotangents
+    dparams, dxs, dcarry0 = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
+    dmask = None  # the mask is boolean: no cotangent
+    return dparams, dxs, dcarry0, dmask
+
+
+bptt_layer.defvjp(_bptt_layer_fwd, _bptt_layer_bwd)
+
+
+def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                   mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+    """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask)
+    return hs, carry_T
+
+
+def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+          mask: jax.Array | None = None, method: str = "bptt") -> tuple[jax.Array, Carry]:
+    """One recurrent layer over a sequence, differentiated by ``method``.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+        method: ``"bptt"`` (handwritten reverse scan) or ``"autodiff"`` (``jax.grad``).
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    if method == "bptt":
+        return bptt_layer(cell, params, xs, carry0, mask)
+    if method == "autodiff":
+        return autodiff_layer(cell, params, xs, carry0, mask)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")

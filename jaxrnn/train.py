@@ -1,0 +1,162 @@
+"""Training: a pure, jit-compiled optax train step and a small loop around it.
+
+The step is ``(params, opt_state, batch) -> (params, opt_state, metrics)``; the
+gradient comes from ``method="bptt"`` (handwritten reverse scan) or
+``method="autodiff"`` (``jax.grad``). Clipping, schedules and the like belong in
+the optax chain (``make_optimizer``), never inside the gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from jaxrnn import losses as losses_lib
+from jaxrnn.model import RNN, RNNParams, loss_fn
+from jaxrnn.scan import METHODS
+from jaxrnn.tasks import Batch
+
+StepFn = Callable[[RNNParams, optax.OptState, Batch], tuple]
+
+
+def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = None,
+                   ) -> optax.GradientTransformation:
+    """An optax optimizer by name (``"sgd"``, ``"adam"``, ``"adamw"``, ... any optax alias).
+
+    Args:
+        name: the name of an optax optimizer that takes ``learning_rate``.
+        lr: learning rate (or an optax schedule).
+        clip: if given, clip the global gradient norm to this value first.
+
+    Raises:
+        ValueError: an unknown optimizer name or a non-positive ``lr``/``clip``.
+    """
+    factory = getattr(optax, name, None)
+    if name.startswith("_") or not callable(factory):
+        raise ValueError(f"optimizer must name an optax optimizer (e.g. 'sgd', 'adam'), "
+                         f"got {name!r}")
+    if not callable(lr) and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    try:
+        opt = factory(learning_rate=lr)
+    except TypeError as e:
+        raise ValueError(f"optimizer {name!r} is not an optax optimizer taking a "
+                         f"learning_rate: {e}") from None
+    if not isinstance(opt, optax.GradientTransformation):
+        raise ValueError(f"optimizer {name!r} is not an optax optimizer")
+    if clip is not None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip!r}")
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt
+
+
+def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
+                    loss: str = "half_sse", method: str = "bptt",
+                    donate: bool = True) -> StepFn:
+    """A jit-compiled, pure train step.
+
+    Args:
+        model: the ``RNN``.
+        optimizer: any optax ``GradientTransformation``.
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
+        method: ``"bptt"`` or ``"autodiff"``.
+        donate: donate the ``params`` and ``opt_state`` buffers (the caller must
+            not reuse the arrays it passed in).
+
+    Returns:
+        ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` where
+        ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``, ``lengths``)
+        and ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping).
+    """
+    losses_lib.get_loss(loss)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    def step(params, opt_state, batch: Batch):
+        xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
+        model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
+        value, grads = jax.value_and_grad(loss_fn, argnums=3)(
+            model, loss, method, params, xs, batch.targets, None, lengths)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns."""
+
+    params: RNNParams
+    opt_state: optax.OptState
+    history: list  # one dict per logged step: step, loss, grad_norm, elapsed_s
+    compile_s: float  # time to compile the step
+    steps_per_s: float  # step throughput after compilation
+    stopped_early: bool  # reached ``target_loss`` before ``steps``
+
+
+def fit(step_fn: StepFn, params: RNNParams, opt_state: optax.OptState,
+        batches: Batch | Iterable[Batch], steps: int, *, target_loss: float | None = None,
+        log_every: int = 1, progress: bool = True, desc: str = "train") -> FitResult:
+    """Runs ``step_fn`` for up to ``steps`` steps with a progress bar.
+
+    Args:
+        step_fn: from ``make_train_step``.
+        params, opt_state: the starting point (donated to the step).
+        batches: one ``Batch`` used at every step, or an iterable of batches.
+        steps: the number of steps.
+        target_loss: stop once a logged loss is at or below this.
+        log_every: record metrics (and sync with the device) every this many steps.
+        progress: show a tqdm bar with the loss and steps/s.
+        desc: the bar's label.
+
+    Returns:
+        A ``FitResult``.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the message names the step).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    it = None if isinstance(batches, Batch) else iter(batches)
+    next_batch = (lambda: batches) if it is None else (lambda: next(it))
+
+    batch = next_batch()
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    history, stopped = [], False
+    t_start = time.perf_counter()
+    done = 0
+    with tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(1, steps + 1):
+            if i > 1:
+                batch = next_batch()
+            params, opt_state, metrics = compiled(params, opt_state, batch)
+            done = i
+            if i % log_every == 0 or i == steps:
+                loss = float(metrics["loss"])
+                elapsed = time.perf_counter() - t_start
+                history.append({"step": i, "loss": loss,
+                                "grad_norm": float(metrics["grad_norm"]),
+                                "elapsed_s": elapsed})
+                bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
+                bar.update(i - bar.n)
+                if not jnp.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss} at step {i}")
+                if target_loss is not None and loss <= target_loss:
+                    stopped = True
+                    break
+    jax.block_until_ready(params)
+    wall = time.perf_counter() - t_start
+    return FitResult(params, opt_state, history, compile_s, done / max(wall, 1e-9), stopped)
