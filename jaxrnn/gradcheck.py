@@ -183,7 +183,7 @@ def random_configs(n: int, seed: int = 0, cells=("elman",), max_seq_len: int = 2
 def format_results(results: list[CheckResult]) -> str:
     """A markdown table of the results, one row per configuration."""
     head = ("| # | cell | nonlin | L | dirs | bias | T | B | D | H | O | loss | state | lengths "
-            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | ok |")
+            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | result |")
     sep = "|" + "---|" * 18
     rows = [head, sep]
     for i, r in enumerate(results):

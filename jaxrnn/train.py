@@ -85,7 +85,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
             model, loss, method, params, xs, batch.targets, None, lengths)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())

@@ -1,0 +1,111 @@
+"""The jaxrnn command line: explain, train, gradcheck; exit statuses and messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxrnn.cli import main
+from test_reference import BACKWARD, FORWARD, GRADS, UPDATED
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "jaxrnn", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_explain_prints_every_number_of_the_example(capsys):
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    expected = ["L = 0.1940"]
+    for row in FORWARD.values():
+        expected += list(row)
+    for row in BACKWARD.values():
+        expected += [v for v in row if v is not None]
+    expected += [f"dW_xh = {GRADS['W_xh']}", f"dW_hh = {GRADS['W_hh']}",
+                 f"dW_hy = {GRADS['W_hy']}"]
+    expected += [f"= {v}" for v in UPDATED.values()]
+    for s in expected:
+        assert s in out, s
+
+
+def test_explain_on_other_inputs(capsys):
+    assert main(["explain", "--x", "1,-1", "--targets", "0.2,0.1", "--w-hh", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "t = 1 -> 2" in out and "t = 2 -> 1" in out
+
+
+def test_explain_bad_targets_exit_2(capsys):
+    assert main(["explain", "--x", "1,2,3", "--targets", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--targets needs one value per input" in err
+
+
+def test_python_dash_m_entry_point_and_usage_error():
+    r = run_cli("explain")
+    assert r.returncode == 0 and "-0.48930" in r.stdout
+    r = run_cli("explain", "--x", "a,b")
+    assert r.returncode == 2 and "expected comma-separated numbers" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_train_default_task_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "reached --target-loss" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "example" and config["method"] == "bptt"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[-1]["loss"] <= 1e-4 < rows[0]["loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "params.npz").exists()
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    assert main(["train", "--out", str(out), "--steps", "3", "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--optimizer", "nosuchopt"], "optimizer must name an optax optimizer"),
+    (["--steps", "-3"], "expected an integer >= 1"),
+    (["--lr", "0"], "expected a number > 0"),
+    (["--task", "nosuchtask"], "invalid choice"),
+    (["--method", "rtrl"], "invalid choice"),
+])
+def test_train_bad_input_exit_2(args, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(["train", "--out", str(tmp_path / "r"), "--no-progress", *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_gradcheck_passes(capsys):
+    assert main(["gradcheck", "--trials", "3", "--max-seq-len", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "all 3 configurations agree" in out
+    assert sum(line.endswith("| ok |") for line in out.splitlines()) == 3
+
+
+def test_gradcheck_reports_a_wrong_backward(monkeypatch, capsys):
+    from jaxrnn.cells import Elman
+
+    original = Elman.backward_step
+
+    def wrong(self, params, carry_prev, carry, res, dcarry):
+        (dh_prev,), dgi, dgh = original(self, params, carry_prev, carry, res, dcarry)
+        return (0.9 * dh_prev,), dgi, dgh  # drops 10% of the gradient through time
+
+    monkeypatch.setattr(Elman, "backward_step", wrong)
+    assert main(["gradcheck", "--trials", "2", "--seed", "3", "--no-progress"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
