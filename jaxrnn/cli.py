@@ -144,8 +144,16 @@ def cmd_gradcheck(args) -> int:
 
     from jaxrnn.gradcheck import BPTT_TOL, FD_TOL, check_config, format_results, random_configs
 
-    configs = random_configs(args.trials, seed=args.seed, cells=tuple(args.cell),
-                             max_seq_len=args.max_seq_len, max_hidden=args.max_hidden)
+    fixed = {name: getattr(args, attr) for name, attr in [
+        ("seq_len", "seq_len"), ("batch", "batch"), ("input_size", "input_size"),
+        ("hidden_size", "hidden"), ("output_size", "output_size"), ("num_layers", "layers"),
+        ("bidirectional", "bidirectional"), ("nonlinearity", "nonlinearity"), ("loss", "loss"),
+    ] if getattr(args, attr) is not None}
+    configs = random_configs(
+        args.trials, seed=args.seed, cells=tuple(args.cell), max_seq_len=args.max_seq_len,
+        max_hidden=args.max_hidden, max_layers=args.max_layers,
+        directions=(False,) if args.no_bidirectional else (False, True),
+        lengths=(False,) if args.no_lengths else (False, True), **fixed)
     key = jax.random.key(args.seed)
     results = []
     from tqdm.auto import tqdm
@@ -214,12 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draws random configurations and compares the handwritten "
                                    "BPTT gradient with jax.grad and with central finite "
                                    "differences in float64. Exit status 1 on a mismatch.")
-    g.add_argument("--cell", action="append", choices=["elman"], default=None,
-                   help="cell(s) to check (default: all)")
+    g.add_argument("--cell", action="append", choices=["elman", "lstm", "gru"], default=None,
+                   help="cell(s) to check; repeat for several (default: all three)")
     g.add_argument("--trials", type=_positive_int, default=12,
                    help="random configurations (default 12)")
     g.add_argument("--max-seq-len", type=_positive_int, default=30, help="largest T (default 30)")
     g.add_argument("--max-hidden", type=_positive_int, default=8, help="largest H (default 8)")
+    g.add_argument("--max-layers", type=_positive_int, default=3,
+                   help="largest number of layers (default 3)")
+    g.add_argument("--no-bidirectional", action="store_true", help="one direction only")
+    g.add_argument("--no-lengths", action="store_true", help="no variable lengths")
+    fixed = g.add_argument_group("fixed settings (override the random draw)")
+    fixed.add_argument("--seq-len", type=_positive_int, help="T")
+    fixed.add_argument("--batch", type=_positive_int, help="B")
+    fixed.add_argument("--input-size", type=_positive_int, help="D")
+    fixed.add_argument("--hidden", type=_positive_int, help="H")
+    fixed.add_argument("--output-size", type=_positive_int, help="O")
+    fixed.add_argument("--layers", type=_positive_int, help="number of layers")
+    fixed.add_argument("--bidirectional", action="store_true", default=None,
+                       help="two directions")
+    fixed.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity")
+    fixed.add_argument("--loss", choices=["half_sse", "mse", "xent"], help="the loss")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_gradcheck)
@@ -230,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "cell", None) is None and args.command == "gradcheck":
-        args.cell = ["elman"]
+        args.cell = ["elman", "lstm", "gru"]
     try:
         return args.func(args)
     except (ValueError, TypeError, NotImplementedError) as e:

@@ -142,9 +142,10 @@ def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckRe
                            abs(dot(grads["autodiff"]) - fd) / denom)
 
 
-def random_configs(n: int, seed: int = 0, cells=("elman",), max_seq_len: int = 20,
-                   max_hidden: int = 8, layers=(1,), bidirectional=(False,),
-                   lengths=(False,)) -> list[CheckConfig]:
+def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
+                   max_seq_len: int = 20, max_hidden: int = 8, max_layers: int = 3,
+                   directions=(False, True), lengths=(False, True),
+                   **fixed) -> list[CheckConfig]:
     """``n`` random configurations over the given cells and options.
 
     Args:
@@ -153,21 +154,30 @@ def random_configs(n: int, seed: int = 0, cells=("elman",), max_seq_len: int = 2
         cells: cells to draw from.
         max_seq_len: T is drawn from [1, max_seq_len].
         max_hidden: H is drawn from [1, max_hidden].
-        layers: numbers of layers to draw from.
-        bidirectional: direction settings to draw from.
+        max_layers: the number of layers is drawn from [1, max_layers].
+        directions: ``bidirectional`` settings to draw from.
         lengths: whether to draw variable lengths.
+        **fixed: ``CheckConfig`` fields to hold fixed instead of drawing them
+            (e.g. ``hidden_size=64, seq_len=200``).
+
+    Raises:
+        ValueError: an unknown field in ``fixed``.
     """
+    names = {f.name for f in dataclasses.fields(CheckConfig)}
+    unknown = sorted(set(fixed) - names)
+    if unknown:
+        raise ValueError(f"unknown configuration fields {unknown}; known: {sorted(names)}")
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         cell = str(rng.choice(cells))
-        out.append(CheckConfig(
+        drawn = dict(
             cell=cell,
             input_size=int(rng.integers(1, 6)),
             hidden_size=int(rng.integers(1, max_hidden + 1)),
             output_size=int(rng.integers(1, 4)),
-            num_layers=int(rng.choice(layers)),
-            bidirectional=bool(rng.choice(bidirectional)),
+            num_layers=int(rng.integers(1, max_layers + 1)),
+            bidirectional=bool(rng.choice(directions)),
             bias=bool(rng.integers(2)),
             readout_bias=bool(rng.integers(2)),
             nonlinearity=str(rng.choice(["tanh", "relu"])) if cell == "elman" else "tanh",
@@ -176,7 +186,16 @@ def random_configs(n: int, seed: int = 0, cells=("elman",), max_seq_len: int = 2
             loss=str(rng.choice(["half_sse", "mse", "xent"])),
             with_state=bool(rng.integers(2)),
             with_lengths=bool(rng.choice(lengths)),
-        ))
+        )
+        drawn.update(fixed)
+        if drawn["cell"] != "elman":
+            drawn["nonlinearity"] = "tanh"
+        if drawn["loss"] == "xent" and drawn["output_size"] < 2:
+            if "output_size" in fixed:
+                raise ValueError("loss='xent' needs output_size >= 2 classes (with one class "
+                                 "the loss is constant and every gradient zero)")
+            drawn["output_size"] = 2
+        out.append(CheckConfig(**drawn))
     return out
 
 

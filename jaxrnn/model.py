@@ -28,8 +28,6 @@ from jaxrnn.scan import METHODS, layer
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0).
 State = Any
 
-_NEXT_ISSUE = "issue #3 (the full model family)"
-
 
 class ReadoutParams(NamedTuple):
     """The linear readout ``y_t = W h_t + b``, PyTorch ``nn.Linear`` layout."""
@@ -94,6 +92,8 @@ class RNN:
         bias: recurrent layers have ``b_ih`` and ``b_hh``.
         readout_bias: the readout has a bias.
         nonlinearity: ``"tanh"`` or ``"relu"`` (Elman only).
+        dropout: probability of zeroing each output of every layer but the last
+            (as PyTorch), applied only when a ``dropout_key`` is passed.
 
     Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``,
     states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``).
@@ -108,6 +108,7 @@ class RNN:
     bias: bool = True
     readout_bias: bool = True
     nonlinearity: str = "tanh"
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -115,12 +116,8 @@ class RNN:
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
             _check_size(name, getattr(self, name))
         make_cell(self.cell, self.nonlinearity)  # validates nonlinearity
-        if self.cell != "elman":
-            raise NotImplementedError(f"cell={self.cell!r} arrives with {_NEXT_ISSUE}")
-        if self.num_layers != 1:
-            raise NotImplementedError(f"num_layers={self.num_layers} arrives with {_NEXT_ISSUE}")
-        if self.bidirectional:
-            raise NotImplementedError(f"bidirectional=True arrives with {_NEXT_ISSUE}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
     # --- static facts --------------------------------------------------------
     @property
@@ -267,8 +264,11 @@ class RNN:
         return parts if self.cell_fn.carry_size == 2 else parts[0]
 
     def features(self, params: RNNParams, xs: jax.Array, state: State = None,
-                 lengths: jax.Array | None = None, method: str = "bptt"):
+                 lengths: jax.Array | None = None, method: str = "bptt",
+                 dropout_key: jax.Array | None = None):
         """The top recurrent layer's outputs, before the readout.
+
+        Args: as in ``apply``.
 
         Returns:
             ``(hs (T, B, dirs*H), final_state)``; ``hs`` is zero past each length.
@@ -290,6 +290,10 @@ class RNN:
                 outs.append(hs if d == 0 else reverse_sequences(hs, lengths))
                 finals.append(carry_T)
             h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+            if dropout_key is not None and self.dropout > 0 and l < self.num_layers - 1:
+                keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l),
+                                            1.0 - self.dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.dropout), 0)  # inverted dropout
         return h, self._state(finals)
 
     def readout(self, params: RNNParams, hs: jax.Array, mask: jax.Array | None = None):
@@ -302,7 +306,8 @@ class RNN:
         return ys
 
     def apply(self, params: RNNParams, xs: jax.Array, state: State = None,
-              lengths: jax.Array | None = None, method: str = "bptt"):
+              lengths: jax.Array | None = None, method: str = "bptt",
+              dropout_key: jax.Array | None = None):
         """Runs the network over a batch of sequences.
 
         Args:
@@ -314,17 +319,20 @@ class RNN:
             method: the gradient the outputs carry: ``"bptt"`` (handwritten reverse
                 scan) or ``"autodiff"`` (``jax.grad`` through the scan). The forward
                 values are the same.
+            dropout_key: a PRNG key to apply dropout between layers (training);
+                None (the default) applies none.
 
         Returns:
             ``(ys (T, B, output_size), final_state)``, the state in ``state``'s shape.
         """
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
-        hs, final = self.features(params, xs, state, lengths, method)
+        hs, final = self.features(params, xs, state, lengths, method, dropout_key)
         return self.readout(params, hs, sequence_mask(lengths, xs.shape[0])), final
 
     # --- losses and gradients -----------------------------------------------
     def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array, loss: str = "half_sse",
-             method: str = "bptt", state: State = None, lengths: jax.Array | None = None):
+             method: str = "bptt", state: State = None, lengths: jax.Array | None = None,
+             dropout_key: jax.Array | None = None):
         """The scalar loss of ``apply``'s outputs against ``targets``.
 
         Args:
@@ -333,13 +341,13 @@ class RNN:
             loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (see ``jaxrnn.losses``).
             Others as in ``apply``.
         """
-        ys, _ = self.apply(params, xs, state, lengths, method)
+        ys, _ = self.apply(params, xs, state, lengths, method, dropout_key)
         targets = self.check_targets(ys.shape, targets, loss)
         return losses_lib.get_loss(loss)(ys, targets, sequence_mask(lengths, ys.shape[0]))
 
     def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
                       loss: str = "half_sse", method: str = "bptt", state: State = None,
-                      lengths: jax.Array | None = None):
+                      lengths: jax.Array | None = None, dropout_key: jax.Array | None = None):
         """The loss and its gradient with respect to ``params``, jit-compiled.
 
         Args: as in ``loss``. ``method="bptt"`` uses the handwritten reverse-scan
@@ -354,7 +362,7 @@ class RNN:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
         return _loss_and_grad(self, loss, method, params, xs, jnp.asarray(targets), state,
-                              lengths)
+                              lengths, dropout_key)
 
     # --- PyTorch interop -------------------------------------------------------
     def torch_names(self) -> list[str]:
@@ -425,31 +433,35 @@ class RNN:
     def to_torch(self, params: RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(rnn_state_dict, readout_state_dict)`` of numpy arrays under PyTorch's names.
 
-        Load them with ``module.load_state_dict({k: torch.from_numpy(v) ...})``.
+        The arrays are writable copies; load them with
+        ``module.load_state_dict({k: torch.from_numpy(v) ...})``.
         """
         rnn_sd = {}
         for l, dirs in enumerate(params.layers):
             for d, p in enumerate(dirs):
                 sfx = f"_l{l}" + ("_reverse" if d else "")
-                rnn_sd[f"weight_ih{sfx}"] = np.asarray(p.w_ih)
-                rnn_sd[f"weight_hh{sfx}"] = np.asarray(p.w_hh)
+                rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
+                rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
                 if p.b_ih is not None:
-                    rnn_sd[f"bias_ih{sfx}"] = np.asarray(p.b_ih)
-                    rnn_sd[f"bias_hh{sfx}"] = np.asarray(p.b_hh)
-        readout_sd = {"weight": np.asarray(params.readout.weight)}
+                    rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
+                    rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
+        readout_sd = {"weight": np.array(params.readout.weight)}
         if params.readout.bias is not None:
-            readout_sd["bias"] = np.asarray(params.readout.bias)
+            readout_sd["bias"] = np.array(params.readout.bias)
         return rnn_sd, readout_sd
 
 
-def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, lengths):
-    hs, _ = model.features(params, xs, state, lengths, method)
+def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+            dropout_key=None):
+    """The scalar loss, without input validation (callers validate); jit-friendly."""
+    hs, _ = model.features(params, xs, state, lengths, method, dropout_key)
     mask = sequence_mask(lengths, xs.shape[0])
     ys = model.readout(params, hs, mask)
     return losses_lib.get_loss(loss)(ys, targets, mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _loss_and_grad(model: RNN, loss: str, method: str, params, xs, targets, state, lengths):
+def _loss_and_grad(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+                   dropout_key):
     return jax.value_and_grad(loss_fn, argnums=3)(model, loss, method, params, xs, targets,
-                                                   state, lengths)
+                                                   state, lengths, dropout_key)

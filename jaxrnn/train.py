@@ -70,19 +70,20 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
             not reuse the arrays it passed in).
 
     Returns:
-        ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` where
-        ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``, ``lengths``)
-        and ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping).
+        ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
+        where ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``,
+        ``lengths``), ``key`` an optional PRNG key for dropout between layers, and
+        ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping).
     """
     losses_lib.get_loss(loss)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
-    def step(params, opt_state, batch: Batch):
+    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
         model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
         value, grads = jax.value_and_grad(loss_fn, argnums=3)(
-            model, loss, method, params, xs, batch.targets, None, lengths)
+            model, loss, method, params, xs, batch.targets, None, lengths, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}

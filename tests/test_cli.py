@@ -107,5 +107,40 @@ def test_gradcheck_reports_a_wrong_backward(monkeypatch, capsys):
         return (0.9 * dh_prev,), dgi, dgh  # drops 10% of the gradient through time
 
     monkeypatch.setattr(Elman, "backward_step", wrong)
-    assert main(["gradcheck", "--trials", "2", "--seed", "3", "--no-progress"]) == 1
+    assert main(["gradcheck", "--cell", "elman", "--trials", "2", "--no-progress"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck_catches_a_wrong_gated_backward(cell, monkeypatch, capsys):
+    from jaxrnn.cells import GRU, LSTM
+
+    cls = {"lstm": LSTM, "gru": GRU}[cell]
+    original = cls.backward_step
+
+    def wrong(self, params, carry_prev, carry, res, dcarry):
+        dprev, dgi, dgh = original(self, params, carry_prev, carry, res, dcarry)
+        return dprev, dgi, 1.001 * dgh  # a 0.1% error in the recurrent-side cotangent
+
+    monkeypatch.setattr(cls, "backward_step", wrong)
+    args = ["gradcheck", "--cell", cell, "--trials", "1", "--seq-len", "6", "--hidden", "3",
+            "--no-progress", "--loss", "half_sse"]
+    assert main(args) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_gradcheck_fixed_settings(capsys):
+    args = ["gradcheck", "--cell", "gru", "--trials", "2", "--seq-len", "9", "--hidden", "5",
+            "--layers", "2", "--bidirectional", "--no-progress"]
+    assert main(args) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.endswith("| ok |")]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")]
+        assert cells[2] == "gru" and cells[4] == "2" and cells[5] == "2"
+        assert cells[7] == "9" and cells[10] == "5"
+
+
+def test_gradcheck_bad_combination_exit_2(capsys):
+    assert main(["gradcheck", "--loss", "xent", "--output-size", "1"]) == 2
+    assert "needs output_size >= 2" in capsys.readouterr().err

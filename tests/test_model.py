@@ -174,15 +174,19 @@ def test_bad_model_config(kw, exc, match):
         small(**kw)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(cell="lstm"), "issue #3"),
-    (dict(cell="gru"), "issue #3"),
-    (dict(num_layers=2), "issue #3"),
-    (dict(bidirectional=True), "issue #3"),
-])
-def test_options_of_the_next_issue_raise_not_implemented(kw, match):
-    with pytest.raises(NotImplementedError, match=match):
-        small(**kw)
+def test_lstm_state_must_be_a_pair(key):
+    model = small(cell="lstm")
+    params = model.init(key)
+    xs, _ = data()
+    with pytest.raises(ValueError, match=r"state of an LSTM must be a pair \(h0, c0\)"):
+        model.apply(params, xs, state=jnp.zeros((1, 2, 5)))
+    ys, (h, c) = model.apply(params, xs, state=(jnp.zeros((1, 2, 5), jnp.float32), jnp.ones((1, 2, 5), jnp.float32)))
+    assert h.shape == c.shape == (1, 2, 5)
+
+
+def test_gru_rejects_relu():
+    with pytest.raises(ValueError, match="nonlinearity='relu' applies to the elman cell only"):
+        small(cell="gru", nonlinearity="relu")
 
 
 def test_bad_inputs_name_the_argument(key):
