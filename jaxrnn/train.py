@@ -92,6 +92,115 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def truncation_windows(num_steps: int, k1: int, k2: int) -> list[tuple[int, int, int, int]]:
+    """The chunks of truncated BPTT(k1, k2) over a sequence of ``num_steps`` steps.
+
+    Chunk c updates on the losses of steps ``[s, e)``, ``s = c*k1``,
+    ``e = min(s + k1, T)``, backpropagating through the window ``[ws, e)`` with
+    ``ws = max(0, s - (k2 - k1))``; the state at the start of the next window,
+    ``nws = max(0, e - (k2 - k1))``, is carried to the next chunk.
+
+    Returns:
+        A list of ``(ws, nws, s, e)``, one per chunk.
+    """
+    w = k2 - k1
+    out = []
+    for s in range(0, num_steps, k1):
+        e = min(s + k1, num_steps)
+        out.append((max(0, s - w), max(0, e - w), s, e))
+    return out
+
+
+def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int,
+                    k2: int | None = None, loss: str = "half_sse", method: str = "bptt",
+                    donate: bool = True) -> StepFn:
+    r"""Truncated BPTT(k1, k2): an update every ``k1`` steps, backpropagating ``k2`` steps.
+
+    The batch's sequence is cut into chunks of ``k1`` steps. For each chunk, the
+    network runs forward over the last ``k2`` steps up to the chunk's end, starting
+    from the carried state with its gradient stopped; the loss of the chunk's
+    ``k1`` steps is differentiated (by ``method``) and one optimizer update is made.
+    The state is carried across chunks without gradient. With ``k1 = k2 = T`` this
+    is exactly full BPTT (one update per batch).
+
+    Args:
+        model: the ``RNN``.
+        optimizer: any optax ``GradientTransformation``.
+        k1: steps between updates, >= 1.
+        k2: steps of backpropagation, >= k1 (default ``k1``).
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``, computed per chunk.
+        method: ``"bptt"`` or ``"autodiff"``.
+        donate: donate the ``params`` and ``opt_state`` buffers.
+
+    Returns:
+        ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``,
+        where ``metrics`` holds ``loss`` (the mean of the chunks' losses, weighted
+        by their number of steps), ``grad_norm`` (of the last chunk) and ``updates``.
+        The step is a Python loop over jit-compiled chunk updates (one compilation
+        per distinct chunk shape, a handful at most).
+
+    Raises:
+        ValueError: ``k1 < 1``, ``k2 < k1``, or a batch with ``lengths``.
+    """
+    losses_lib.get_loss(loss)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(k1, bool) or not isinstance(k1, int) or k1 < 1:
+        raise ValueError(f"k1 must be an integer >= 1, got {k1!r}")
+    k2 = k1 if k2 is None else k2
+    if isinstance(k2, bool) or not isinstance(k2, int) or k2 < k1:
+        raise ValueError(f"k2 must be an integer >= k1 = {k1}, got {k2!r}")
+    loss_f = losses_lib.get_loss(loss)
+
+    def chunk_update(params, opt_state, state, xs_a, xs_b, targets, key, n_loss):
+        def f(params):
+            st = jax.lax.stop_gradient(state)  # truncation: no gradient into the past
+            parts = []
+            for i, xs_part in enumerate((xs_a, xs_b)):
+                if xs_part.shape[0] > 0:
+                    pkey = None if key is None else jax.random.fold_in(key, i)
+                    ys, st_end = model.apply(params, xs_part, st, None, method, pkey)
+                    parts.append(ys)
+                    if xs_part is xs_a:
+                        carried = st_end  # the state at the next window's start
+                    st = st_end
+            if xs_a.shape[0] == 0:
+                carried = state
+            ys = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+            return loss_f(ys[ys.shape[0] - n_loss:], targets, None), carried
+
+        (value, carried), grads = jax.value_and_grad(f, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        carried = jax.lax.stop_gradient(carried)
+        return params, opt_state, carried, value, optax.tree.norm(grads)
+
+    chunk_update = jax.jit(chunk_update, static_argnames=("n_loss",),
+                           donate_argnums=(0, 1) if donate else ())
+
+    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
+        if batch.lengths is not None:
+            raise ValueError("truncated BPTT takes full-length sequences: batch.lengths must "
+                             "be None")
+        xs, _, _ = model.check_inputs(params, batch.xs)
+        T, B = xs.shape[0], xs.shape[1]
+        model.check_targets((T, B, model.output_size), batch.targets, loss)
+        state = model.zero_state(B, xs.dtype)
+        total, count, grad_norm = 0.0, 0, None
+        windows = truncation_windows(T, k1, k2)
+        for c, (ws, nws, s, e) in enumerate(windows):
+            ckey = None if key is None else jax.random.fold_in(key, c)
+            params, opt_state, state, value, grad_norm = chunk_update(
+                params, opt_state, state, xs[ws:nws], xs[nws:e], batch.targets[s:e], ckey,
+                n_loss=e - s)
+            total = total + value * (e - s)
+            count += e - s
+        metrics = {"loss": total / count, "grad_norm": grad_norm, "updates": len(windows)}
+        return params, opt_state, metrics
+
+    return step
+
+
 class FitResult(NamedTuple):
     """What ``fit`` returns."""
 
