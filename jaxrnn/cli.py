@@ -3,8 +3,9 @@
 Subcommands:
 
 * ``explain``: the reference worked example, step by step, computed by the library;
-* ``train``: a jit-compiled training run with a progress bar, writing its outputs
-  to a directory;
+* ``train``: a jit-compiled training run with a progress bar, checkpoints and
+  resume, writing its outputs to a directory;
+* ``sample``: text from a trained character language model;
 * ``gradcheck``: handwritten BPTT vs ``jax.grad`` vs finite differences, in float64.
 
 Bad input is reported as one line on stderr with exit status 2.
@@ -23,6 +24,13 @@ EXIT_USAGE = 2
 
 class UsageError(ValueError):
     """Bad command-line input that argparse itself cannot see."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (and the pointer to --help) and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _csv_floats(text: str) -> list[float]:
@@ -78,62 +86,94 @@ def cmd_explain(args) -> int:
 
 # --- train -------------------------------------------------------------------
 
-def _out_dir(args) -> Path:
-    if args.out is not None:
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(f"--out {out} already holds a run; choose another directory")
-        return out
+RUN_OPTIONS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout", "method",
+               "optimizer", "lr", "schedule", "warmup", "clip", "batch", "seq_len", "k1", "k2",
+               "steps", "seed", "devices", "log_every", "eval_every", "checkpoint_every",
+               "target_loss")
+
+
+def _default_out(task: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path("runs") / f"{args.task}-{stamp}"
+    out = Path("runs") / f"{task}-{stamp}"
     n = 1
     while out.exists():
         n += 1
-        out = Path("runs") / f"{args.task}-{stamp}-{n}"
+        out = Path("runs") / f"{task}-{stamp}-{n}"
     return out
 
 
 def cmd_train(args) -> int:
+    from jaxrnn import runner
+
+    given = {k: getattr(args, k) for k in RUN_OPTIONS}
+    if args.resume:
+        if args.out is None:
+            raise UsageError("--resume needs --out DIR, the run to continue")
+        cfg = runner.prepare_resume(Path(args.out), given)
+        out = Path(args.out)
+    else:
+        cfg = runner.build_config(**given)
+        out = Path(args.out) if args.out is not None else _default_out(cfg.task)
+    result = runner.run(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if result.status == "already-finished":
+        return 0
+    rows = result.history
+    if rows:
+        first, last = rows[0], rows[-1]
+        msg = f"{cfg.task}: loss {first['loss']:.4g} -> {last['loss']:.4g} at step {last['step']}"
+        evals = [r for r in rows if "eval_loss" in r]
+        if evals:
+            msg += f"; held-out loss {evals[-1]['eval_loss']:.4g}"
+            if "eval_bpc" in evals[-1]:
+                msg += f" ({evals[-1]['eval_bpc']:.3f} bits/char)"
+        print(msg)
+    if result.status == "target":
+        why = f"reached --target-loss {cfg.target_loss:g} at step {result.final_step}"
+    elif result.status == "interrupted":
+        why = (f"interrupted at step {result.final_step}; checkpoint saved, continue with: "
+               f"jaxrnn train --resume --out {out}")
+    else:
+        why = f"ran to step {result.final_step}"
+    print(f"{why}; compile (first step) {result.compile_s:.2f} s, then "
+          f"{result.steps_per_s:,.1f} steps/s (method={cfg.method})")
+    if result.samples is not None:
+        print("sample:", result.samples[:200].replace("\n", " "))
+    print(f"wrote {out}/: config.json, metrics.jsonl, checkpoints/, curves.png"
+          + (", samples.txt" if result.samples is not None else ""))
+    return 130 if result.status == "interrupted" else 0
+
+
+# --- sample ------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
     import jax
     import numpy as np
 
-    from jaxrnn.plots import learning_curve
-    from jaxrnn.tasks import reference_example
-    from jaxrnn.train import fit, make_optimizer, make_train_step
+    from jaxrnn import checkpoint as ckpt
+    from jaxrnn import runner
+    from jaxrnn.generate import sample
 
-    optimizer = make_optimizer(args.optimizer, args.lr, args.clip)
-    ex = reference_example()
-    model, params, batch, loss = ex.model, ex.params, ex.batch, "half_sse"
-    out = _out_dir(args)
-
-    step = make_train_step(model, optimizer, loss=loss, method=args.method)
-    opt_state = optimizer.init(params)
-    result = fit(step, params, opt_state, batch, args.steps, target_loss=args.target_loss,
-                 log_every=args.log_every, progress=not args.no_progress, desc=args.task)
-
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    config.update(model=model.__class__.__name__, cell=model.cell,
-                  input_size=model.input_size, hidden_size=model.hidden_size,
-                  output_size=model.output_size, loss=loss,
-                  jax_version=jax.__version__, backend=jax.default_backend())
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    with open(out / "metrics.jsonl", "w") as f:
-        for row in result.history:
-            f.write(json.dumps(row) + "\n")
-    rnn_sd, readout_sd = model.to_torch(result.params)
-    np.savez(out / "params.npz", **{f"rnn.{k}": v for k, v in rnn_sd.items()},
-             **{f"readout.{k}": v for k, v in readout_sd.items()})
-    learning_curve(result.history, out / "loss.png", title=f"{args.task}: {loss} ({args.method})")
-
-    last = result.history[-1]
-    status = (f"reached --target-loss {args.target_loss:g}" if result.stopped_early
-              else f"ran all {args.steps} steps")
-    print(f"{args.task}: loss {result.history[0]['loss']:.4g} -> {last['loss']:.4g} after "
-          f"{last['step']} steps ({status})")
-    print(f"compile {result.compile_s:.2f} s, then {result.steps_per_s:,.0f} steps/s "
-          f"(method={args.method}, optimizer={args.optimizer}, lr={args.lr:g})")
-    print(f"wrote {out}/: config.json, metrics.jsonl, params.npz, loss.png")
+    out = Path(args.out)
+    cfg = runner.read_config(out)
+    if cfg.task != "charlm":
+        raise UsageError(f"sample needs a charlm run; {out} is a {cfg.task!r} run")
+    task = runner.build_task(cfg)
+    model, params = runner.build_model(cfg, task)
+    optimizer = runner.build_optimizer(cfg)
+    ckpt_dir = out / "checkpoints"
+    if ckpt.latest_step(ckpt_dir) is None:
+        raise UsageError(f"no checkpoint in {ckpt_dir}")
+    like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
+                                {"model": cfg.model_fields()})
+    with ckpt.Checkpointer(ckpt_dir, read_only=True) as c:
+        params = c.restore(like).params
+    prompt = args.prompt
+    unknown = sorted(set(prompt) - set(task.vocab))
+    if unknown:
+        raise UsageError(f"--prompt has characters outside the model's vocabulary: {unknown}")
+    ids = sample(model, params, task.encode(prompt), args.length, jax.random.key(args.seed),
+                 temperature=args.temperature)
+    print(prompt + task.decode(np.asarray(ids)))
     return 0
 
 
@@ -175,7 +215,7 @@ def cmd_gradcheck(args) -> int:
 # --- parser ------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="jaxrnn", description="Recurrent networks in JAX with handwritten BPTT.")
     from jaxrnn import __version__
 
@@ -197,26 +237,58 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lr", type=float, default=0.1, help="learning rate of the step (default 0.1)")
     e.set_defaults(func=cmd_explain)
 
-    t = sub.add_parser("train", help="train a model (default: the reference example)",
-                       description="Trains with a jit-compiled optax step and writes "
-                                   "config.json, metrics.jsonl, params.npz and loss.png.")
-    t.add_argument("--task", choices=["example"], default="example",
-                   help="what to train on (default: the reference example)")
-    t.add_argument("--method", choices=["bptt", "autodiff"], default="bptt",
+    t = sub.add_parser(
+        "train", help="train a model (default: the reference example)",
+        description="Trains with a jit-compiled optax step, showing a progress bar, and "
+                    "writes config.json, metrics.jsonl, checkpoints/ and curves.png to --out. "
+                    "Options left out take the task's defaults (see README).")
+    t.add_argument("--task", choices=["example", "sine", "adding", "charlm"], default=None,
+                   help="what to train on (default: example, the reference worked example)")
+    t.add_argument("--text", default=None, help="charlm: a UTF-8 text file (default: the "
+                   "English documentation Python ships, pydoc_data.topics)")
+    t.add_argument("--cell", choices=["elman", "lstm", "gru"], default=None)
+    t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer")
+    t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers")
+    t.add_argument("--bidirectional", action="store_true", default=None)
+    t.add_argument("--dropout", type=float, default=None, help="dropout between layers")
+    t.add_argument("--method", choices=["bptt", "autodiff"], default=None,
                    help="gradient: handwritten BPTT or jax.grad (default bptt)")
-    t.add_argument("--optimizer", default="adam", help="any optax optimizer name (default adam)")
-    t.add_argument("--lr", type=_positive_float, default=0.02, help="learning rate (default 0.02)")
+    t.add_argument("--optimizer", default=None, help="any optax optimizer name (default adam)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
+    t.add_argument("--schedule", choices=["constant", "cosine", "warmup-cosine"], default=None,
+                   help="learning-rate schedule (default constant)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps of warmup-cosine")
     t.add_argument("--clip", type=_positive_float, default=None,
-                   help="clip the global gradient norm (optax chain)")
-    t.add_argument("--steps", type=_positive_int, default=10000,
-                   help="maximum number of steps (default 10000)")
-    t.add_argument("--target-loss", type=float, default=1e-4,
-                   help="stop once the loss is at or below this (default 1e-4)")
-    t.add_argument("--log-every", type=_positive_int, default=1,
-                   help="record metrics every N steps (default 1)")
+                   help="clip the global gradient norm (an optax chain)")
+    t.add_argument("--batch", type=_positive_int, default=None, help="sequences per batch")
+    t.add_argument("--seq-len", type=_positive_int, default=None, help="steps per sequence")
+    t.add_argument("--k1", type=_positive_int, default=None,
+                   help="truncated BPTT: steps between updates")
+    t.add_argument("--k2", type=_positive_int, default=None,
+                   help="truncated BPTT: steps of backpropagation (default k1)")
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches)")
+    t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation")
+    t.add_argument("--devices", type=_positive_int, default=None,
+                   help="devices for data parallelism (default: as many as divide the batch)")
+    t.add_argument("--log-every", type=_positive_int, default=None)
+    t.add_argument("--eval-every", type=int, default=None, help="0: no evaluation")
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--target-loss", type=float, default=None,
+                   help="stop once the training loss is at or below this")
     t.add_argument("--out", default=None, help="output directory (default runs/TASK-TIME)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("sample", help="sample text from a trained charlm run",
+                        description="Restores the latest checkpoint of a charlm run and samples.")
+    sp.add_argument("--out", required=True, help="the run's directory")
+    sp.add_argument("--length", type=_positive_int, default=400, help="characters to sample")
+    sp.add_argument("--temperature", type=_positive_float, default=0.8)
+    sp.add_argument("--prompt", default="The ", help="text to start from")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_sample)
 
     g = sub.add_parser("gradcheck", help="check bptt against jax.grad and finite differences",
                        description="Draws random configurations and compares the handwritten "

@@ -452,10 +452,18 @@ class RNN:
 
 
 def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
-            dropout_key=None):
-    """The scalar loss, without input validation (callers validate); jit-friendly."""
+            dropout_key=None, last_only: bool = False):
+    """The scalar loss, without input validation (callers validate); jit-friendly.
+
+    With ``last_only`` (static), only the last step's outputs are scored against
+    ``targets[-1:]`` (tasks such as the adding problem); ``lengths`` must then be None.
+    """
     hs, _ = model.features(params, xs, state, lengths, method, dropout_key)
     mask = sequence_mask(lengths, xs.shape[0])
+    if last_only:
+        if lengths is not None:
+            raise ValueError("last_only scoring takes full-length sequences: lengths must be None")
+        hs, targets = hs[-1:], targets[-1:]
     ys = model.readout(params, hs, mask)
     return losses_lib.get_loss(loss)(ys, targets, mask)
 

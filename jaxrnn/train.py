@@ -58,7 +58,7 @@ def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = No
 
 def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
                     loss: str = "half_sse", method: str = "bptt",
-                    donate: bool = True) -> StepFn:
+                    donate: bool = True, last_only: bool = False) -> StepFn:
     """A jit-compiled, pure train step.
 
     Args:
@@ -68,6 +68,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
         method: ``"bptt"`` or ``"autodiff"``.
         donate: donate the ``params`` and ``opt_state`` buffers (the caller must
             not reuse the arrays it passed in).
+        last_only: score only the last step (``ys[-1:]`` against ``targets[-1:]``).
 
     Returns:
         ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
@@ -83,7 +84,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
         model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
         value, grads = jax.value_and_grad(loss_fn, argnums=3)(
-            model, loss, method, params, xs, batch.targets, None, lengths, key)
+            model, loss, method, params, xs, batch.targets, None, lengths, key, last_only)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}

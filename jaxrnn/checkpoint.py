@@ -1,0 +1,424 @@
+"""Checkpoints: save, restore and resume a training run, with orbax.
+
+A checkpoint directory holds one sub-directory per saved step, ``<directory>/<step>/``,
+written by orbax's ``CheckpointManager``, synchronously. Each save is written to a
+temporary ``<step>.orbax-checkpoint-tmp`` directory and renamed into place only once
+complete, so a crash mid-save never leaves a half-written checkpoint as the latest:
+``latest_step`` lists finished steps only. Each step holds two items:
+
+* ``state``: the arrays (parameters, optimizer state, the PRNG key as its raw key
+  data), through orbax's ``StandardCheckpointHandler``;
+* ``meta``: JSON: the step, the data position, the caller's ``metadata`` (e.g. the
+  model configuration) and a manifest of every array (tree path, shape, dtype, key
+  implementation), checked against the state to restore into before anything is read.
+
+Typical use in a training loop::
+
+    ckpt = Checkpointer(directory, keep=3)
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(like=CheckpointState(params, opt_state, 0, key, 0, config))
+    ...
+    ckpt.save(CheckpointState(params, opt_state, step, key, data_step, config))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1  # of the ``meta`` item's layout
+
+
+class CheckpointState(NamedTuple):
+    """Everything a training run needs to resume."""
+
+    params: Any  # e.g. RNNParams; None leaves (absent biases) are kept
+    opt_state: Any  # an optax state pytree
+    step: int  # optimizer steps taken so far; the checkpoint's number
+    key: jax.Array | None  # a typed PRNG key from jax.random.key (any shape), or None
+    data_step: int  # the position in the data: the next batch is task.batch(data_step)
+    metadata: Mapping[str, Any] | None = None  # JSON-serialisable, e.g. the model config
+
+
+# --- helpers -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet():
+    """Orbax logs through absl at INFO and WARNING; keep it to errors while we call it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_step(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (
+            hasattr(value, "dtype") and jnp.ndim(value) == 0
+            and jnp.issubdtype(value.dtype, jnp.integer)):
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value}")
+    return value
+
+
+def _jsonable(value, name: str) -> dict:
+    """``value`` as it reads back from JSON (tuples become lists), or a ValueError."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping (a dict), got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be JSON-serialisable: {e}") from None
+
+
+def _is_key(x) -> bool:
+    """Whether ``x`` is a typed PRNG key array (concrete or a ShapeDtypeStruct)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_info(key) -> tuple[str, jax.ShapeDtypeStruct]:
+    """The implementation name of a typed key (concrete or abstract), and its key data
+    as a ShapeDtypeStruct."""
+    impl = []
+
+    def data(k):
+        impl.append(str(jax.random.key_impl(k)))  # runs once, while tracing
+        return jax.random.key_data(k)
+
+    abstract_data = jax.eval_shape(data, key)
+    return impl[0], abstract_data
+
+
+def _shape_dtype(x) -> tuple[tuple[int, ...], Any]:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return tuple(x.shape), x.dtype
+    x = jnp.asarray(x)  # a Python scalar, saved (and restored) as a 0-d array
+    return x.shape, x.dtype
+
+
+def _manifest(tree) -> dict[str, dict]:
+    """Tree path -> ``{"shape", "dtype"[, "key_impl"]}`` of each leaf as it is stored."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_key(leaf):
+            impl, data = _key_info(leaf)
+            entry = {"shape": list(data.shape), "dtype": str(data.dtype), "key_impl": impl}
+        else:
+            shape, dtype = _shape_dtype(leaf)
+            entry = {"shape": list(shape), "dtype": str(jnp.dtype(dtype))}
+        out[jax.tree_util.keystr(path)] = entry
+    return out
+
+
+def _describe(entry: dict) -> str:
+    data = f"{entry['dtype']}{tuple(entry['shape'])}"
+    return f"key<{entry['key_impl']}> (data {data})" if "key_impl" in entry else data
+
+
+def _check_manifest(saved: dict, here: dict, where: str) -> None:
+    """Raises a ValueError naming the (first few) leaves that differ between two manifests."""
+    def ordered(paths):  # params, then opt_state, then key; tree order within each (stable)
+        return sorted(paths, key=lambda p: (not p.startswith("['params']"),
+                                            not p.startswith("['opt_state']")))
+
+    def listing(paths, n=3):
+        return ", ".join(paths[:n]) + (f" (and {len(paths) - n} more)" if len(paths) > n else "")
+
+    problems = []
+    if only_saved := ordered(p for p in saved if p not in here):
+        problems.append(f"leaves only in the checkpoint: {listing(only_saved)}")
+    if only_here := ordered(p for p in here if p not in saved):
+        problems.append(f"leaves only here: {listing(only_here)}")
+    if differ := ordered(p for p in saved if p in here and saved[p] != here[p]):
+        problems += [f"{p} is {_describe(saved[p])} in the checkpoint but {_describe(here[p])} "
+                     f"here" for p in differ[:3]]
+        if len(differ) > 3:
+            problems.append(f"and {len(differ) - 3} more leaves differ")
+    if problems:
+        raise ValueError(f"{where} does not match the state to restore into: "
+                         + "; ".join(problems))
+
+
+def _sharding(x):
+    sharding = getattr(x, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(
+        jax.devices()[0])
+
+
+def _to_stored(tree):
+    """Typed keys -> their raw key data; everything else -> arrays."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else jnp.asarray(x), tree)
+
+
+def _target(like):
+    """The abstract tree orbax restores into: shapes, dtypes and shardings of ``like``."""
+    def leaf(x):
+        shape, dtype = _shape_dtype(_key_info(x)[1] if _is_key(x) else x)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=_sharding(x))
+    return jax.tree.map(leaf, like)
+
+
+def _from_stored(like, tree):
+    """Raw key data -> typed keys of ``like``'s implementation."""
+    return jax.tree.map(
+        lambda l, x: jax.random.wrap_key_data(x, impl=_key_info(l)[0]) if _is_key(l) else x,
+        like, tree)
+
+
+def check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any],
+                   where: str = "the checkpoint") -> None:
+    """Checks that a checkpoint's metadata equals this run's.
+
+    Args:
+        saved: the metadata read from a checkpoint (``read_metadata``).
+        expected: this run's metadata (e.g. the model configuration); compared as it
+            reads back from JSON, so tuples equal lists.
+        where: how to name the checkpoint in the message.
+
+    Raises:
+        ValueError: naming every key whose value differs or that one side lacks.
+    """
+    expected = _jsonable(expected, "metadata")
+    problems = []
+    for k in sorted(set(saved) | set(expected)):
+        if k not in saved:
+            problems.append(f"{k} is absent in the checkpoint but {expected[k]!r} here")
+        elif k not in expected:
+            problems.append(f"{k} is {saved[k]!r} in the checkpoint but absent here")
+        elif saved[k] != expected[k]:
+            problems.append(f"{k} is {saved[k]!r} in the checkpoint but {expected[k]!r} here")
+    if problems:
+        raise ValueError(f"{where} is of another model: " + "; ".join(problems))
+
+
+# --- the checkpointer ----------------------------------------------------------
+
+class Checkpointer:
+    """Saves and restores ``CheckpointState``s in one directory, keeping the last ``keep``.
+
+    A writer (``read_only=False``) creates the directory and removes the temporary
+    directories of saves that never finished (a crash mid-save); it assumes it is the
+    only writer. A reader creates, prunes and removes nothing.
+
+    Args:
+        directory: the checkpoint directory (one sub-directory per step).
+        keep: how many of the most recent checkpoints to keep (an integer >= 1),
+            or None to keep all.
+        read_only: open for ``latest_step``/``restore``/``read_metadata`` only.
+
+    Raises:
+        ValueError: a bad ``keep``, or ``directory`` is a file.
+    """
+
+    def __init__(self, directory, *, keep: int | None = 3, read_only: bool = False):
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep must be an integer >= 1 or None, got {keep!r}")
+        self.directory = Path(directory).expanduser().absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"directory must be a directory, got a file: {self.directory}")
+        self.keep = keep
+        self.read_only = read_only
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for name in ocp.path.step.tmp_checkpoints(self.directory):
+                shutil.rmtree(self.directory / name)  # a save that never finished
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep,
+            create=False,
+            enable_async_checkpointing=False,  # save() returns once the step is on disk
+        )
+        with _quiet():
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=("state", "meta"))
+
+    # --- context manager ---------------------------------------------------------
+    def close(self) -> None:
+        """Releases orbax's resources."""
+        with _quiet():
+            self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Checkpointer({str(self.directory)!r}, keep={self.keep}"
+                + (", read_only=True)" if self.read_only else ")"))
+
+    # --- queries -------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """The steps of the finished checkpoints, ascending."""
+        with _quiet():
+            return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The step of the most recent finished checkpoint, or None if there is none."""
+        with _quiet():
+            return self._manager.latest_step()
+
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        step = _check_step("step", step)
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {self.directory}; "
+                             f"it has steps {steps}")
+        return step
+
+    def _meta(self, step: int) -> dict:
+        with _quiet():
+            meta = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {self.directory / str(step)} has format "
+                             f"{meta.get('format')!r}; this jaxrnn reads format {FORMAT_VERSION}")
+        return meta
+
+    def read_metadata(self, step: int | None = None) -> dict:
+        """The ``metadata`` saved with a checkpoint (the latest if ``step`` is None).
+
+        Raises:
+            ValueError: no checkpoint (for ``step``) in the directory.
+        """
+        return self._meta(self._resolve(step))["metadata"]
+
+    # --- save / restore ------------------------------------------------------------
+    def save(self, state: CheckpointState) -> Path:
+        """Writes ``state`` as checkpoint number ``state.step`` and waits until it is on disk.
+
+        Older checkpoints beyond the last ``keep`` are then deleted.
+
+        Args:
+            state: a ``CheckpointState``; ``key`` a typed key (``jax.random.key``) or
+                None; ``metadata`` JSON-serialisable.
+
+        Returns:
+            The checkpoint's directory, ``directory / str(step)``.
+
+        Raises:
+            ValueError: a bad ``step``/``data_step``/``metadata``, or ``step`` not after
+                the latest checkpoint already in the directory (steps must increase;
+                start a fresh directory to start over).
+            TypeError: ``state`` is not a ``CheckpointState`` or ``key`` is not a typed key.
+        """
+        if self.read_only:
+            raise ValueError(f"{self!r} is read-only: open it with read_only=False to save")
+        if not isinstance(state, CheckpointState):
+            raise TypeError(f"state must be a CheckpointState, got {type(state).__name__}")
+        step = _check_step("step", state.step)
+        data_step = _check_step("data_step", state.data_step)
+        if state.key is not None and not _is_key(state.key):
+            raise TypeError(f"key must be a typed PRNG key from jax.random.key (or None), got "
+                            f"dtype {getattr(state.key, 'dtype', type(state.key).__name__)}; "
+                            f"wrap raw uint32 keys with jax.random.wrap_key_data")
+        metadata = _jsonable({} if state.metadata is None else state.metadata, "metadata")
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(f"cannot save step {step}: {self.directory} already has a "
+                             f"checkpoint at step {latest}, and steps must increase")
+        tree = {"params": state.params, "opt_state": state.opt_state, "key": state.key}
+        meta = {"format": FORMAT_VERSION, "step": step, "data_step": data_step,
+                "metadata": metadata, "leaves": _manifest(tree)}
+        with _quiet():
+            saved = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_stored(tree)), meta=ocp.args.JsonSave(meta)))
+            self._manager.wait_until_finished()
+        if not saved:  # orbax returns False, silently, for steps it decides not to save
+            raise RuntimeError(f"orbax did not save step {step} in {self.directory}")
+        return self.directory / str(step)
+
+    def restore(self, like: CheckpointState, step: int | None = None) -> CheckpointState:
+        """Reads a checkpoint back into the structure of ``like``.
+
+        Args:
+            like: a ``CheckpointState`` of this run (freshly initialised, say): its
+                ``params``, ``opt_state`` and ``key`` give the tree structure (None
+                leaves and NamedTuple types included), shapes, dtypes, shardings and
+                key implementation (arrays or ``jax.ShapeDtypeStruct``s); its
+                ``metadata``, if not None, must equal the saved one. ``step`` and
+                ``data_step`` are ignored.
+            step: the checkpoint to read; None for the latest.
+
+        Returns:
+            The saved ``CheckpointState``: arrays exactly as saved, in ``like``'s
+            structure, with the saved ``step``, ``data_step`` and ``metadata``.
+
+        Raises:
+            ValueError: no checkpoint (for ``step``); the metadata differs ("of another
+                model", naming the keys); or a leaf is missing, extra, or has another
+                shape, dtype or key implementation (naming the leaf).
+        """
+        if not isinstance(like, CheckpointState):
+            raise TypeError(f"like must be a CheckpointState, got {type(like).__name__}")
+        step = self._resolve(step)
+        meta = self._meta(step)
+        where = f"checkpoint {self.directory / str(step)}"
+        if like.metadata is not None:
+            check_metadata(meta["metadata"], like.metadata, where)
+        like_tree = {"params": like.params, "opt_state": like.opt_state, "key": like.key}
+        _check_manifest(meta["leaves"], _manifest(like_tree), where)
+        target = _target(like_tree)
+        with _quiet():
+            stored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
+        if jax.tree.structure(stored) != jax.tree.structure(target):  # orbax's contract
+            raise RuntimeError(f"orbax restored {where} into another tree structure")
+        tree = _from_stored(like_tree, stored)
+        return CheckpointState(tree["params"], tree["opt_state"], meta["step"], tree["key"],
+                               meta["data_step"], meta["metadata"])
+
+
+# --- one-call functions --------------------------------------------------------
+
+def save(directory, state: CheckpointState, *, keep: int | None = 3) -> Path:
+    """Saves ``state`` in ``directory``, keeping the last ``keep`` checkpoints.
+
+    See ``Checkpointer.save``; a training loop that saves often should keep one
+    ``Checkpointer`` open instead.
+    """
+    with Checkpointer(directory, keep=keep) as ckpt:
+        return ckpt.save(state)
+
+
+def latest_step(directory) -> int | None:
+    """The step of the latest finished checkpoint in ``directory``; None if there is none
+    (or no such directory)."""
+    if not Path(directory).expanduser().is_dir():
+        return None
+    with Checkpointer(directory, read_only=True) as ckpt:
+        return ckpt.latest_step()
+
+
+def restore(directory, like: CheckpointState, step: int | None = None) -> CheckpointState:
+    """Reads checkpoint ``step`` (default: the latest) of ``directory`` into ``like``'s
+    structure; see ``Checkpointer.restore``."""
+    if not Path(directory).expanduser().is_dir():
+        raise ValueError(f"no checkpoint in {directory}: no such directory")
+    with Checkpointer(directory, read_only=True) as ckpt:
+        return ckpt.restore(like, step)
+
+
+def read_metadata(directory, step: int | None = None) -> dict:
+    """The ``metadata`` saved with checkpoint ``step`` (default: the latest) of ``directory``."""
+    if not Path(directory).expanduser().is_dir():
+        raise ValueError(f"no checkpoint in {directory}: no such directory")
+    with Checkpointer(directory, read_only=True) as ckpt:
+        return ckpt.read_metadata(step)

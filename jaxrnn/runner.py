@@ -1,0 +1,486 @@
+"""Training runs: a task, a model, an optimizer, an output directory, checkpoints and resume.
+
+``run(config, out)`` is what ``jaxrnn train`` does:
+
+* ``out/config.json``: the run's ``RunConfig`` (and library versions);
+* ``out/metrics.jsonl``: one JSON object per logged step (``step``, ``loss``,
+  ``grad_norm``, ``steps_per_s``, and at evaluation steps ``eval_loss`` and, for
+  ``charlm``, ``eval_bpc``); a resumed run drops the rows after its checkpoint
+  and appends;
+* ``out/checkpoints/``: orbax checkpoints (params, optimizer state, step, data
+  position, key) every ``checkpoint_every`` steps and at the end;
+* ``out/curves.png``: the learning curves; ``out/samples.txt`` for ``charlm``.
+
+Batches are a pure function of ``(seed, step)`` and dropout keys of
+``(seed, step)``, so a resumed run computes exactly what an uninterrupted run
+computes. A NaN or infinite loss stops the run, naming the step, without
+checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
+stops cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrnn import checkpoint as ckpt
+from jaxrnn import sharding
+from jaxrnn.model import RNN, loss_fn
+from jaxrnn.tasks import Task, make_task
+from jaxrnn.train import make_optimizer, make_tbptt_step, make_train_step
+
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+
+# The fields that define the model and its data: a checkpoint is resumable only
+# under the same values.
+MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
+                "batch", "seq_len", "seed", "dtype")
+
+
+class RunError(ValueError):
+    """A run that cannot start: bad options, a missing or mismatched checkpoint."""
+
+
+class RunFailed(FloatingPointError):
+    """A run that stopped on its own: a non-finite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (``jaxrnn train``'s options)."""
+
+    task: str = "example"
+    text: str | None = None  # charlm: a text file (default: Python's pydoc topics)
+    cell: str = "elman"
+    hidden: int = 64
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    method: str = "bptt"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup: int = 0
+    clip: float | None = None
+    batch: int = 32
+    seq_len: int = 50
+    k1: int | None = None  # truncated BPTT: steps between updates (None: full BPTT)
+    k2: int | None = None  # truncated BPTT: steps of backpropagation (default k1)
+    steps: int = 1000
+    seed: int = 0
+    devices: int | None = None  # None: choose automatically
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    target_loss: float | None = None
+    dtype: str = "float32"
+    reference_model: bool = False  # example task: the worked example's model and weights
+
+    def model_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_FIELDS}
+
+
+# Per-task defaults, applied to options the user did not give.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "example": dict(lr=0.02, steps=10000, target_loss=1e-4, log_every=10, eval_every=0,
+                    checkpoint_every=5000, batch=1, seq_len=3, hidden=1),
+    "sine": dict(cell="lstm", hidden=32, lr=1e-2, steps=500, batch=32, seq_len=50,
+                 log_every=10, eval_every=50, checkpoint_every=250),
+    "adding": dict(cell="lstm", hidden=64, lr=1e-2, steps=1500, batch=64, seq_len=100,
+                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
+    "charlm": dict(cell="lstm", hidden=128, lr=3e-3, steps=1500, batch=32, seq_len=64,
+                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
+}
+
+
+def build_config(**given) -> RunConfig:
+    """A ``RunConfig`` from the options given, completed by the task's defaults.
+
+    Raises:
+        RunError: an unknown task, schedule or option.
+    """
+    task = given.get("task") or "example"
+    if task not in TASK_DEFAULTS:
+        raise RunError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {task!r}")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise RunError(f"unknown run options {unknown}")
+    values = dict(TASK_DEFAULTS[task])
+    values.update({k: v for k, v in given.items() if v is not None})
+    values["task"] = task
+    if task == "example":
+        model_opts = ("cell", "hidden", "layers", "bidirectional")
+        values["reference_model"] = all(given.get(k) in (None, False) for k in model_opts)
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks the options that no lower layer checks; raises ``RunError`` naming them."""
+    if cfg.schedule not in SCHEDULES:
+        raise RunError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for name in ("hidden", "layers", "batch", "seq_len", "steps", "log_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    for name in ("eval_every", "checkpoint_every", "warmup", "seed"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+    if not cfg.lr > 0:
+        raise RunError(f"--lr must be > 0, got {cfg.lr!r}")
+    if cfg.k2 is not None and cfg.k1 is None:
+        raise RunError("--k2 needs --k1 (truncated BPTT: k1 steps between updates)")
+    if cfg.k1 is not None:
+        if cfg.k1 < 1:
+            raise RunError(f"--k1 must be an integer >= 1, got {cfg.k1}")
+        if cfg.k2 is not None and cfg.k2 < cfg.k1:
+            raise RunError(f"--k2 must be >= --k1 = {cfg.k1}, got {cfg.k2}")
+    if cfg.devices is not None and cfg.devices < 1:
+        raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
+    if cfg.reference_model and cfg.task != "example":
+        raise RunError("reference_model applies to --task example only")
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The task of ``cfg``; its errors name the option (``--seq-len``, ``--text``...)."""
+    kw: dict[str, Any] = {}
+    if cfg.task != "example":
+        kw = dict(seed=cfg.seed, batch_size=cfg.batch, seq_len=cfg.seq_len, dtype=cfg.dtype)
+    if cfg.task == "charlm":
+        kw["text_path"] = cfg.text
+    elif cfg.text is not None:
+        raise RunError(f"--text applies to --task charlm only, not --task {cfg.task}")
+    try:
+        return make_task(cfg.task, **kw)
+    except ValueError as e:
+        raise RunError(str(e).replace("seq_len", "--seq-len").replace("batch_size", "--batch")
+                       .replace("text_path", "--text")) from None
+
+
+def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
+    """The model of ``cfg`` and its initial parameters."""
+    if cfg.reference_model:
+        ex = task.example()
+        return ex.model, ex.params
+    model = RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+                output_size=task.output_size, num_layers=cfg.layers,
+                bidirectional=cfg.bidirectional, dropout=cfg.dropout)
+    return model, model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+
+
+def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """The optax chain: optional global-norm clipping, then the optimizer on a schedule."""
+    if cfg.schedule == "constant":
+        lr = cfg.lr
+    elif cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
+    else:
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1),
+                                                max(cfg.steps, cfg.warmup + 1))
+    try:
+        return make_optimizer(cfg.optimizer, lr, cfg.clip)
+    except ValueError as e:
+        raise RunError(str(e).replace("optimizer must", "--optimizer must")) from None
+
+
+def _versions() -> dict[str, str]:
+    import jaxlib
+    from jaxrnn import __version__
+
+    return {"jaxrnn": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "optax": optax.__version__, "backend": jax.default_backend()}
+
+
+def read_config(out: Path) -> RunConfig:
+    """The ``RunConfig`` saved in ``out/config.json``."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise RunError(f"--resume: {out} holds no run (no config.json)")
+    data = json.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
+    """The saved run's config, with ``steps`` and the logging cadence taken from ``given``.
+
+    Raises:
+        RunError: no run in ``out``, or an option in ``given`` that contradicts the
+            saved model (a checkpoint of another model).
+    """
+    saved = read_config(out)
+    conflicts = [f"--{k.replace('_', '-')} {given[k]!r} but the run has {getattr(saved, k)!r}"
+                 for k in MODEL_FIELDS
+                 if given.get(k) is not None and given[k] != getattr(saved, k)]
+    if conflicts:
+        raise RunError(f"--resume: the checkpoint in {out} is of another model: "
+                       + "; ".join(conflicts))
+    changes = {k: given[k] for k in ("steps", "log_every", "eval_every", "checkpoint_every",
+                                     "target_loss", "devices")
+               if given.get(k) is not None}
+    return dataclasses.replace(saved, **changes)
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What ``run`` reports."""
+
+    out: Path
+    start_step: int
+    final_step: int
+    history: list
+    compile_s: float
+    steps_per_s: float
+    status: str  # "finished", "target", "interrupted", "already-finished"
+    samples: str | None = None
+
+
+def _write_jsonl_prefix(path: Path, max_step: int) -> None:
+    """Keeps only the rows with ``step <= max_step`` (atomically)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+        log=print) -> RunResult:
+    """Runs (or resumes) a training run, writing into ``out``.
+
+    Args:
+        cfg: the run's configuration (``build_config`` or ``prepare_resume``).
+        out: the output directory. A new run refuses a directory that already holds
+            a run; a resumed run requires one.
+        resume: continue from the latest checkpoint in ``out/checkpoints``.
+        progress: show a tqdm progress bar.
+        log: where to print one-line messages.
+
+    Returns:
+        A ``RunResult``.
+
+    Raises:
+        RunError: bad options, an existing run without ``resume``, no checkpoint to
+            resume, a checkpoint of another model.
+        RunFailed: the loss became NaN or infinite (the message names the step).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not resume and out.exists() and any(out.iterdir()):
+        raise RunError(f"--out {out} already holds a run; pass --resume to continue it, or "
+                       f"choose another directory")
+    if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
+        raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
+
+    task = build_task(cfg)
+    model, params = build_model(cfg, task)
+    optimizer = build_optimizer(cfg)
+    if task.last_step_only and cfg.k1 is not None:
+        raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
+                       f"{cfg.task!r} scores only the last step")
+    if cfg.k1 is not None and cfg.k1 > cfg.seq_len:
+        raise RunError(f"--k1 ({cfg.k1}) must be <= --seq-len ({cfg.seq_len})")
+
+    sample_batch = task.batch(0)
+    n_dev = sharding.choose_devices(cfg.devices, sample_batch.xs.shape[1])
+    mesh = sharding.make_mesh(n_dev) if n_dev > 1 else None
+    if cfg.k1 is None:
+        if mesh is None:
+            step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
+                                      last_only=task.last_step_only)
+        else:
+            step_fn = sharding.make_sharded_train_step(
+                model, optimizer, mesh, loss=task.loss, method=cfg.method,
+                last_only=task.last_step_only)
+    else:
+        step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
+                                  method=cfg.method)
+    place_batch = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
+
+    key = jax.random.key(cfg.seed)
+    opt_state = optimizer.init(params)
+    metadata = {"model": cfg.model_fields()}
+    start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
+    try:
+        if resume:
+            ckpt.check_metadata(checkpointer.read_metadata(), metadata,
+                                where=f"the checkpoint in {ckpt_dir}")
+            like = ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata)
+            restored = checkpointer.restore(like)
+            params, opt_state, key = restored.params, restored.opt_state, restored.key
+            start = int(restored.step)
+            _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if start >= cfg.steps:
+                log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
+                    f"pass a larger --steps to continue it")
+                return RunResult(out, start, start, [], 0.0, 0.0, "already-finished")
+        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev}
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if mesh is not None:
+            params, opt_state = sharding.replicate((params, opt_state), mesh)
+
+        def save(step):
+            checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step, metadata))
+
+        eval_batch = task.eval_batch()
+        eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
+                                                  b.targets, None, b.lengths, None,
+                                                  task.last_step_only))
+        history: list[dict] = []
+        metrics_file = open(out / "metrics.jsonl", "a")
+        status = "finished"
+        compile_s, t_steady, steady_steps = 0.0, None, 0
+        first_bad = None
+        bad = jnp.asarray(-1)
+        last_good_ckpt = checkpointer.latest_step()
+        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.task, disable=not progress,
+                   dynamic_ncols=True)
+        t_log = time.perf_counter()
+        step = start
+        with _Stop() as stop, metrics_file, bar:
+            while step < cfg.steps:
+                if stop.signal is not None:
+                    status = "interrupted"
+                    break
+                batch = place_batch(task.batch(step))
+                t0 = time.perf_counter()
+                step_key = jax.random.fold_in(key, step) if cfg.dropout > 0 else None
+                params, opt_state, m = step_fn(params, opt_state, batch, step_key)
+                step += 1
+                if step == start + 1:
+                    jax.block_until_ready(params)
+                    compile_s = time.perf_counter() - t0  # the first step: compile + run
+                    t_steady, t_log = time.perf_counter(), time.perf_counter()
+                else:
+                    steady_steps += 1
+                # The first step with a non-finite loss, tracked on the device (no sync).
+                bad = _first_bad(bad, m["loss"], step)
+                logged = step % cfg.log_every == 0 or step == cfg.steps
+                evaluated = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+                ckpt_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if (logged or evaluated or ckpt_due) and int(bad) >= 0:
+                    first_bad = int(bad)
+                    break
+                if logged or evaluated:
+                    loss_f = float(m["loss"])
+                    now = time.perf_counter()
+                    row = {"step": step, "loss": loss_f, "grad_norm": float(m["grad_norm"]),
+                           "steps_per_s": (cfg.log_every / (now - t_log)) if step > start + 1
+                           else None}
+                    t_log = now
+                    if evaluated:
+                        ev = float(eval_loss(params, eval_batch))
+                        row["eval_loss"] = ev
+                        if task.loss == "xent":
+                            row["eval_bpc"] = ev / math.log(2)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    history.append(row)
+                    bar.set_postfix(loss=f"{loss_f:.4g}", refresh=False)
+                    if cfg.target_loss is not None and loss_f <= cfg.target_loss:
+                        status = "target"
+                        bar.update(step - bar.n)
+                        break
+                bar.update(step - bar.n)
+                if ckpt_due:
+                    if not _all_finite(params):  # never checkpoint a broken state
+                        first_bad = step
+                        break
+                    save(step)
+                    last_good_ckpt = step
+        if first_bad is None and int(bad) >= 0:  # a non-finite loss since the last check
+            first_bad = int(bad)
+        if first_bad is None and not _all_finite(params):
+            first_bad = step
+        if first_bad is not None:
+            raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
+                            f"{first_bad}; stopped "
+                            f"without saving; the last good checkpoint is "
+                            f"{'step ' + str(last_good_ckpt) if last_good_ckpt else 'none'} "
+                            f"in {ckpt_dir}")
+        if checkpointer.latest_step() != step:
+            save(step)
+        wall = (time.perf_counter() - t_steady) if t_steady else 0.0
+        steps_per_s = steady_steps / wall if wall > 0 and steady_steps else 0.0
+        result = RunResult(out, start, step, history, compile_s, steps_per_s, status)
+        _finish(cfg, task, model, params, out, result, log)
+        return result
+    finally:
+        checkpointer.close()
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+@jax.jit
+def _first_bad(bad: jax.Array, loss: jax.Array, step) -> jax.Array:
+    """``step`` if ``loss`` is the first non-finite loss seen, else ``bad`` unchanged."""
+    return jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
+
+
+def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,
+            log) -> None:
+    """Writes the learning-curve figure (and samples) from the whole metrics file."""
+    from jaxrnn.plots import learning_curves
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    if rows:
+        learning_curves(rows, out / "curves.png",
+                        title=f"{cfg.task}: {cfg.cell if not cfg.reference_model else 'elman'}"
+                              f" ({cfg.method}), loss {task.loss}",
+                        baseline=task.baseline if cfg.task != "charlm" else None)
+    if cfg.task == "charlm":
+        from jaxrnn.generate import sample
+
+        prompt = "The " if set("The ") <= set(task.vocab) else task.decode(task.train_ids[:4])
+        ids = sample(model, params, task.encode(prompt), 400, jax.random.key(cfg.seed + 1),
+                     temperature=0.8)
+        result.samples = prompt + task.decode(np.asarray(ids))
+        (out / "samples.txt").write_text(result.samples + "\n")

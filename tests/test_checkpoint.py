@@ -1,0 +1,259 @@
+"""Checkpoints: exact round trips, resuming, pruning, atomicity, metadata and structure checks."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxrnn import checkpoint
+from jaxrnn.checkpoint import CheckpointState, Checkpointer, check_metadata
+from jaxrnn.model import RNN, RNNParams
+from jaxrnn.tasks import SineTask
+
+MODEL = RNN(cell="lstm", input_size=1, hidden_size=4, output_size=1, num_layers=2,
+            bias=False, readout_bias=False)  # every bias absent: None leaves
+CONFIG = {"cell": "lstm", "hidden_size": 4, "num_layers": 2, "sizes": (1, 4, 1)}
+OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+TASK = SineTask(batch_size=4, seq_len=6, seed=0, dtype="float64")
+
+
+def train(params, opt_state, key, start, steps):
+    """Plain optax steps on TASK's batches ``start, start + 1, ...``; splits the key each step."""
+    for step in range(start, start + steps):
+        key, _ = jax.random.split(key)
+        batch = TASK.batch(step)
+        _, grads = MODEL.loss_and_grad(params, batch.xs, batch.targets, loss="mse")
+        updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state, key
+
+
+def fresh(seed=0, metadata=CONFIG) -> CheckpointState:
+    params = MODEL.init(jax.random.key(seed), dtype=jnp.float64)
+    return CheckpointState(params, OPTIMIZER.init(params), 0, jax.random.key(seed), 0, metadata)
+
+
+@pytest.fixture(scope="module")
+def trained() -> CheckpointState:
+    """A state after 2 steps: non-zero adam moments, count 2, a split key."""
+    s = fresh(seed=1)
+    params, opt_state, key = train(s.params, s.opt_state, s.key, 0, 2)
+    return CheckpointState(params, opt_state, 2, key, 2, CONFIG)
+
+
+def assert_exactly_equal(actual, expected):
+    """Same tree structure (NamedTuple types and None leaves included), dtypes and bits."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        if jax.dtypes.issubdtype(e.dtype, jax.dtypes.prng_key):
+            assert a.dtype == e.dtype and jax.random.key_impl(a) == jax.random.key_impl(e)
+            a, e = jax.random.key_data(a), jax.random.key_data(e)
+        assert a.shape == e.shape and a.dtype == e.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+# --- round trips ---------------------------------------------------------------
+
+def test_round_trip_is_exact(tmp_path, trained):
+    path = checkpoint.save(tmp_path, trained)
+    assert path == tmp_path / "2" and path.is_dir()
+    restored = checkpoint.restore(tmp_path, like=fresh(seed=7))  # other values, same structure
+    assert_exactly_equal(restored.params, trained.params)
+    assert_exactly_equal(restored.opt_state, trained.opt_state)
+    assert_exactly_equal(restored.key, trained.key)
+    assert type(restored.params) is RNNParams and restored.params.readout.bias is None
+    assert restored.params.layers[1][0].b_ih is None
+    assert isinstance(restored.opt_state[1][0], optax.ScaleByAdamState)
+    assert int(restored.opt_state[1][0].count) == 2
+    assert (restored.step, restored.data_step) == (2, 2)
+    assert restored.metadata == {**CONFIG, "sizes": [1, 4, 1]}  # as JSON reads it back
+
+
+def test_keys_of_any_shape_and_implementation(tmp_path):
+    keys = jax.random.split(jax.random.key(3, impl="rbg"), (2, 3))
+    s = fresh()._replace(key=keys)
+    checkpoint.save(tmp_path, s)
+    restored = checkpoint.restore(tmp_path, like=s._replace(key=jax.random.split(
+        jax.random.key(0, impl="rbg"), (2, 3))))
+    assert_exactly_equal(restored.key, keys)
+    # the restored key draws the same numbers
+    np.testing.assert_array_equal(jax.random.normal(restored.key[1, 2], (3,)),
+                                  jax.random.normal(keys[1, 2], (3,)))
+
+
+def test_restore_into_an_abstract_like(tmp_path, trained):
+    checkpoint.save(tmp_path, trained)
+    s = fresh()
+    params, opt_state, key = jax.eval_shape(lambda: (s.params, s.opt_state, s.key))
+    assert isinstance(key, jax.ShapeDtypeStruct)
+    restored = checkpoint.restore(tmp_path, CheckpointState(params, opt_state, 0, key, 0))
+    assert_exactly_equal(restored.params, trained.params)
+    assert_exactly_equal(restored.key, trained.key)
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    s = fresh(seed=2)
+    straight = train(s.params, s.opt_state, s.key, 0, 4)
+    params, opt_state, key = train(s.params, s.opt_state, s.key, 0, 2)
+    checkpoint.save(tmp_path, CheckpointState(params, opt_state, 2, key, 2, CONFIG))
+    r = checkpoint.restore(tmp_path, like=fresh(seed=9))
+    resumed = train(r.params, r.opt_state, r.key, r.data_step, 4 - r.step)
+    assert_exactly_equal(resumed, straight)
+
+
+# --- steps, pruning, atomicity -------------------------------------------------
+
+def test_latest_step_and_explicit_steps(tmp_path, trained):
+    assert checkpoint.latest_step(tmp_path / "absent") is None
+    assert checkpoint.latest_step(tmp_path) is None
+    with Checkpointer(tmp_path, keep=None) as ckpt:
+        for step in (1, 5, 10):
+            ckpt.save(trained._replace(step=step, data_step=step + 100))
+        assert ckpt.all_steps() == [1, 5, 10] and ckpt.latest_step() == 10
+        assert ckpt.restore(fresh(), step=5).data_step == 105
+        with pytest.raises(ValueError, match=r"no checkpoint for step 4 in .*steps \[1, 5, 10\]"):
+            ckpt.restore(fresh(), step=4)
+    assert checkpoint.latest_step(tmp_path) == 10
+    assert checkpoint.restore(tmp_path, fresh()).data_step == 110
+
+
+def test_keep_prunes_the_oldest(tmp_path, trained):
+    with Checkpointer(tmp_path / "a", keep=2) as ckpt:
+        for step in range(1, 5):
+            ckpt.save(trained._replace(step=step))
+        assert ckpt.all_steps() == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["3", "4"]
+    for step in range(1, 5):  # one Checkpointer per save: pruning still applies
+        checkpoint.save(tmp_path / "b", trained._replace(step=step), keep=2)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["3", "4"]
+
+
+def test_steps_must_increase(tmp_path, trained):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(trained._replace(step=5))
+        for step in (5, 3):  # orbax itself would return False silently
+            with pytest.raises(ValueError, match=rf"cannot save step {step}: .* already has a "
+                                                 r"checkpoint at step 5"):
+                ckpt.save(trained._replace(step=step))
+        assert ckpt.all_steps() == [5]
+
+
+def test_an_interrupted_save_never_becomes_the_latest(tmp_path, trained, monkeypatch):
+    """Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it last: kill it before."""
+    checkpoint.save(tmp_path, trained._replace(step=1))
+
+    async def crash(self):
+        raise RuntimeError("killed mid-save")
+
+    with monkeypatch.context() as m:
+        m.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", crash)
+        with pytest.raises(RuntimeError, match="killed mid-save"):
+            checkpoint.save(tmp_path, trained._replace(step=2))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["1", "2.orbax-checkpoint-tmp"]  # everything written, nothing final
+    assert checkpoint.latest_step(tmp_path) == 1
+    assert checkpoint.restore(tmp_path, fresh()).step == 1
+    assert (tmp_path / "2.orbax-checkpoint-tmp").exists()  # readers delete nothing
+    with Checkpointer(tmp_path) as ckpt:  # a writer clears the leftover
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+        ckpt.save(trained._replace(step=2))
+        assert ckpt.all_steps() == [1, 2]
+
+
+def test_a_half_written_directory_is_ignored(tmp_path, trained):
+    checkpoint.save(tmp_path, trained._replace(step=3))
+    junk = tmp_path / "9.orbax-checkpoint-tmp" / "state"
+    junk.mkdir(parents=True)
+    (junk / "manifest.ocdbt").write_bytes(b"\0" * 10)
+    assert checkpoint.latest_step(tmp_path) == 3
+    assert checkpoint.read_metadata(tmp_path) == checkpoint.read_metadata(tmp_path, step=3)
+    assert checkpoint.restore(tmp_path, fresh()).step == 3
+
+
+def test_orbax_logging_is_quiet(tmp_path, trained, caplog):
+    level = logging.getLogger("absl").level
+    with caplog.at_level(logging.INFO):
+        with Checkpointer(tmp_path, keep=1) as ckpt:
+            ckpt.save(trained._replace(step=4))
+            ckpt.save(trained._replace(step=5))
+        checkpoint.restore(tmp_path, fresh())
+        checkpoint.latest_step(tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+    assert logging.getLogger("absl").level == level  # restored afterwards
+
+
+# --- metadata and structure checks ---------------------------------------------
+
+def test_metadata_mismatch_names_the_keys(tmp_path, trained):
+    checkpoint.save(tmp_path, trained)
+    assert checkpoint.read_metadata(tmp_path) == {**CONFIG, "sizes": [1, 4, 1]}
+    other = {**CONFIG, "hidden_size": 8}
+    del other["num_layers"]
+    with pytest.raises(ValueError, match=r"checkpoint .*/2 is of another model: hidden_size is 4 "
+                                         r"in the checkpoint but 8 here; num_layers is 2 in the "
+                                         r"checkpoint but absent here"):
+        checkpoint.restore(tmp_path, fresh(metadata=other))
+    # None skips the check; tuples and lists compare equal
+    assert checkpoint.restore(tmp_path, fresh(metadata=None)).metadata["hidden_size"] == 4
+    check_metadata({"sizes": [1, 2]}, {"sizes": (1, 2)})
+
+
+def test_structure_shape_and_dtype_mismatches_name_the_leaf(tmp_path, trained):
+    checkpoint.save(tmp_path, trained)
+    with_bias = RNN(cell="lstm", input_size=1, hidden_size=4, output_size=1, num_layers=2,
+                    readout_bias=False)
+    p = with_bias.init(jax.random.key(0), dtype=jnp.float64)
+    like = CheckpointState(p, OPTIMIZER.init(p), 0, jax.random.key(0), 0)
+    with pytest.raises(ValueError, match=r"leaves only here: \['params'\]\.layers\[0\]\[0\]\.b_ih"):
+        checkpoint.restore(tmp_path, like)
+    wider = RNN(cell="lstm", input_size=1, hidden_size=5, output_size=1, num_layers=2,
+                bias=False, readout_bias=False).init(jax.random.key(0), dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"\['params'\]\.layers\[0\]\[0\]\.w_ih is "
+                                         r"float64\(16, 1\) in the checkpoint but "
+                                         r"float64\(20, 1\) here"):
+        checkpoint.restore(tmp_path, fresh(metadata=None)._replace(
+            params=wider, opt_state=OPTIMIZER.init(wider)))
+    # orbax alone would cast float64 -> float32 silently
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), fresh().params)
+    with pytest.raises(ValueError, match=r"float64\(16, 1\) in the checkpoint but "
+                                         r"float32\(16, 1\) here"):
+        checkpoint.restore(tmp_path, fresh()._replace(params=f32))
+    with pytest.raises(ValueError, match=r"key<threefry2x32> \(data uint32\(2,\)\) in the "
+                                         r"checkpoint but key<rbg> \(data uint32\(4,\)\) here"):
+        checkpoint.restore(tmp_path, fresh()._replace(key=jax.random.key(0, impl="rbg")))
+    with pytest.raises(ValueError, match=r"leaves only in the checkpoint: \['key'\]"):
+        checkpoint.restore(tmp_path, fresh()._replace(key=None))
+
+
+# --- argument errors -----------------------------------------------------------
+
+def test_argument_errors(tmp_path, trained):
+    with pytest.raises(ValueError, match="keep must be an integer >= 1 or None, got 0"):
+        Checkpointer(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
+        checkpoint.save(tmp_path, trained._replace(step=-1))
+    with pytest.raises(ValueError, match="data_step must be an integer >= 0, got 2.0"):
+        checkpoint.save(tmp_path, trained._replace(data_step=2.0))
+    with pytest.raises(ValueError, match="metadata must be JSON-serialisable"):
+        checkpoint.save(tmp_path, trained._replace(metadata={"dtype": jnp.float32}))
+    with pytest.raises(TypeError, match="key must be a typed PRNG key"):
+        checkpoint.save(tmp_path, trained._replace(key=jax.random.PRNGKey(0)))
+    with pytest.raises(TypeError, match="state must be a CheckpointState"):
+        checkpoint.save(tmp_path, tuple(trained))
+    assert checkpoint.latest_step(tmp_path) is None  # nothing was written
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        checkpoint.restore(tmp_path, fresh())
+    with pytest.raises(ValueError, match="no checkpoint in .*no such directory"):
+        checkpoint.read_metadata(tmp_path / "absent")
+    checkpoint.save(tmp_path, trained._replace(step=np.int64(3)))  # numpy integers are fine
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.latest_step() == 3
+        with pytest.raises(ValueError, match="is read-only"):
+            ckpt.save(trained._replace(step=4))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="directory must be a directory, got a file"):
+        Checkpointer(tmp_path / "file")

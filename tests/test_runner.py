@@ -1,0 +1,195 @@
+"""Training runs: outputs, resume (also after SIGKILL), NaN handling, Ctrl-C, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxrnn import checkpoint as ckpt
+from jaxrnn import runner
+from jaxrnn.cli import main
+
+SMALL = dict(task="sine", cell="gru", hidden=8, batch=4, seq_len=12, lr=1e-2, log_every=1,
+             eval_every=5, checkpoint_every=5)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(out)}
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "jaxrnn", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_run_writes_its_outputs(tmp_path):
+    cfg = runner.build_config(**SMALL, steps=12)
+    res = runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    out = tmp_path / "r"
+    assert res.status == "finished" and res.final_step == 12
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "sine" and config["hidden"] == 8 and "jax" in config["versions"]
+    rs = rows(out)
+    assert [r["step"] for r in rs] == list(range(1, 13))
+    assert all("eval_loss" in r for r in rs if r["step"] % 5 == 0)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert ckpt.latest_step(out / "checkpoints") == 12
+    assert res.compile_s > 0
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    full = runner.build_config(**SMALL, steps=20)
+    runner.run(full, tmp_path / "a", progress=False, log=lambda *a: None)
+    half = runner.build_config(**SMALL, steps=10)
+    runner.run(half, tmp_path / "b", progress=False, log=lambda *a: None)
+    cont = runner.prepare_resume(tmp_path / "b", {"steps": 20})
+    res = runner.run(cont, tmp_path / "b", resume=True, progress=False, log=lambda *a: None)
+    assert res.start_step == 10 and res.final_step == 20
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 21))
+    assert a == b  # bit-for-bit
+
+
+def test_resume_of_a_finished_run_needs_more_steps(tmp_path, capsys):
+    cfg = runner.build_config(**SMALL, steps=5)
+    runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    assert main(["train", "--resume", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert "pass a larger --steps" in capsys.readouterr().out
+    assert len(rows(tmp_path / "r")) == 5
+
+
+def test_sigkill_mid_training_then_resume(tmp_path):
+    """A run killed with SIGKILL resumes from its last complete checkpoint; the losses
+    after resuming are those of an uninterrupted run."""
+    args = ["train", "--task", "sine", "--cell", "gru", "--hidden", "8", "--batch", "4",
+            "--seq-len", "12", "--lr", "0.01", "--log-every", "1", "--eval-every", "0",
+            "--checkpoint-every", "5", "--no-progress"]
+    killed = tmp_path / "killed"
+    p = cli(*args, "--steps", "100000", "--out", str(killed))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [int(d.name) for d in (killed / "checkpoints").glob("*") if d.name.isdigit()]
+        if steps and max(steps) >= 10:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    last = ckpt.latest_step(killed / "checkpoints")
+    assert last is not None and last >= 10
+    target = last + 12
+    r = cli("train", "--resume", "--out", str(killed), "--steps", str(target), "--no-progress")
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    ref = tmp_path / "ref"
+    r = cli(*args, "--steps", str(target), "--out", str(ref))
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    a, b = losses(ref), losses(killed)
+    assert sorted(b) == list(range(1, target + 1))  # rows past the checkpoint were replaced
+    assert a == b
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "r"
+    p = cli("train", "--task", "sine", "--hidden", "8", "--batch", "4", "--seq-len", "12",
+            "--steps", "100000", "--checkpoint-every", "1000", "--log-every", "1",
+            "--no-progress", "--out", str(out))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(rows(out)) >= 5:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "interrupted at step" in stdout and "--resume" in stdout
+    assert "Traceback" not in stderr
+    saved = ckpt.latest_step(out / "checkpoints")
+    assert saved is not None and saved >= 5 and saved == rows(out)[-1]["step"]
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["train", "--task", "sine", "--hidden", "8", "--batch", "4", "--seq-len", "12",
+                 "--optimizer", "sgd", "--lr", "1e30", "--steps", "50", "--log-every", "1",
+                 "--checkpoint-every", "1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "NaN or infinite at step" in err and err.count("\n") == 1
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    kept = ckpt.latest_step(out / "checkpoints")
+    assert kept is None or kept < bad_step
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--task", "charlm", "--text", "/no/such/file.txt"], "not found"),
+    (["--task", "charlm", "--text", "EMPTY"], "empty"),
+    (["--task", "charlm", "--text", "SHORT", "--seq-len", "64"], "--seq-len"),
+    (["--task", "nosuchtask"], "invalid choice"),
+    (["--cell", "transformer"], "invalid choice"),
+    (["--optimizer", "nosuchopt"], "--optimizer must"),
+    (["--hidden", "-4"], "expected an integer >= 1"),
+    (["--k1", "5", "--k2", "3", "--task", "sine"], "--k2 must be >= --k1"),
+    (["--task", "adding", "--k1", "5"], "truncated BPTT"),
+    (["--resume"], "--resume: "),
+    (["--devices", "3", "--task", "sine", "--batch", "4"], "devices"),
+])
+def test_bad_input_exit_2(args, match, tmp_path, capsys):
+    (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "SHORT").write_text("just a few characters of text\n")
+    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("SHORT", str(tmp_path / "SHORT"))
+            for a in args]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(["train", "--out", str(out), "--no-progress", "--steps", "2", *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert "Traceback" not in err and err.count("\n") <= 2
+
+
+def test_never_overwrites_a_run(tmp_path, capsys):
+    cfg = runner.build_config(**SMALL, steps=5)
+    runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert main(["train", "--task", "sine", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "r"), "--hidden", "16",
+                 "--steps", "9"]) == 2
+    assert "of another model" in capsys.readouterr().err
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+    assert ckpt.latest_step(tmp_path / "r" / "checkpoints") == 5
+
+
+def test_truncated_bptt_run(tmp_path):
+    cfg = runner.build_config(**SMALL, steps=6, k1=4, k2=6)
+    res = runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    assert res.final_step == 6 and all(r["loss"] > 0 for r in rows(tmp_path / "r"))
+
+
+def test_charlm_run_and_sample(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "r"
+    assert main(["train", "--task", "charlm", "--text", str(text), "--hidden", "16",
+                 "--seq-len", "16", "--steps", "30", "--eval-every", "15", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "bits/char" in capsys.readouterr().out
+    assert all("eval_bpc" in r for r in rows(out) if r["step"] % 15 == 0)
+    assert (out / "samples.txt").exists()
+    assert main(["sample", "--out", str(out), "--length", "40", "--prompt", "the "]) == 0
+    s = capsys.readouterr().out
+    assert s.startswith("the ") and len(s.rstrip("\n")) == 44
+    assert main(["sample", "--out", str(out), "--prompt", "ZZZ"]) == 2
+    assert "outside the model's vocabulary" in capsys.readouterr().err
