@@ -53,16 +53,19 @@ def test_python_dash_m_entry_point_and_usage_error():
 
 
 def test_train_default_task_writes_its_outputs(tmp_path, capsys):
+    """`jaxrnn train` with no options trains the reference example to a near-zero loss."""
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and "reached --target-loss" in text
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "example" and config["method"] == "bptt"
+    assert config["reference_model"] is True
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["step"] == 1 and rows[-1]["loss"] <= 1e-4 < rows[0]["loss"]
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "params.npz").exists()
+    assert rows[-1]["loss"] <= 1e-4 < rows[0]["loss"]
+    assert [r["step"] for r in rows[:-1]] == list(range(10, 10 * len(rows) - 9, 10))
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoints").is_dir()
 
 
 def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
@@ -75,7 +78,7 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--optimizer", "nosuchopt"], "optimizer must name an optax optimizer"),
+    (["--optimizer", "nosuchopt"], "--optimizer must name an optax optimizer"),
     (["--steps", "-3"], "expected an integer >= 1"),
     (["--lr", "0"], "expected a number > 0"),
     (["--task", "nosuchtask"], "invalid choice"),
