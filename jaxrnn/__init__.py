@@ -12,8 +12,10 @@ from jaxrnn.cells import GRU, LSTM, CellParams, Elman, make_cell
 from jaxrnn.losses import half_sse, mse, xent
 from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
 from jaxrnn.scan import BackwardTrace, ForwardTrace, backward_scan, forward_scan, layer
-from jaxrnn.tasks import Batch, reference_example
-from jaxrnn.train import fit, make_optimizer, make_train_step
+from jaxrnn.checkpoint import Checkpointer, CheckpointState
+from jaxrnn.generate import sample
+from jaxrnn.tasks import ADDING_BASELINE, TASKS, Batch, bits_per_char, make_task, reference_example
+from jaxrnn.train import fit, make_optimizer, make_tbptt_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -38,8 +40,16 @@ __all__ = [
     "xent",
     "Batch",
     "reference_example",
+    "make_task",
+    "TASKS",
+    "ADDING_BASELINE",
+    "bits_per_char",
     "make_train_step",
+    "make_tbptt_step",
     "make_optimizer",
     "fit",
+    "Checkpointer",
+    "CheckpointState",
+    "sample",
     "__version__",
 ]

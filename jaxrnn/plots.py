@@ -68,7 +68,8 @@ def learning_curves(rows: list[dict], path: str | Path, title: str = "learning c
     if evals:
         ax.plot(*zip(*evals), "o-", lw=1.5, ms=3, label="held-out loss")
     if baseline is not None:
-        ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"baseline {baseline:.3g}")
+        ax.axhline(baseline, color="gray", ls="--", lw=1,
+                   label=f"best constant prediction {baseline:.3g}")
     values = [v for _, v in train + evals]
     if values and min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")

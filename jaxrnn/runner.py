@@ -475,7 +475,7 @@ def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: R
         learning_curves(rows, out / "curves.png",
                         title=f"{cfg.task}: {cfg.cell if not cfg.reference_model else 'elman'}"
                               f" ({cfg.method}), loss {task.loss}",
-                        baseline=task.baseline if cfg.task != "charlm" else None)
+                        baseline=task.baseline)
     if cfg.task == "charlm":
         from jaxrnn.generate import sample
 
