@@ -108,7 +108,7 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         new_carry = _select(m_t, new_carry, carry)  # frozen past the sequence's end
         return new_carry, (new_carry, res)
 
-    carry_T, (carries, res) = jax.lax.scan(body, carry0, (xp, mask), unroll=int(__import__("os").environ.get("UNROLL", "1")))
+    carry_T, (carries, res) = jax.lax.scan(body, carry0, (xp, mask))
     hs = carries[0]
     if mask is not None:
         hs = jnp.where(mask[:, :, None], hs, 0)
@@ -160,7 +160,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
     dcarry0, outs = jax.lax.scan(
         body, tuple(dcarry_T), (carries_prev, fwd.carries, fwd.residuals, dhs, mask),
-        reverse=True, unroll=int(__import__("os").environ.get("UNROLL", "1")))
+        reverse=True)
     dgi, dgh = outs[0], outs[1]
 
     # After the loop: every weight gradient is one product over all T*B rows.
