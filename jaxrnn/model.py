@@ -94,6 +94,10 @@ class RNN:
         nonlinearity: ``"tanh"`` or ``"relu"`` (Elman only).
         dropout: probability of zeroing each output of every layer but the last
             (as PyTorch), applied only when a ``dropout_key`` is passed.
+        bptt_segment: memory-lean BPTT for long sequences: with
+            ``method="bptt"``, keep the state only every ``bptt_segment`` steps and
+            recompute each segment in the backward pass (about sqrt(T) is best);
+            None (the default) keeps every step.
 
     Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``,
     states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``).
@@ -109,6 +113,7 @@ class RNN:
     readout_bias: bool = True
     nonlinearity: str = "tanh"
     dropout: float = 0.0
+    bptt_segment: int | None = None
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -116,6 +121,8 @@ class RNN:
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
             _check_size(name, getattr(self, name))
         make_cell(self.cell, self.nonlinearity)  # validates nonlinearity
+        if self.bptt_segment is not None:
+            _check_size("bptt_segment", self.bptt_segment)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
@@ -286,7 +293,8 @@ class RNN:
             for d in range(self.num_directions):
                 i = l * self.num_directions + d
                 x_in = h if d == 0 else reverse_sequences(h, lengths)
-                hs, carry_T = layer(cell, params.layers[l][d], x_in, carries0[i], mask, method)
+                hs, carry_T = layer(cell, params.layers[l][d], x_in, carries0[i], mask, method,
+                                    self.bptt_segment if method == "bptt" else None)
                 outs.append(hs if d == 0 else reverse_sequences(hs, lengths))
                 finals.append(carry_T)
             h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)

@@ -218,6 +218,100 @@ def _bptt_layer_bwd(cell, saved, cotangents):
 bptt_layer.defvjp(_bptt_layer_fwd, _bptt_layer_bwd)
 
 
+# --- memory-lean BPTT: store the state every `segment` steps, recompute in the backward --
+
+def _segments(xs: jax.Array, mask: jax.Array | None, segment: int):
+    """Pads T up to a multiple of ``segment`` with masked steps and splits time.
+
+    Returns:
+        ``(xs_seg (S, k, B, D), mask_seg (S, k, B), T)``.
+    """
+    T, B = xs.shape[0], xs.shape[1]
+    n = -(-T // segment)
+    pad = n * segment - T
+    if mask is None and pad:
+        mask = jnp.ones((T, B), bool)
+    if pad:
+        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)])
+        mask = jnp.concatenate([mask, jnp.zeros((pad, B), bool)])
+    split = lambda a: a.reshape((n, segment) + a.shape[1:])  # noqa: E731
+    return split(xs), (None if mask is None else split(mask)), T
+
+
+def _lean_forward(cell, params, xs, carry0, mask, segment):
+    xs_s, mask_s, T = _segments(xs, mask, segment)
+
+    def body(carry, inputs):
+        x, m = inputs
+        hs, carry_end, _ = forward_scan(cell, params, x, carry, m)  # residuals dropped
+        return carry_end, (hs, carry)  # keep only the carry at the segment's start
+
+    carry_T, (hs, starts) = jax.lax.scan(body, carry0, (xs_s, mask_s))
+    hs = hs.reshape((-1,) + hs.shape[2:])[:T]
+    return hs, carry_T, starts
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                    mask: jax.Array | None, segment: int) -> tuple[jax.Array, Carry]:
+    r"""Handwritten BPTT that stores the carry only every ``segment`` steps.
+
+    The forward pass keeps the outputs and the carry at the start of each segment
+    of ``segment`` steps (computing each segment's input projection inside the
+    loop). The backward pass walks the segments in reverse: it recomputes the
+    segment's forward scan from its stored carry, runs the handwritten reverse
+    scan over it (``backward_scan``) and adds the segment's weight gradients, each
+    still one matrix product over the segment's ``segment * B`` rows. Memory for
+    the residuals falls from O(T) to O(T / segment + segment) steps' worth, for one
+    extra forward pass. The gradients are those of ``bptt_layer``.
+
+    Args:
+        cell: the cell (static).
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+        segment: steps per segment (static), >= 1; about sqrt(T) minimises memory.
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment)
+    return hs, carry_T
+
+
+def _lean_fwd(cell, params, xs, carry0, mask, segment):
+    hs, carry_T, starts = _lean_forward(cell, params, xs, carry0, mask, segment)
+    return (hs, carry_T), (params, xs, starts, mask)
+
+
+def _lean_bwd(cell, segment, saved, cotangents):
+    params, xs, starts, mask = saved
+    dhs, dcarry_T = cotangents
+    T = xs.shape[0]
+    xs_s, mask_s, _ = _segments(xs, mask, segment)
+    pad = xs_s.shape[0] * segment - T
+    dhs_s = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)]) if pad else dhs
+    dhs_s = dhs_s.reshape(xs_s.shape[:2] + dhs.shape[1:])
+
+    def body(acc, inputs):
+        dparams, dcarry = acc
+        x, m, start, dh = inputs
+        _, _, fwd = forward_scan(cell, params, x, start, m)  # recompute this segment
+        dp, dx, dcarry = backward_scan(cell, params, x, start, fwd, dh, dcarry, m)
+        dparams = jax.tree.map(jnp.add, dparams, dp)  # sum the segments' weight gradients
+        return (dparams, dcarry), dx
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (dparams, dcarry0), dxs = jax.lax.scan(
+        body, (zeros, tuple(dcarry_T)), (xs_s, mask_s, starts, dhs_s), reverse=True)
+    dxs = dxs.reshape((-1,) + dxs.shape[2:])[:T]
+    return dparams, dxs, dcarry0, None
+
+
+lean_bptt_layer.defvjp(_lean_fwd, _lean_bwd)
+
+
 def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                    mask: jax.Array | None) -> tuple[jax.Array, Carry]:
     """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
@@ -226,7 +320,8 @@ def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
 
 def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-          mask: jax.Array | None = None, method: str = "bptt") -> tuple[jax.Array, Carry]:
+          mask: jax.Array | None = None, method: str = "bptt",
+          segment: int | None = None) -> tuple[jax.Array, Carry]:
     """One recurrent layer over a sequence, differentiated by ``method``.
 
     Args:
@@ -236,10 +331,17 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         carry0: initial carry, tuple of (B, H).
         mask: boolean (T, B) or None.
         method: ``"bptt"`` (handwritten reverse scan) or ``"autodiff"`` (``jax.grad``).
+        segment: with ``method="bptt"``, store the carry only every ``segment``
+            steps and recompute segments in the backward pass (``lean_bptt_layer``);
+            None stores every step.
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
     """
+    if segment is not None:
+        if method != "bptt":
+            raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")
+        return lean_bptt_layer(cell, params, xs, carry0, mask, segment)
     if method == "bptt":
         return bptt_layer(cell, params, xs, carry0, mask)
     if method == "autodiff":
