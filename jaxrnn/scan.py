@@ -115,11 +115,6 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     return hs, carry_T, ForwardTrace(carries, res)
 
 
-def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
-    """``[first, seq[0], ..., seq[T-2]]``: the previous step's value, (T, ...)."""
-    return jnp.concatenate([first[None], seq[:-1]], axis=0)
-
-
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                   fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
                   mask: jax.Array | None = None, with_trace: bool = False):
@@ -140,10 +135,14 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         ``(dparams, dxs (T, B, D), dcarry0)``, plus the ``BackwardTrace`` when
         ``with_trace``.
     """
-    carries_prev = jax.tree.map(_shift, carry0, fwd.carries)
+    T = dhs.shape[0]
+    same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
 
     def body(dcarry, inputs):
-        carry_prev, carry, res, dh_t, m_t = inputs
+        t, carry, res, dh_t, m_t = inputs
+        # carry_{t-1}, read from the stored carries (no shifted copy is made)
+        carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
+                           for c, c0 in zip(fwd.carries, carry0))
         dcarry_in = dcarry
         dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
         dcarry_prev, dgi, dgh = cell.backward_step(params, carry_prev, carry, res, dcarry)
@@ -153,20 +152,23 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
             dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
             dgh = jnp.where(m_t[:, None], dgh, 0)
-        out = (dgi, dgh)
+        out = (dgi,) if same else (dgi, dgh)
         if with_trace:
             out = out + (dcarry[0], dcarry_prev[0])
         return dcarry_prev, out
 
     dcarry0, outs = jax.lax.scan(
-        body, tuple(dcarry_T), (carries_prev, fwd.carries, fwd.residuals, dhs, mask),
+        body, tuple(dcarry_T), (jnp.arange(T), fwd.carries, fwd.residuals, dhs, mask),
         reverse=True)
-    dgi, dgh = outs[0], outs[1]
+    dgi = outs[0]
+    dgh = dgi if same else outs[1]
+    outs = outs[1:] if same else outs[2:]
 
     # After the loop: every weight gradient is one product over all T*B rows.
-    h_prev = carries_prev[0]  # (T, B, H): h_{t-1}
+    hs = fwd.carries[0]  # (T, B, H): h_t
     dw_ih = jnp.einsum("tbg,tbd->gd", dgi, xs)  # sum_t dgi_t^T x_t
-    dw_hh = jnp.einsum("tbg,tbh->gh", dgh, h_prev)  # sum_t dgh_t^T h_{t-1}
+    dw_hh = (jnp.einsum("tbg,tbh->gh", dgh[1:], hs[:-1])  # sum_{t>=1} dgh_t^T h_{t-1}
+             + dgh[0].T @ carry0[0])  # ... and t = 0, where h_{-1} is the initial state
     dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
     db_ih = None if params.b_ih is None else dgi.sum(axis=(0, 1))  # sum_t dgi_t
     if params.b_hh is None:
@@ -177,7 +179,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         db_hh = dgh.sum(axis=(0, 1))  # sum_t dgh_t
     dparams = CellParams(dw_ih, dw_hh, db_ih, db_hh)
     if with_trace:
-        return dparams, dxs, dcarry0, BackwardTrace(outs[2], dgi, dgh, outs[3])
+        return dparams, dxs, dcarry0, BackwardTrace(outs[0], dgi, dgh, outs[1])
     return dparams, dxs, dcarry0
 
 
