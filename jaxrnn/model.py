@@ -360,14 +360,22 @@ class RNN:
 
         Args: as in ``loss``. ``method="bptt"`` uses the handwritten reverse-scan
         BPTT for every recurrent layer; ``method="autodiff"`` uses ``jax.grad``
-        through the forward scan.
+        through the forward scan; ``method="rtrl"`` uses real-time recurrent
+        learning (forward in time, exact; single-layer, one-direction Elman
+        models of modest size only, see ``jaxrnn.rtrl``).
 
         Returns:
             ``(loss, grads)``, ``grads`` an ``RNNParams`` like ``params``.
         """
+        if method == "rtrl":  # forward-mode, exact, for small single-layer Elman models
+            if dropout_key is not None:
+                raise ValueError("method='rtrl' takes no dropout_key")
+            from jaxrnn.rtrl import rtrl_loss_and_grad
+
+            return rtrl_loss_and_grad(self, params, xs, targets, loss, state, lengths)
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise ValueError(f"method must be one of {METHODS + ('rtrl',)}, got {method!r}")
         self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
         return _loss_and_grad(self, loss, method, params, xs, jnp.asarray(targets), state,
                               lengths, dropout_key)

@@ -222,7 +222,7 @@ def test_bad_inputs_name_the_argument(key):
          "must be integer classes"),
         (lambda: model.loss_and_grad(params, xs, targets, loss="l1"), ValueError,
          "loss must be one of"),
-        (lambda: model.loss_and_grad(params, xs, targets, method="rtrl"), ValueError,
+        (lambda: model.loss_and_grad(params, xs, targets, method="forward"), ValueError,
          "method must be one of"),
         (lambda: model.apply({"w": 1}, xs), TypeError, "params must be RNNParams"),
     ]
@@ -273,3 +273,18 @@ def test_bptt_method_calls_the_handwritten_backward(key, monkeypatch):
     assert calls == []
     jax.grad(lambda p: model.loss(p, xs, targets, method="bptt"))(params)
     assert calls == [1]
+
+
+def test_rtrl_method_equals_bptt(key):
+    """The third gradient method, through the same public call."""
+    model = small()
+    params = model.init(key, jnp.float64)
+    xs, targets = data(dtype=jnp.float64)
+    state = 0.3 * jnp.ones((1, 2, 5), jnp.float64)
+    lr, gr = model.loss_and_grad(params, xs, targets, method="rtrl", state=state)
+    lb, gb = model.loss_and_grad(params, xs, targets, method="bptt", state=state)
+    assert float(lr) == pytest.approx(float(lb), rel=1e-13)
+    assert_trees_rel_close(gr, gb, 1e-10)
+    with pytest.raises(ValueError, match="rtrl"):
+        lstm = small(cell="lstm")
+        lstm.loss_and_grad(lstm.init(key, jnp.float64), xs, targets, method="rtrl")
