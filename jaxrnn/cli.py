@@ -214,6 +214,12 @@ def cmd_gradcheck(args) -> int:
 
 # --- parser ------------------------------------------------------------------
 
+def cmd_bench(args) -> int:
+    from jaxrnn.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jaxrnn", description="Recurrent networks in JAX with handwritten BPTT.")
@@ -290,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_sample)
 
+    b = sub.add_parser("bench", help="time a training step: bptt, autodiff, PyTorch, Flax",
+                       description="The training-step benchmark (experiments/benchmark.py); "
+                                   "arguments go to it: --quick, --out DIR, --cells, --repeats "
+                                   "(see jaxrnn bench --help).", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
     g = sub.add_parser("gradcheck", help="check bptt against jax.grad and finite differences",
                        description="Draws random configurations and compares the handwritten "
                                    "BPTT gradient with jax.grad and with central finite "
@@ -322,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options (argparse.REMAINDER cannot pass --help on)
+        from jaxrnn.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "cell", None) is None and args.command == "gradcheck":
