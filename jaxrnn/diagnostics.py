@@ -9,10 +9,11 @@ for both directions) this module reports
 
   .. math::
       \delta h_t = \frac{\partial L}{\partial h_t}
-      = \underbrace{\frac{\partial L}{\partial h_t}\Big|_{\text{layer above / readout}}}_{\text{direct}}
-      + \underbrace{\texttt{dh\_next}_t}_{\text{through } h_{t+1}, h_{t+2}, \ldots}
+      = \underbrace{\frac{\partial L}{\partial h_t}\Big|_{\text{above}}}_{\text{direct}}
+      + \underbrace{\texttt{dh\_next}_t}_{\text{via } h_{t+1}, h_{t+2}, \ldots}
 
-  i.e. exactly what ``jax.grad`` gives for a zero perturbation :math:`e_t` added
+  (the direct term comes from the layer above, or the readout for the top layer):
+  exactly what ``jax.grad`` gives for a zero perturbation :math:`e_t` added
   to :math:`h_t` (every later use of :math:`h_t` sees :math:`h_t + e_t`);
 * the cotangent of the layer's input at step ``t``,
   :math:`\partial L/\partial x^{(l)}_t = \sum_d \delta gi^{(l,d)}_t W^{(l,d)}_{ih}`
@@ -21,15 +22,15 @@ for both directions) this module reports
   full gradient:
 
   .. math::
-      \frac{\partial L}{\partial W_{ih}} = \sum_t \underbrace{\delta gi_t^\top x_t}_{\text{step } t}, \qquad
-      \frac{\partial L}{\partial W_{hh}} = \sum_t \underbrace{\delta gh_t^\top h_{t-1}}_{\text{step } t}
+      \frac{\partial L}{\partial W_{ih}} = \sum_t \underbrace{\delta gi_t^\top x_t}_{t}, \qquad
+      \frac{\partial L}{\partial W_{hh}} = \sum_t \underbrace{\delta gh_t^\top h_{t-1}}_{t}
 
   (each product sums over the batch; ``h_{t-1}`` is the state the direction
   held before it processed step ``t``, i.e. ``h_{t+1}`` for the reverse one).
 
 Everything is computed by the library's own forward scan and handwritten
 reverse scan, walked layer by layer from the top: the readout and loss give the
-top layer's output cotangent (``jax.vjp`` of the readout + loss only), each
+top layer's output cotangent (``jax.grad`` of the readout + loss only), each
 layer's ``backward_scan(..., with_trace=True)`` gives its per-step quantities
 and the cotangent of its input, which is split ``[forward, backward]`` for the
 layer below. For the reverse direction the cotangents go through the same
@@ -82,7 +83,7 @@ class StepGradients(NamedTuple):
     grads: RNNParams  # dL/dparams, equal to model.loss_and_grad(method="bptt")
     dh: tuple[tuple[jax.Array, ...], ...]  # [layer][direction] (T, B, H): total dL/dh_t
     dx: tuple[jax.Array, ...]  # [layer] (T, B, D_l): dL/d(input of the layer at t)
-    dparams: tuple[tuple[CellParams, ...], ...]  # [layer][direction]: leaves (T, ...), sum_t = grads
+    dparams: tuple[tuple[CellParams, ...], ...]  # [layer][direction]: leaves (T, ...); sum_t: grads
 
 
 class _LayerWalk(NamedTuple):

@@ -24,6 +24,8 @@ def tree_max_rel_error(actual, expected) -> float:
         assert a.dtype == e.dtype, f"dtypes differ: {a.dtype} vs {e.dtype}"
         if a.size == 0:
             continue
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(e))):
+            return float("inf")  # NaN/inf never passes (max() would silently drop a NaN)
         scale = float(np.max(np.abs(e)))
         err = float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64))))
         worst = max(worst, err / scale if scale > 0 else err)
