@@ -13,7 +13,9 @@ from jaxrnn.losses import half_sse, mse, xent
 from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
 from jaxrnn.scan import BackwardTrace, ForwardTrace, backward_scan, forward_scan, layer
 from jaxrnn.checkpoint import Checkpointer, CheckpointState
+from jaxrnn.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
 from jaxrnn.generate import sample
+from jaxrnn.rtrl import rtrl_loss_and_grad
 from jaxrnn.tasks import ADDING_BASELINE, TASKS, Batch, bits_per_char, make_task, reference_example
 from jaxrnn.train import fit, make_optimizer, make_tbptt_step, make_train_step
 
@@ -51,5 +53,9 @@ __all__ = [
     "Checkpointer",
     "CheckpointState",
     "sample",
+    "gradient_diagnostics",
+    "step_gradients",
+    "Diagnostics",
+    "rtrl_loss_and_grad",
     "__version__",
 ]
