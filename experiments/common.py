@@ -1,0 +1,110 @@
+"""What every experiment script shares: its command line, its output files, its figure style.
+
+Each experiment is one script with its settings in a frozen dataclass ``Settings``
+and a ``QUICK`` instance (seconds, run by the tests); ``main(argv)`` here parses
+
+    python experiments/NAME.py [--quick] [--out DIR] [--no-progress]
+
+runs ``run(settings, out, progress) -> dict`` and writes ``DIR/NAME.json`` (the
+settings, the environment and the results). Figures are written by the script
+itself as ``DIR/*.png``. Scripts import this module as ``common`` (Python puts the
+script's folder first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries an experiment's numbers depend on, and the CPU."""
+    out = {"python": platform.python_version(), "machine": platform.machine(),
+           "cpus": str(os.cpu_count())}
+    for dist in ("jax", "jaxlib", "optax", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples, numpy / jax scalars and arrays -> plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy / jax arrays and scalars
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN is not JSON
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Writes ``obj`` as JSON atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def parse_args(name: str, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"experiments/{name}.py", description=(doc or "").strip().split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings that finish in seconds (what the tests run)")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default: runs/{name}-quick or docs/experiments/{name})")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser.parse_args(argv)
+
+
+def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,
+         run: Callable[[Any, Path, bool], dict], argv: list[str] | None = None) -> int:
+    """The command line of an experiment script: parse, run, write ``OUT/NAME.json``.
+
+    Args:
+        name: the script's name (the JSON file's and the default folder's).
+        doc: the script's docstring (its first line is the ``--help`` description).
+        settings_full, settings_quick: the two ``Settings`` instances.
+        run: ``run(settings, out_dir, progress) -> results`` (JSON-ready), writing
+            its own figures under ``out_dir``.
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 for a bad ``--out`` (a file, not a folder).
+    """
+    args = parse_args(name, doc, argv)
+    settings = settings_quick if args.quick else settings_full
+    out = Path(args.out if args.out else
+               (f"runs/{name}-quick" if args.quick else f"docs/experiments/{name}"))
+    if out.exists() and not out.is_dir():
+        print(f"experiments/{name}.py: error: --out {out} is a file, not a directory",
+              file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = run(settings, out, not args.no_progress)
+    record = {"experiment": name, "quick": bool(args.quick), "settings": settings,
+              "environment": versions(), "wall_s": time.perf_counter() - t0,
+              "results": results}
+    path = write_json(out / f"{name}.json", record)
+    print(f"wrote {path} and the figures in {out}/ ({record['wall_s']:.0f} s)")
+    return 0

@@ -1,0 +1,39 @@
+"""experiments/profile_step.py in its quick mode: it runs, and its grouping is sound."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_step_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "experiments/profile_step.py", "--quick", "--out",
+                           str(tmp_path), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "profile_step.json").read_text())
+    rows = {r["method"]: r for r in record["results"]["rows"]}
+    assert set(rows) == {"bptt", "autodiff"}
+    for r in rows.values():
+        groups = r["groups_ms"]
+        assert set(groups) == {"loop products", "loop elementwise", "big products", "other"}
+        assert abs(sum(groups.values()) - r["ops_ms"]) < 1e-6 * max(1.0, r["ops_ms"])
+        assert groups["loop products"] > 0 and groups["big products"] > 0
+        assert r["wall_ms"] > 0
+    # The handwritten backward keeps one product per step in each loop (forward and
+    # reverse scan); jax.grad also accumulates the weight gradients inside its loop.
+    assert len(rows["bptt"]["loop_products"]) == 2
+    assert len(rows["autodiff"]["loop_products"]) > 2
+    assert (tmp_path / "profile_step.png").stat().st_size > 1000
+    assert "| lstm | 20 | 4 | 16 | bptt |" in (tmp_path / "profile_step.md").read_text()
+
+
+def test_profile_step_rejects_a_file_as_out(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    proc = subprocess.run([sys.executable, "experiments/profile_step.py", "--quick", "--out",
+                           str(f)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
