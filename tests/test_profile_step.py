@@ -37,3 +37,30 @@ def test_profile_step_rejects_a_file_as_out(tmp_path):
                            str(f)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _xla_flags_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        spec = importlib.util.spec_from_file_location("xla_flags", ROOT / "experiments/xla_flags.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["xla_flags"] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    return mod
+
+
+def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
+    mod = _xla_flags_module()
+    good = mod.sweep_one("", mod.QUICK)
+    assert good["status"] == "ok", good
+    (row,) = good["rows"]
+    assert (row["cell"], row["T"]) == ("lstm", 10)
+    assert row["bptt_ms"] > 0 and row["autodiff_ms"] > 0 and row["floor_ms"] > 0
+    bad = mod.sweep_one("--xla_cpu_no_such_flag=1", mod.QUICK)
+    assert bad["status"].startswith("failed")
+    table = mod.markdown([good, bad])
+    assert "| (defaults) |" in table and "failed" in table
