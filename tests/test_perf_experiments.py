@@ -1,4 +1,4 @@
-"""experiments/profile_step.py in its quick mode: it runs, and its grouping is sound."""
+"""The performance experiments (profile_step, xla_flags, lean_bptt) in their quick modes."""
 
 import json
 import subprocess
@@ -64,3 +64,19 @@ def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
     assert bad["status"].startswith("failed")
     table = mod.markdown([good, bad])
     assert "| (defaults) |" in table and "failed" in table
+
+
+def test_lean_bptt_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "experiments/lean_bptt.py", "--quick", "--out",
+                           str(tmp_path), "--no-progress"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "lean_bptt.json").read_text())
+    rows = {r["cell"]: r for r in record["results"]["rows"]}
+    assert set(rows) == {"lstm", "elman"}
+    for r in rows.values():
+        assert 0 < r["temp_ratio"] < 1  # storing every k-th carry needs less memory
+    lstm = rows["lstm"]
+    assert lstm["same_loss_and_grad_norm"] is True
+    assert lstm["time_ratio"] > 0
+    assert "| lstm |" in (tmp_path / "lean_bptt.md").read_text()
