@@ -129,14 +129,15 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     """``sum_t dg_t^T a_t`` for ``dg (T, B, G)``, ``a (T, B, K)``: one (G, K) product.
 
-    Computed as ``(a^T dg)^T`` over the ``T*B`` rows: XLA:CPU's matrix product
+    Computed as ``(a^T dg)^T``, contracting the ``T*B`` rows: XLA:CPU's matrix product
     wants its left operand contracted along rows, so this transposes the narrow
     ``a`` (K columns) instead of the wide ``dg`` (G = gates*H columns); the
     profile of an LSTM step at T=100, B=128, H=512 showed the transposed copy of
     ``dg`` costing a quarter of the weight-gradient product.
     """
-    rows = dg.shape[0] * dg.shape[1]
-    return (a.reshape(rows, a.shape[-1]).T @ dg.reshape(rows, dg.shape[-1])).T
+    # Contract over (t, b) directly, without merging the two axes: a reshape would
+    # make XLA gather a batch sharded over devices (tests/test_sharding.py).
+    return jax.lax.dot_general(a, dg, (((0, 1), (0, 1)), ((), ()))).T
 
 
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
