@@ -61,6 +61,7 @@ def write_json(path: Path, obj: Any) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(to_jsonable(obj), f, indent=1)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
     os.replace(tmp, path)
     return path
 

@@ -87,9 +87,9 @@ def cmd_explain(args) -> int:
 # --- train -------------------------------------------------------------------
 
 RUN_OPTIONS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout", "method",
-               "optimizer", "lr", "schedule", "warmup", "clip", "batch", "seq_len", "k1", "k2",
-               "steps", "seed", "devices", "log_every", "eval_every", "checkpoint_every",
-               "target_loss")
+               "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
+               "seq_len", "k1", "k2", "steps", "seed", "devices", "log_every", "eval_every",
+               "checkpoint_every", "target_loss")
 
 
 def _default_out(task: str) -> Path:
@@ -203,12 +203,17 @@ def cmd_gradcheck(args) -> int:
     print(format_results(results))
     bad = [i for i, r in enumerate(results) if not r.ok]
     worst = max(r.bptt_vs_autodiff for r in results)
+    rtrl_errs = [r.rtrl_vs_autodiff for r in results if r.rtrl_vs_autodiff is not None]
     if bad:
         print(f"MISMATCH in {len(bad)} of {len(results)} configurations: {bad} "
-              f"(tolerances: bptt vs autodiff {BPTT_TOL:g}, finite differences {FD_TOL:g})")
+              f"(tolerances: bptt and rtrl vs autodiff {BPTT_TOL:g}, finite differences "
+              f"{FD_TOL:g})")
         return 1
+    rtrl_msg = (f"; rtrl vs autodiff {max(rtrl_errs):.1e} in the {len(rtrl_errs)} "
+                f"one-layer elman configuration(s)" if rtrl_errs else "")
     print(f"all {len(results)} configurations agree: max relative error bptt vs autodiff "
-          f"{worst:.1e} (tolerance {BPTT_TOL:g}), finite differences within {FD_TOL:g}")
+          f"{worst:.1e}{rtrl_msg} (tolerance {BPTT_TOL:g}), finite differences within "
+          f"{FD_TOL:g}")
     return 0
 
 
@@ -257,8 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers")
     t.add_argument("--bidirectional", action="store_true", default=None)
     t.add_argument("--dropout", type=float, default=None, help="dropout between layers")
-    t.add_argument("--method", choices=["bptt", "autodiff"], default=None,
-                   help="gradient: handwritten BPTT or jax.grad (default bptt)")
+    t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
+                   help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
+                        "learning (rtrl: one-layer elman only) (default bptt)")
+    t.add_argument("--diagnostics", action="store_true", default=None,
+                   help="log per-step gradient norms (dh_first/dh_last/dh_ratio per layer) "
+                        "in metrics.jsonl; --method bptt, full BPTT only")
     t.add_argument("--optimizer", default=None, help="any optax optimizer name (default adam)")
     t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup-cosine"], default=None,
@@ -306,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcheck", help="check bptt against jax.grad and finite differences",
                        description="Draws random configurations and compares the handwritten "
                                    "BPTT gradient with jax.grad and with central finite "
-                                   "differences in float64. Exit status 1 on a mismatch.")
+                                   "differences in float64, and RTRL with jax.grad where it "
+                                   "applies (one-layer, one-direction elman). Exit status 1 "
+                                   "on a mismatch.")
     g.add_argument("--cell", action="append", choices=["elman", "lstm", "gru"], default=None,
                    help="cell(s) to check; repeat for several (default: all three)")
     g.add_argument("--trials", type=_positive_int, default=12,

@@ -6,10 +6,14 @@ parameters, the inputs and the initial state is computed three ways:
 * ``bptt``: ``jax.grad`` through the ``custom_vjp`` layers (the handwritten reverse scan);
 * ``autodiff``: ``jax.grad`` through the plain forward ``lax.scan``;
 * finite differences: the central difference of the loss along a random
-  direction ``v``, compared with ``<grad, v>`` for both methods.
+  direction ``v``, compared with ``<grad, v>`` for both methods;
+* ``rtrl``, where the configuration allows it (one layer, one direction,
+  ``cell="elman"``): real-time recurrent learning, forward in time
+  (``jaxrnn.rtrl``), for the parameters and the initial state (RTRL gives no
+  input gradient), compared with ``autodiff``.
 
-``bptt`` and ``autodiff`` are equal in exact arithmetic, so their float64
-relative difference should be at rounding level (<= 1e-10); the finite
+``bptt``, ``autodiff`` and ``rtrl`` are equal in exact arithmetic, so their
+float64 relative differences should be at rounding level (<= 1e-10); the finite
 difference has truncation error (<= 1e-6 passes).
 """
 
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrnn import rtrl
 from jaxrnn.model import RNN, loss_fn
 
 BPTT_TOL = 1e-10
@@ -61,11 +66,13 @@ class CheckResult(NamedTuple):
     bptt_vs_autodiff: float  # max over all gradient leaves of max|a - b| / max|b|
     bptt_vs_fd: float  # |<g_bptt, v> - fd| / max(|fd|, tiny)
     autodiff_vs_fd: float
+    rtrl_vs_autodiff: float | None = None  # params and state gradients; None: not supported
 
     @property
     def ok(self) -> bool:
         return (self.bptt_vs_autodiff <= BPTT_TOL and self.bptt_vs_fd <= FD_TOL
-                and self.autodiff_vs_fd <= FD_TOL)
+                and self.autodiff_vs_fd <= FD_TOL
+                and (self.rtrl_vs_autodiff is None or self.rtrl_vs_autodiff <= BPTT_TOL))
 
 
 def tree_rel_error(a, b) -> float:
@@ -138,8 +145,27 @@ def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckRe
         dot = lambda g: float(sum(jnp.vdot(a, b) for a, b in  # noqa: E731
                                   zip(jax.tree.leaves(g), jax.tree.leaves(v))))
         denom = max(abs(fd), 1e-12)
+        rva = None
+        if rtrl_supported(cfg):
+            out = rtrl.rtrl_loss_and_grad(model, params, xs, targets, cfg.loss, state, lengths,
+                                          state_grad=state is not None)
+            ad = grads["autodiff"]
+            if state is None:
+                rva = tree_rel_error(out[1], ad[0])
+            else:
+                rva = tree_rel_error((out[1], out[2]), (ad[0], ad[2]))
         return CheckResult(cfg, bva, abs(dot(grads["bptt"]) - fd) / denom,
-                           abs(dot(grads["autodiff"]) - fd) / denom)
+                           abs(dot(grads["autodiff"]) - fd) / denom, rva)
+
+
+def rtrl_supported(cfg: CheckConfig) -> bool:
+    """Whether ``method="rtrl"`` handles ``cfg``: one-layer, one-direction Elman, within
+    ``rtrl.MAX_SENSITIVITY_ELEMENTS``."""
+    try:
+        rtrl.check_model(cfg.model(), cfg.batch, state_grad=cfg.with_state)
+    except ValueError:
+        return False
+    return True
 
 
 def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
@@ -200,10 +226,10 @@ def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
 
 
 def format_results(results: list[CheckResult]) -> str:
-    """A markdown table of the results, one row per configuration."""
+    """A markdown table of the results, one row per configuration ("-": rtrl not supported)."""
     head = ("| # | cell | nonlin | L | dirs | bias | T | B | D | H | O | loss | state | lengths "
-            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | result |")
-    sep = "|" + "---|" * 18
+            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | rtrl vs autodiff | result |")
+    sep = "|" + "---|" * 19
     rows = [head, sep]
     for i, r in enumerate(results):
         c = r.config
@@ -213,5 +239,6 @@ def format_results(results: list[CheckResult]) -> str:
             f"{c.batch} | {c.input_size} | {c.hidden_size} | {c.output_size} | {c.loss} | "
             f"{'y' if c.with_state else 'n'} | {'y' if c.with_lengths else 'n'} | "
             f"{r.bptt_vs_autodiff:.1e} | {r.bptt_vs_fd:.1e} | {r.autodiff_vs_fd:.1e} | "
+            f"{'-' if r.rtrl_vs_autodiff is None else f'{r.rtrl_vs_autodiff:.1e}'} | "
             f"{'ok' if r.ok else 'MISMATCH'} |")
     return "\n".join(rows)

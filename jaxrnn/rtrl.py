@@ -76,8 +76,21 @@ def sensitivity_size(batch: int, input_size: int, hidden_size: int, bias: bool =
     return B * H * n + (B * H * H if state_grad else 0)
 
 
-def _check_model(model, batch: int, state_grad: bool, max_elements: int) -> None:
-    """The configurations RTRL supports, and its size limit."""
+def check_model(model, batch: int | None = None, state_grad: bool = False,
+                max_elements: int = MAX_SENSITIVITY_ELEMENTS) -> None:
+    """Checks that RTRL supports ``model`` (and, given ``batch``, its size limit).
+
+    Args:
+        model: an ``RNN``.
+        batch: B; None checks the cell, layers and directions only.
+        state_grad: the initial state's sensitivity is carried too.
+        max_elements: the limit on the sensitivities' elements.
+
+    Raises:
+        ValueError: another cell, ``num_layers`` > 1, ``bidirectional``, or (with
+            ``batch``) sensitivities above ``max_elements``; the message says why and
+            suggests ``method='bptt'``.
+    """
     if model.cell != "elman":
         raise ValueError(f"method='rtrl' supports cell='elman' only, got cell={model.cell!r}; "
                          f"use method='bptt'")
@@ -87,6 +100,8 @@ def _check_model(model, batch: int, state_grad: bool, max_elements: int) -> None
     if model.bidirectional:
         raise ValueError("method='rtrl' runs forward in time: bidirectional=True is not "
                          "supported; use method='bptt'")
+    if batch is None:
+        return
     n = sensitivity_size(batch, model.input_size, model.hidden_size, model.bias, state_grad)
     if n > max_elements:
         raise ValueError(
@@ -253,7 +268,7 @@ def rtrl_loss_and_grad(model, params, xs: jax.Array, targets: jax.Array,
         TypeError: bad dtypes, as ``model.loss_and_grad``.
     """
     xs, state, lengths = model.check_inputs(params, xs, state, lengths)
-    _check_model(model, xs.shape[1], state_grad, max_elements)
+    check_model(model, xs.shape[1], state_grad, max_elements)
     targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss)
     losses_lib.get_loss(loss)
     if last_only and lengths is not None:

@@ -4,9 +4,10 @@
 
 * ``out/config.json``: the run's ``RunConfig`` (and library versions);
 * ``out/metrics.jsonl``: one JSON object per logged step (``step``, ``loss``,
-  ``grad_norm``, ``steps_per_s``, and at evaluation steps ``eval_loss`` and, for
-  ``charlm``, ``eval_bpc``); a resumed run drops the rows after its checkpoint
-  and appends;
+  ``grad_norm``, ``steps_per_s``, with ``diagnostics`` the per-step gradient
+  summary ``dh_first_l0``, ``dh_last_l0``, ``dh_ratio_l0``, ... (null where not
+  finite), and at evaluation steps ``eval_loss`` and, for ``charlm``,
+  ``eval_bpc``); a resumed run drops the rows after its checkpoint and appends;
 * ``out/checkpoints/``: orbax checkpoints (params, optimizer state, step, data
   position, key) every ``checkpoint_every`` steps and at the end;
 * ``out/curves.png``: the learning curves; ``out/samples.txt`` for ``charlm``.
@@ -35,15 +36,16 @@ import numpy as np
 import optax
 
 from jaxrnn import checkpoint as ckpt
-from jaxrnn import sharding
+from jaxrnn import rtrl, sharding
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
-from jaxrnn.train import make_optimizer, make_tbptt_step, make_train_step
+from jaxrnn.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 
 # The fields that define the model and its data: a checkpoint is resumable only
-# under the same values.
+# under the same values. (The gradient method and ``diagnostics`` are not among
+# them: they change how a step is computed or logged, not what is trained.)
 MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
                 "batch", "seq_len", "seed", "dtype")
 
@@ -67,7 +69,8 @@ class RunConfig:
     layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
-    method: str = "bptt"
+    method: str = "bptt"  # "bptt", "autodiff" or "rtrl"
+    diagnostics: bool = False  # log per-step gradient norms (method "bptt", full BPTT only)
     optimizer: str = "adam"
     lr: float = 1e-3
     schedule: str = "constant"
@@ -149,6 +152,23 @@ def validate(cfg: RunConfig) -> None:
             raise RunError(f"--k1 must be an integer >= 1, got {cfg.k1}")
         if cfg.k2 is not None and cfg.k2 < cfg.k1:
             raise RunError(f"--k2 must be >= --k1 = {cfg.k1}, got {cfg.k2}")
+    if cfg.method not in TRAIN_METHODS:
+        raise RunError(f"--method must be one of {TRAIN_METHODS}, got {cfg.method!r}")
+    if cfg.method == "rtrl":
+        if cfg.k1 is not None:
+            raise RunError("--method rtrl computes each sequence's gradient forward in time; "
+                           "truncated BPTT (--k1/--k2) is not supported with it")
+        if cfg.cell != "elman" or cfg.layers != 1 or cfg.bidirectional:
+            got = f"--cell {cfg.cell} --layers {cfg.layers}" + (
+                " --bidirectional" if cfg.bidirectional else "")
+            raise RunError(f"--method rtrl supports one-layer, one-direction --cell elman "
+                           f"models only, got {got}; use --method bptt")
+    if cfg.diagnostics:
+        if cfg.method != "bptt":
+            raise RunError(f"--diagnostics reads the handwritten reverse scan: it needs "
+                           f"--method bptt, got --method {cfg.method}")
+        if cfg.k1 is not None:
+            raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
     if cfg.devices is not None and cfg.devices < 1:
         raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
     if cfg.reference_model and cfg.task != "example":
@@ -230,9 +250,11 @@ def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
         raise RunError(f"--resume: the checkpoint in {out} is of another model: "
                        + "; ".join(conflicts))
     changes = {k: given[k] for k in ("steps", "log_every", "eval_every", "checkpoint_every",
-                                     "target_loss", "devices")
+                                     "target_loss", "devices", "diagnostics")
                if given.get(k) is not None}
-    return dataclasses.replace(saved, **changes)
+    cfg = dataclasses.replace(saved, **changes)
+    validate(cfg)  # e.g. --diagnostics given to a run of another method
+    return cfg
 
 
 class _Stop:
@@ -323,6 +345,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                        f"{cfg.task!r} scores only the last step")
     if cfg.k1 is not None and cfg.k1 > cfg.seq_len:
         raise RunError(f"--k1 ({cfg.k1}) must be <= --seq-len ({cfg.seq_len})")
+    if cfg.method == "rtrl":
+        try:
+            rtrl.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
+        except ValueError as e:
+            raise RunError(str(e).replace("hidden_size or batch", "--hidden or --batch")
+                           .replace("method='bptt'", "--method bptt")) from None
 
     sample_batch = task.batch(0)
     n_dev = sharding.choose_devices(cfg.devices, sample_batch.xs.shape[1])
@@ -330,11 +358,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     if cfg.k1 is None:
         if mesh is None:
             step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
-                                      last_only=task.last_step_only)
+                                      last_only=task.last_step_only,
+                                      diagnostics=cfg.diagnostics)
         else:
             step_fn = sharding.make_sharded_train_step(
                 model, optimizer, mesh, loss=task.loss, method=cfg.method,
-                last_only=task.last_step_only)
+                last_only=task.last_step_only, diagnostics=cfg.diagnostics)
     else:
         step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
                                   method=cfg.method)
@@ -413,6 +442,9 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                            "steps_per_s": (cfg.log_every / (now - t_log)) if step > start + 1
                            else None}
                     t_log = now
+                    for k in sorted(set(m) - {"loss", "grad_norm", "updates"}):
+                        v = float(m[k])  # the diagnostics' scalars
+                        row[k] = v if math.isfinite(v) else None  # NaN is not JSON
                     if evaluated:
                         ev = float(eval_loss(params, eval_batch))
                         row["eval_loss"] = ev

@@ -207,7 +207,8 @@ def replicate(tree, mesh: Mesh):
 
 def make_sharded_train_step(model: RNN, optimizer: optax.GradientTransformation, mesh: Mesh,
                             loss: str = "half_sse", method: str = "bptt",
-                            donate: bool = True, last_only: bool = False) -> StepFn:
+                            donate: bool = True, last_only: bool = False,
+                            diagnostics: bool = False) -> StepFn:
     """``train.make_train_step``'s step, compiled for data parallelism over ``mesh``.
 
     Args:
@@ -215,9 +216,11 @@ def make_sharded_train_step(model: RNN, optimizer: optax.GradientTransformation,
         optimizer: any optax ``GradientTransformation``.
         mesh: from ``make_mesh``.
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
-        method: ``"bptt"`` or ``"autodiff"``.
+        method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"`` (as in ``make_train_step``).
         donate: donate the ``params`` and ``opt_state`` buffers.
         last_only: score only the last step (as in ``make_train_step``).
+        diagnostics: add the per-step gradient diagnostics' summary to the metrics
+            (as in ``make_train_step``).
 
     Returns:
         ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
@@ -233,7 +236,7 @@ def make_sharded_train_step(model: RNN, optimizer: optax.GradientTransformation,
     """
     n = _mesh_size(mesh)
     inner = make_train_step(model, optimizer, loss=loss, method=method, donate=False,
-                            last_only=last_only)
+                            last_only=last_only, diagnostics=diagnostics)
     replicated = replicated_sharding(mesh)
 
     def step(params, opt_state, batch: Batch, key: jax.Array | None = None):

@@ -1,9 +1,13 @@
 """Training: a pure, jit-compiled optax train step and a small loop around it.
 
 The step is ``(params, opt_state, batch) -> (params, opt_state, metrics)``; the
-gradient comes from ``method="bptt"`` (handwritten reverse scan) or
-``method="autodiff"`` (``jax.grad``). Clipping, schedules and the like belong in
-the optax chain (``make_optimizer``), never inside the gradient.
+gradient comes from ``method="bptt"`` (handwritten reverse scan),
+``method="autodiff"`` (``jax.grad``) or ``method="rtrl"`` (real-time recurrent
+learning, forward in time; single-layer one-direction Elman models only). With
+``diagnostics=True`` the ``bptt`` step reads per-step gradient norms off the same
+reverse scan (``jaxrnn.diagnostics``) and logs their summary. Clipping,
+schedules and the like belong in the optax chain (``make_optimizer``), never
+inside the gradient.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxrnn import losses as losses_lib
+from jaxrnn import rtrl
+from jaxrnn.diagnostics import gradient_diagnostics, summary
 from jaxrnn.model import RNN, RNNParams, loss_fn
 from jaxrnn.scan import METHODS
 from jaxrnn.tasks import Batch
 
 StepFn = Callable[[RNNParams, optax.OptState, Batch], tuple]
+
+# The gradient methods of ``make_train_step``: the per-layer methods of the scan,
+# plus RTRL, which computes the whole loss's gradient at once.
+TRAIN_METHODS = METHODS + ("rtrl",)
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = None,
@@ -58,36 +68,70 @@ def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = No
 
 def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
                     loss: str = "half_sse", method: str = "bptt",
-                    donate: bool = True, last_only: bool = False) -> StepFn:
+                    donate: bool = True, last_only: bool = False,
+                    diagnostics: bool = False) -> StepFn:
     """A jit-compiled, pure train step.
 
     Args:
         model: the ``RNN``.
         optimizer: any optax ``GradientTransformation``.
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
-        method: ``"bptt"`` or ``"autodiff"``.
+        method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"`` (real-time recurrent
+            learning: ``cell="elman"``, ``num_layers=1``, one direction; its
+            sensitivities take ``B H (H D + H^2 + H)`` elements, see ``jaxrnn.rtrl``).
         donate: donate the ``params`` and ``opt_state`` buffers (the caller must
             not reuse the arrays it passed in).
         last_only: score only the last step (``ys[-1:]`` against ``targets[-1:]``).
+        diagnostics: also log per-step gradient diagnostics: the loss and gradient
+            come from ``diagnostics.gradient_diagnostics`` (the same handwritten
+            reverse scan as ``method="bptt"``, so no second backward pass), and
+            ``metrics`` gains its ``diagnostics.summary``: ``dh_first_l{l}``,
+            ``dh_last_l{l}``, ``dh_ratio_l{l}`` (``_reverse`` for the second
+            direction). Needs ``method="bptt"``.
 
     Returns:
         ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
         where ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``,
         ``lengths``), ``key`` an optional PRNG key for dropout between layers, and
-        ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping).
+        ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping), plus the
+        diagnostics' scalars with ``diagnostics=True``.
+
+    Raises:
+        ValueError: an unknown ``loss`` or ``method``; ``diagnostics`` with a method
+            other than ``"bptt"``; ``method="rtrl"`` for a model it does not support
+            (and, when the step is first called, a batch too large for it).
     """
     losses_lib.get_loss(loss)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    if diagnostics and method != "bptt":
+        raise ValueError(f"diagnostics=True reads the handwritten reverse scan: it needs "
+                         f"method='bptt', got method={method!r}")
+    if method == "rtrl":
+        rtrl.check_model(model)  # the cell, layers and directions; the size at trace time
+
+    def gradient(params, xs, targets, lengths, key):
+        """``(loss, grads, extra metrics)`` by the chosen method."""
+        if diagnostics:
+            diag = gradient_diagnostics(model, params, xs, targets, loss, None, lengths,
+                                        key, last_only)
+            return diag.loss, diag.grads, summary(diag)
+        if method == "rtrl":
+            # One layer: dropout (between layers) never applies, so the key is unused.
+            value, grads = rtrl.rtrl_loss_and_grad(model, params, xs, targets, loss, None,
+                                                   lengths, last_only=last_only)
+            return value, grads, {}
+        value, grads = jax.value_and_grad(loss_fn, argnums=3)(
+            model, loss, method, params, xs, targets, None, lengths, key, last_only)
+        return value, grads, {}
 
     def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
         model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
-        value, grads = jax.value_and_grad(loss_fn, argnums=3)(
-            model, loss, method, params, xs, batch.targets, None, lengths, key, last_only)
+        value, grads, extra = gradient(params, xs, batch.targets, lengths, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **extra}
         return params, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
@@ -141,9 +185,13 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
         per distinct chunk shape, a handful at most).
 
     Raises:
-        ValueError: ``k1 < 1``, ``k2 < k1``, or a batch with ``lengths``.
+        ValueError: ``k1 < 1``, ``k2 < k1``, ``method="rtrl"`` (a whole-sequence
+            method; truncation is not supported), or a batch with ``lengths``.
     """
     losses_lib.get_loss(loss)
+    if method == "rtrl":
+        raise ValueError("method='rtrl' is not supported by truncated BPTT (make_tbptt_step): "
+                         "use method='bptt' or 'autodiff', or make_train_step for rtrl")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(k1, bool) or not isinstance(k1, int) or k1 < 1:

@@ -82,7 +82,7 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
     (["--steps", "-3"], "expected an integer >= 1"),
     (["--lr", "0"], "expected a number > 0"),
     (["--task", "nosuchtask"], "invalid choice"),
-    (["--method", "rtrl"], "invalid choice"),
+    (["--method", "nosuchmethod"], "invalid choice"),
 ])
 def test_train_bad_input_exit_2(args, match, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
