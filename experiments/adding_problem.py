@@ -1,0 +1,209 @@
+"""The adding problem: Elman (tanh) vs LSTM vs GRU as the sequence grows (issue #6).
+
+Reproduces the classic long-time-lag result of Hochreiter & Schmidhuber (1997,
+"Long short-term memory", experiment 4) and Le, Jaitly & Hinton (2015, "A simple
+way to initialize recurrent networks of rectified linear units", sec. 4.1): on the
+adding problem a plain tanh RNN trained by BPTT does not get past the best constant
+answer once the two marked numbers lie far back, while an LSTM learns the sum.
+The GRU (Cho et al. 2014) is added alongside.
+
+Task (``jaxrnn.make_task("adding")``): T steps of (value ~ U(0, 1), marker); two
+markers, one in each half of the sequence; the target, asked at the last step
+only, is the sum of the two marked values. Always answering 1 scores the
+baseline MSE 1/6 = 0.167 (the variance of the target). A run counts as *solved*
+when its final held-out MSE is below ``solved_fraction`` x baseline = 0.0167,
+i.e. the model explains over 90% of the target's variance (R^2 > 0.9), far below
+anything a model that ignores the markers can reach.
+
+Every cell has the same hidden size, batch, optimizer (Adam, lr 0.01, global-norm
+clipping at 1: the settings of ``jaxrnn train --task adding``, with 32 units and
+batches of 32 to fit the time budget), PyTorch's initialisation, the same data
+stream and a fixed number of steps per length.
+
+    python experiments/adding_problem.py --quick --out /tmp/adding   # seconds (the tests)
+    python experiments/adding_problem.py    # 12 runs (4-6 min on 2 CPU cores)
+                                            # -> docs/experiments/adding_problem/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import common
+import jaxrnn
+from jaxrnn.tasks import ADDING_BASELINE
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cells: tuple[str, ...] = ("elman", "lstm", "gru")  # the recurrent cells compared
+    lengths: tuple[int, ...] = (20, 50, 100, 200)  # T, steps per sequence (one panel each)
+    steps: tuple[int, ...] = (3000, 3000, 4000, 5000)  # training steps at each length
+    hidden: int = 32  # hidden units, the same for every cell
+    batch: int = 32  # sequences per training batch
+    lr: float = 1e-2  # Adam's learning rate (constant)
+    clip: float = 1.0  # global-norm gradient clipping
+    eval_every: int = 100  # steps between held-out evaluations
+    eval_size: int = 512  # sequences in the held-out batch
+    solved_fraction: float = 0.1  # solved = final held-out MSE < this x baseline (R^2 > 0.9)
+    seed: int = 0  # data and initialisation seed (the same for every run)
+
+
+FULL = Settings()
+QUICK = Settings(lengths=(10,), steps=(200,), hidden=16, eval_every=25, eval_size=256)
+
+
+def train_one(s: Settings, cell: str, seq_len: int, steps: int) -> dict:
+    """Trains one cell at one length; returns its held-out curve and final numbers."""
+    task = jaxrnn.make_task("adding", seq_len=seq_len, batch_size=s.batch, seed=s.seed,
+                            eval_size=s.eval_size)
+    model = jaxrnn.RNN(cell=cell, input_size=task.input_size, hidden_size=s.hidden,
+                       output_size=task.output_size)
+    optimizer = jaxrnn.make_optimizer("adam", s.lr, clip=s.clip)
+    step = jaxrnn.make_train_step(model, optimizer, loss="mse", last_only=True)
+    params = model.init(jax.random.key(s.seed))
+    opt_state = optimizer.init(params)
+    eval_batch = task.eval_batch()
+
+    @jax.jit
+    def evaluate(params, xs, targets):
+        ys, _ = model.apply(params, xs)
+        return jnp.mean((ys[-1] - targets[-1]) ** 2)  # the last step is the only one scored
+
+    def held_out():
+        return float(evaluate(params, eval_batch.xs, eval_batch.targets))
+
+    eval_steps, eval_mse, train_loss = [0], [held_out()], []
+    running, diverged = [], False
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, metrics = step(params, opt_state, task.batch(i))
+        running.append(metrics["loss"])
+        if (i + 1) % s.eval_every == 0 or i + 1 == steps:
+            train_loss.append(float(np.mean(jax.device_get(running))))
+            running = []
+            eval_steps.append(i + 1)
+            eval_mse.append(held_out())
+            if not (math.isfinite(eval_mse[-1]) and math.isfinite(train_loss[-1])):
+                diverged = True  # keep the curve so far; the final MSE is NaN
+                break
+    wall = time.perf_counter() - t0
+    threshold = s.solved_fraction * ADDING_BASELINE
+    final = eval_mse[-1]
+    solved_at = next((st for st, v in zip(eval_steps, eval_mse) if v < threshold), None)
+    return {"cell": cell, "seq_len": seq_len, "steps": steps, "final_mse": final,
+            "best_mse": min(eval_mse), "solved": bool(final < threshold),
+            "first_below_threshold_step": solved_at, "diverged": diverged,
+            "eval_steps": eval_steps, "eval_mse": eval_mse, "train_loss": train_loss,
+            "wall_s": wall}
+
+
+def run(s: Settings, out: Path, progress: bool) -> dict:
+    """Trains every cell at every length; writes the curves and the summary figure."""
+    if len(s.steps) != len(s.lengths):
+        raise ValueError(f"steps {s.steps} must give one count per length {s.lengths}")
+    runs = []
+    pairs = [(T, n, cell) for T, n in zip(s.lengths, s.steps) for cell in s.cells]
+    with tqdm(pairs, desc="adding runs", disable=not progress, dynamic_ncols=True) as bar:
+        for T, n, cell in bar:
+            bar.set_postfix_str(f"{cell} T={T}")
+            runs.append(train_one(s, cell, T, n))
+            bar.set_postfix_str(f"{cell} T={T}: {runs[-1]['final_mse']:.3g}")
+
+    threshold = s.solved_fraction * ADDING_BASELINE
+    final = {c: {str(r["seq_len"]): r["final_mse"] for r in runs if r["cell"] == c}
+             for c in s.cells}
+    solved = {c: {str(r["seq_len"]): r["solved"] for r in runs if r["cell"] == c}
+              for c in s.cells}
+    print("final held-out MSE (* = solved, below %.4f):" % threshold)
+    for c in s.cells:
+        print(f"  {c:6s} " + "  ".join(
+            f"T={T}: {final[c][str(T)]:.4f}{'*' if solved[c][str(T)] else ' '}"
+            for T in s.lengths))
+    figures = [plot_curves(s, runs, out / "adding_problem_curves.png"),
+               plot_summary(s, runs, out / "adding_problem_summary.png")]
+    return {"baseline": ADDING_BASELINE, "solved_threshold": threshold, "final_mse": final,
+            "solved": solved, "runs": runs, "figures": [p.name for p in figures]}
+
+
+# --- figures --------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _threshold_lines(ax, s: Settings):
+    ax.axhline(ADDING_BASELINE, color="gray", ls="--", lw=1,
+               label=f"baseline (answer 1): {ADDING_BASELINE:.3f}")
+    ax.axhline(s.solved_fraction * ADDING_BASELINE, color="gray", ls=":", lw=1,
+               label=f"solved: < {s.solved_fraction * ADDING_BASELINE:.4f}")
+
+
+def plot_curves(s: Settings, runs: list[dict], path: Path) -> Path:
+    """Held-out MSE against training step: one panel per length, one curve per cell."""
+    plt = _plt()
+    n = len(s.lengths)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.2 * n, 6.5), 4.2), dpi=120, squeeze=False,
+                             sharey=True)
+    for ax, T in zip(axes[0], s.lengths):
+        for i, cell in enumerate(s.cells):
+            r = next(r for r in runs if r["cell"] == cell and r["seq_len"] == T)
+            ax.plot(r["eval_steps"], r["eval_mse"], color=f"C{i}", lw=1.5,
+                    label=cell + (" (diverged)" if r["diverged"] else ""))
+        _threshold_lines(ax, s)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_title(f"T = {T}")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("held-out MSE (last step)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"Adding problem: held-out MSE during training ({s.hidden} units, "
+                 f"batch {s.batch}, Adam {s.lr:g})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_summary(s: Settings, runs: list[dict], path: Path) -> Path:
+    """Final held-out MSE against the sequence length, one line per cell."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    for i, cell in enumerate(s.cells):
+        rs = [r for r in runs if r["cell"] == cell]
+        ax.plot([r["seq_len"] for r in rs], [r["final_mse"] for r in rs], "o-",
+                color=f"C{i}", label=cell)
+    _threshold_lines(ax, s)
+    ax.set_xscale("log")
+    ax.set_xticks(list(s.lengths))
+    ax.set_xticklabels([str(T) for T in s.lengths])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("final held-out MSE")
+    ax.set_title("Adding problem: final held-out MSE by cell and length\n"
+                 f"(steps per length: {', '.join(map(str, s.steps))})", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(common.main("adding_problem", __doc__, FULL, QUICK, run))

@@ -1,0 +1,155 @@
+"""The training experiments of issue #6 in their quick modes: experiments/adding_problem.py
+and experiments/truncation_length.py.
+
+Each script is run once as a subprocess (its real command line, in float32: the
+subprocess does not inherit this suite's float64 setting) and its JSON results and
+figures are checked, including one qualitative result each: a cell learns the
+short adding problem, and full BPTT learns a delay that BPTT(2, 2) cannot.
+"""
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = 1.0 / 6.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_quick(name: str, out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, f"experiments/{name}.py", "--quick", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["experiment"] == name and record["quick"] is True
+    assert record["environment"]["jax"] and record["wall_s"] > 0
+    return record
+
+
+def _assert_pngs(out: Path, names: list[str], expected: set[str]):
+    assert set(names) == expected
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, (name, len(data))
+
+
+def _finite(values) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+@pytest.fixture(scope="module")
+def adding(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adding_problem")
+    return out, _run_quick("adding_problem", out)
+
+
+@pytest.fixture(scope="module")
+def truncation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("truncation_length")
+    return out, _run_quick("truncation_length", out)
+
+
+@pytest.fixture(scope="module")
+def trunc_module():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        return importlib.import_module("truncation_length")
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+
+# --- adding problem ----------------------------------------------------------------
+
+def test_adding_runs_every_cell_and_length_with_consistent_summary(adding):
+    out, record = adding
+    s, res = record["settings"], record["results"]
+    assert res["baseline"] == pytest.approx(BASELINE)
+    assert res["solved_threshold"] == pytest.approx(s["solved_fraction"] * BASELINE)
+    runs = res["runs"]
+    assert sorted((r["cell"], r["seq_len"]) for r in runs) == sorted(
+        (c, T) for c in s["cells"] for T in s["lengths"])
+    assert set(s["cells"]) == {"elman", "lstm", "gru"}
+    for r in runs:
+        steps = s["steps"][s["lengths"].index(r["seq_len"])]
+        assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == steps
+        assert len(r["eval_mse"]) == len(r["eval_steps"]) == len(r["train_loss"]) + 1
+        assert _finite(r["eval_mse"]) and _finite(r["train_loss"]) and not r["diverged"]
+        assert all(v > 0 for v in r["eval_mse"])
+        assert r["final_mse"] == r["eval_mse"][-1] == res["final_mse"][r["cell"]][str(r["seq_len"])]
+        assert r["best_mse"] == min(r["eval_mse"])
+        assert r["solved"] == (r["final_mse"] < res["solved_threshold"])
+        assert r["solved"] == res["solved"][r["cell"]][str(r["seq_len"])]
+        # an untrained network is no better than the constant answer
+        assert r["eval_mse"][0] > 0.5 * BASELINE
+    _assert_pngs(out, res["figures"], {"adding_problem_curves.png", "adding_problem_summary.png"})
+
+
+def test_adding_some_cell_learns_the_short_problem(adding):
+    # T = 10, 200 steps: at least one cell (the GRU, in practice) gets far below the
+    # best constant answer, which needs the two marked values.
+    _, record = adding
+    runs = record["results"]["runs"]
+    best = min(runs, key=lambda r: r["final_mse"])
+    assert best["final_mse"] < 0.3 * BASELINE, [(r["cell"], r["final_mse"]) for r in runs]
+    assert best["final_mse"] < 0.5 * best["eval_mse"][0]
+
+
+# --- truncated BPTT ----------------------------------------------------------------
+
+def test_truncation_results_and_figures(truncation):
+    out, record = truncation
+    s, res = record["settings"], record["results"]
+    assert res["chance"] == 1.0
+    (d,) = s["delays"]
+    assert set(res["final_loss"]) == {f"d={d}"}
+    assert set(res["final_loss"][f"d={d}"]) == {str(k) for k in s["truncations"]} | {"full"}
+    runs = {r["k"]: r for r in res["runs"]}
+    assert set(runs) == set(s["truncations"]) | {s["seq_len"]}
+    for k, r in runs.items():
+        assert r["delay"] == d and r["full_bptt"] == (k == s["seq_len"])
+        assert r["eval_steps"][-1] == s["steps"] and len(r["eval_loss"]) == len(r["eval_steps"])
+        assert _finite(r["eval_loss"]) and _finite(r["train_loss"])
+        assert r["final_loss"] == r["eval_loss"][-1]
+        assert r["updates_per_batch"] == math.ceil(s["seq_len"] / k)
+        assert r["learned"] == (r["final_loss"] < s["learned_below"])
+        # an untrained network scores about chance (predicting ~0)
+        assert 0.8 < r["eval_loss"][0] < 1.3
+    _assert_pngs(out, res["figures"], {"truncation_length.png", "truncation_curves.png"})
+
+
+def test_full_bptt_learns_the_delay_that_truncation_below_it_cannot(truncation):
+    _, record = truncation
+    s, res = record["settings"], record["results"]
+    runs = {r["k"]: r for r in res["runs"]}
+    full, short = runs[s["seq_len"]], runs[min(s["truncations"])]
+    assert min(s["truncations"]) <= s["delays"][0]
+    assert short["gradient_reach"] == 0.0 and full["gradient_reach"] == 1.0
+    assert full["learned"] and full["final_loss"] < 0.1, full["final_loss"]
+    assert not short["learned"] and short["final_loss"] > 0.5, short["final_loss"]
+
+
+def test_gradient_reach_follows_the_truncation_windows(trunc_module):
+    reach = trunc_module.gradient_reach
+    # BPTT(k, k) reaches x[t - d] from step t iff t mod k >= d
+    for T, k, d in [(40, 2, 5), (40, 5, 5), (40, 10, 10), (40, 11, 10), (40, 15, 10),
+                    (40, 20, 10), (40, 40, 10), (12, 5, 2)]:
+        expected = sum(1 for t in range(d, T) if t % k >= d) / (T - d)
+        assert reach(T, k, d) == pytest.approx(expected), (T, k, d)
+    assert reach(40, 10, 10) == 0.0 and reach(40, 11, 10) == pytest.approx(3 / 30)
+    assert reach(40, 40, 10) == 1.0
+
+
+def test_delayed_recall_targets_are_the_delayed_inputs(trunc_module):
+    batch = trunc_module.delayed_recall(np.random.default_rng(0), 8, 20, 6)
+    xs, ys = np.asarray(batch.xs), np.asarray(batch.targets)
+    assert xs.shape == ys.shape == (20, 8, 1) and xs.dtype == np.float32
+    assert set(np.unique(xs)) == {-1.0, 1.0}
+    np.testing.assert_array_equal(ys[6:], xs[:-6])
+    np.testing.assert_array_equal(ys[:6], 0.0)
