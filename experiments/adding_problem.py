@@ -137,14 +137,6 @@ def run(s: Settings, out: Path, progress: bool) -> dict:
 
 # --- figures --------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _threshold_lines(ax, s: Settings):
     ax.axhline(ADDING_BASELINE, color="gray", ls="--", lw=1,
                label=f"baseline (answer 1): {ADDING_BASELINE:.3f}")
@@ -154,7 +146,7 @@ def _threshold_lines(ax, s: Settings):
 
 def plot_curves(s: Settings, runs: list[dict], path: Path) -> Path:
     """Held-out MSE against training step: one panel per length, one curve per cell."""
-    plt = _plt()
+    plt = common.pyplot()
     n = len(s.lengths)
     fig, axes = plt.subplots(1, n, figsize=(max(4.2 * n, 6.5), 4.2), dpi=120, squeeze=False,
                              sharey=True)
@@ -181,7 +173,7 @@ def plot_curves(s: Settings, runs: list[dict], path: Path) -> Path:
 
 def plot_summary(s: Settings, runs: list[dict], path: Path) -> Path:
     """Final held-out MSE against the sequence length, one line per cell."""
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
     for i, cell in enumerate(s.cells):
         rs = [r for r in runs if r["cell"] == cell]

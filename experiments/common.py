@@ -26,6 +26,35 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def with_spectral_radius(params, radius: float):
+    """``params`` (an ``RNNParams``) with the first layer's ``W_hh`` rescaled to spectral radius ``radius``.
+
+    Returns:
+        ``(params, sigma)``: the new parameters and the largest singular value of
+        the rescaled ``W_hh`` (Pascanu et al.'s sufficient condition for vanishing
+        gradients is sigma < 1 for tanh).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    cell = params.layers[0][0]
+    w = np.asarray(cell.w_hh, dtype=np.float64)
+    w = w * (radius / np.max(np.abs(np.linalg.eigvals(w))))
+    cell = cell._replace(w_hh=jnp.asarray(w, cell.w_hh.dtype))
+    layers = ((cell,) + tuple(params.layers[0][1:]),) + tuple(params.layers[1:])
+    return params._replace(layers=layers), float(np.linalg.norm(w, 2))
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries an experiment's numbers depend on, and the CPU."""
     out = {"python": platform.python_version(), "machine": platform.machine(),

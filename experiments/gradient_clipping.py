@@ -82,11 +82,7 @@ def configurations(s: Settings) -> list[dict]:
 
 def init_params(model: jaxrnn.RNN, seed: int, radius: float) -> jaxrnn.RNNParams:
     """PyTorch's initialisation, then W_hh rescaled to spectral radius ``radius``."""
-    params = model.init(jax.random.key(seed))
-    cell = params.layers[0][0]
-    w = np.asarray(cell.w_hh, dtype=np.float64)
-    w = w * (radius / np.max(np.abs(np.linalg.eigvals(w))))
-    return params._replace(layers=((cell._replace(w_hh=jnp.asarray(w, cell.w_hh.dtype)),),))
+    return common.with_spectral_radius(model.init(jax.random.key(seed)), radius)[0]
 
 
 @jax.jit

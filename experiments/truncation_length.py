@@ -182,17 +182,9 @@ def run(s: Settings, out: Path, progress: bool) -> dict:
 
 # --- figures --------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_final(s: Settings, runs: list[dict], path: Path) -> Path:
     """Final held-out MSE against the truncation length, one line per delay."""
-    plt = _plt()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, d in enumerate(s.delays):
         rs = [r for r in runs if r["delay"] == d]
@@ -225,7 +217,7 @@ def plot_final(s: Settings, runs: list[dict], path: Path) -> Path:
 
 def plot_curves(s: Settings, runs: list[dict], path: Path) -> Path:
     """Held-out MSE against training batches, one panel per delay, one curve per k."""
-    plt = _plt()
+    plt = common.pyplot()
     n = len(s.delays)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4), dpi=120, squeeze=False, sharey=True)
     ks = sorted({r["k"] for r in runs})

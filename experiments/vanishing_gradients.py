@@ -75,16 +75,6 @@ def configurations(s: Settings) -> list[dict]:
     return out
 
 
-def with_radius(params: jaxrnn.RNNParams, radius: float) -> tuple[jaxrnn.RNNParams, float]:
-    """The parameters with W_hh rescaled to spectral radius ``radius``; and its largest
-    singular value afterwards (Pascanu et al.'s sufficient condition for vanishing is < 1)."""
-    cell = params.layers[0][0]
-    w = np.asarray(cell.w_hh, dtype=np.float64)
-    w = w * (radius / np.max(np.abs(np.linalg.eigvals(w))))
-    cell = cell._replace(w_hh=jnp.asarray(w, cell.w_hh.dtype))
-    return params._replace(layers=((cell,),)), float(np.linalg.norm(w, 2))
-
-
 def fit_rate(distance: np.ndarray, log_norm: np.ndarray) -> float:
     """The least-squares slope of log-norm against distance: log of the per-step factor."""
     return float(np.polyfit(distance, log_norm, 1)[0])
@@ -102,7 +92,7 @@ def measure(s: Settings, config: dict, models: dict) -> dict:
     for seed in range(s.seeds):
         params = model.init(jax.random.key(seed), jnp.float64)
         if config["radius"] is not None:
-            params, sigma = with_radius(params, config["radius"])
+            params, sigma = common.with_spectral_radius(params, config["radius"])
             sigmas.append(sigma)
         rng = np.random.default_rng(seed)  # the same inputs for every configuration
         xs = jnp.asarray(config["input_scale"] * rng.standard_normal((T, B, D)))

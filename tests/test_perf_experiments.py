@@ -8,12 +8,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_profile_step_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "experiments/profile_step.py", "--quick", "--out",
-                           str(tmp_path), "--no-progress"], cwd=ROOT, capture_output=True,
+def run_quick(name: str, out: Path) -> dict:
+    """Runs ``experiments/NAME.py --quick --out OUT`` and returns its JSON record."""
+    proc = subprocess.run([sys.executable, f"experiments/{name}.py", "--quick", "--out",
+                           str(out), "--no-progress"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    record = json.loads((tmp_path / "profile_step.json").read_text())
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_profile_step_quick(tmp_path):
+    record = run_quick("profile_step", tmp_path)
     rows = {r["method"]: r for r in record["results"]["rows"]}
     assert set(rows) == {"bptt", "autodiff"}
     for r in rows.values():
@@ -67,11 +72,7 @@ def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
 
 
 def test_lean_bptt_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "experiments/lean_bptt.py", "--quick", "--out",
-                           str(tmp_path), "--no-progress"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    record = json.loads((tmp_path / "lean_bptt.json").read_text())
+    record = run_quick("lean_bptt", tmp_path)
     rows = {r["cell"]: r for r in record["results"]["rows"]}
     assert set(rows) == {"lstm", "elman"}
     for r in rows.values():
