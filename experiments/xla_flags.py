@@ -2,7 +2,7 @@
 
 ``XLA_FLAGS`` is read once, when jaxlib starts, so every setting runs in its own
 Python process. Each process times one training step of ``bptt`` and ``autodiff``
-and the sequential ``floor`` (the benchmark's contenders: ``jaxrnn/bench.py``),
+and the ``xla_chain`` program (the benchmark's contenders: ``jaxrnn/bench/``),
 interleaved round-robin, median of the repeats, at a few grid points.
 
 Commands::
@@ -67,7 +67,7 @@ for cell, T, B, H in points:
     batch = jaxrnn.Batch(jnp.asarray(rng.standard_normal((T, B, D), np.float32)),
                          jnp.asarray(rng.standard_normal((T, B, O), np.float32)))
     cs = [bench.jaxrnn_contender(model, params, batch, m, 1e-3) for m in ("bptt", "autodiff")]
-    cs += [c for c in bench.floor_contenders(model, params, batch) if c.name == "floor"]
+    cs.append(bench.xla_chain_contender(model, params, batch))
     for c in cs:  # warm up
         c.run()
     t0 = time.perf_counter()

@@ -305,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_sample)
 
-    b = sub.add_parser("bench", help="time a training step: bptt, autodiff, PyTorch, Flax",
+    b = sub.add_parser("bench", help="time a training step: bptt, autodiff, PyTorch, Flax, "
+                                     "and the product floor",
                        description="The training-step benchmark (experiments/benchmark.py); "
-                                   "arguments go to it: --quick, --out DIR, --cells, --repeats "
-                                   "(see jaxrnn bench --help).", add_help=False)
+                                   "arguments go to it: --quick, --out DIR, --cells, --grid, "
+                                   "--repeats, --floor-repeats (see jaxrnn bench --help).",
+                       add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 

@@ -89,8 +89,48 @@ def _select(m: jax.Array | None, new, old):
     return jax.tree.map(lambda a, b: jnp.where(m[:, None], a, b), new, old)
 
 
+def _loop_params(params: CellParams):
+    """``params`` as the loop body sees them: ``w_hh`` read from a row-major transpose.
+
+    XLA:CPU runs the in-loop product faster as ``h @ W`` with ``W (H, G*H)`` stored
+    row-major than as ``h @ w_hh.T`` with PyTorch's ``w_hh (G*H, H)``. So the
+    transpose is made once, before the loop, behind an ``optimization_barrier`` (XLA
+    would otherwise fold the two transposes away), and the body's ``w_hh`` is that
+    copy transposed back: XLA folds this second transpose into the product's
+    dimension numbers, so a cell's ``h @ w_hh.T`` reads the row-major copy. The cell
+    sees the values and the shape its contract documents. Measured on an LSTM
+    forward scan, B=32, H=128: 10-17 us less per step (docs/experiments/step_formulations).
+
+    Returns:
+        A function of no arguments, called inside the loop body, giving the params.
+    """
+    w_hh = getattr(params, "w_hh", None)
+    if not isinstance(w_hh, jax.Array) or w_hh.ndim != 2:
+        return lambda: params  # a recurrent weight that is not a matrix: as it is
+    w_t = jax.lax.optimization_barrier(w_hh.T)  # (H, G*H): one copy per call, not per step
+    return lambda: params._replace(w_hh=w_t.T)
+
+
+def _inplace_index(residuals, shape, dtype) -> int | None:
+    """Index of the first residual leaf shaped like one step of the input projection.
+
+    That leaf is stored over the input projection's own (T, B, G*H) buffer, whose
+    step t is dead once read: no second buffer of that size is allocated, nor
+    zero-filled as ``lax.scan`` fills every stacked output before its loop (measured:
+    a tenth of an LSTM forward scan at T=100, B=128, H=512). XLA updates the buffer
+    in place when everything that reads ``xp_t`` feeds the stored leaf, as in the
+    built-in cells; otherwise it copies it, which is correct but slower.
+    ``residuals`` holds shapes (from ``jax.eval_shape``).
+    """
+    for k, leaf in enumerate(jax.tree.leaves(residuals)):
+        if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
+            return k
+    return None
+
+
 def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-                 mask: jax.Array | None = None) -> tuple[jax.Array, Carry, ForwardTrace]:
+                 mask: jax.Array | None = None, keep_residuals: bool = True
+                 ) -> tuple[jax.Array, Carry, ForwardTrace]:
     """Runs the layer forward with ``lax.scan``.
 
     Args:
@@ -99,45 +139,82 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         xs: inputs, (T, B, D), time-major.
         carry0: initial carry, a tuple of (B, H) arrays.
         mask: optional boolean (T, B); False marks steps past a sequence's length.
+        keep_residuals: store the cell's residuals for the backward pass. False
+            (``method="autodiff"``, which saves its own) keeps only the carries.
 
     Returns:
         ``(hs, carry_T, trace)``: outputs ``hs (T, B, H)`` (zero where masked), the
         final carry (the carry at each sequence's last valid step), and the
-        ``ForwardTrace`` the backward pass needs.
+        ``ForwardTrace`` the backward pass needs. The first residual leaf shaped
+        like one step of the input projection, (B, G*H), is written over the input
+        projection's buffer (``_inplace_index``).
     """
     # The bias is added inside the loop, where it fuses into the step's elementwise
     # work, rather than to all T steps at once: that would write a second (T, B, G*H)
     # array (measured: 6% of an LSTM training step at T=100, B=128, H=512).
     xp = xs @ params.w_ih.T  # the input projection of every step, one product
     bias = input_bias(cell, params)
+    loop_params = _loop_params(params)
+    T = xs.shape[0]
 
-    def body(carry, inputs):
-        xp_t, m_t = inputs
+    def step(carry, xp_t):
         if bias is not None:
             xp_t = xp_t + bias  # W_ih x_t + b_ih (+ b_hh where folded)
-        new_carry, res = cell.step(params, carry, xp_t)
-        new_carry = _select(m_t, new_carry, carry)  # frozen past the sequence's end
-        return new_carry, (new_carry, res)
+        return cell.step(loop_params(), carry, xp_t)
 
-    carry_T, (carries, res) = jax.lax.scan(body, carry0, (xp, mask))
+    k = None
+    if keep_residuals:
+        res_shape = jax.eval_shape(step, carry0, xp[0])[1]
+        k = _inplace_index(res_shape, xp.shape[1:], xp.dtype)
+
+    def body(state, inputs):
+        carry, buf = state
+        t, m_t = inputs[0], inputs[1]
+        new_carry, res = step(carry, buf[t] if k is not None else inputs[2])
+        new_carry = _select(m_t, new_carry, carry)  # frozen past the sequence's end
+        leaves = jax.tree.leaves(res) if keep_residuals else []
+        if k is not None:
+            buf = jax.lax.dynamic_update_index_in_dim(buf, leaves[k], t, 0)  # over xp_t
+            leaves = leaves[:k] + leaves[k + 1:]
+        return (new_carry, buf), (new_carry, leaves)
+
+    ts = jnp.arange(T)
+    if k is not None:  # xp travels as the loop's buffer, read and overwritten in place
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, xp), (ts, mask))
+    else:
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, None), (ts, mask, xp))
+    residuals = ()
+    if keep_residuals:
+        treedef = jax.tree.structure(res_shape)
+        leaves = rest if k is None else rest[:k] + [buf] + rest[k:]
+        residuals = jax.tree.unflatten(treedef, leaves)
     hs = carries[0]
     if mask is not None:
         hs = jnp.where(mask[:, :, None], hs, 0)
-    return hs, carry_T, ForwardTrace(carries, res)
+    return hs, carry_T, ForwardTrace(carries, residuals)
 
 
 def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     """``sum_t dg_t^T a_t`` for ``dg (T, B, G)``, ``a (T, B, K)``: one (G, K) product.
 
-    Computed as ``(a^T dg)^T``, contracting the ``T*B`` rows: XLA:CPU's matrix product
-    wants its left operand contracted along rows, so this transposes the narrow
-    ``a`` (K columns) instead of the wide ``dg`` (G = gates*H columns); the
-    profile of an LSTM step at T=100, B=128, H=512 showed the transposed copy of
-    ``dg`` costing a quarter of the weight-gradient product.
+    Computed as ``((a^T) dg)^T`` with both transposes made explicit, each behind an
+    ``optimization_barrier``: the narrow ``a`` (K columns) is transposed into
+    ``(K, T, B)`` before the product, and the small (K, G) result after it. Left to
+    itself, XLA folds either transpose into the product's dimension numbers, and
+    XLA:CPU then runs it on its generic (Eigen) kernel instead of its fast one
+    (YNNPACK): 2.5-4.0 ms instead of 1.5 ms for dW_ih and 6.9-8.0 ms instead of 4.2 ms
+    for dW_hh of an LSTM at T=100, B=32, H=128 (docs/experiments/step_formulations).
     """
     # Contract over (t, b) directly, without merging the two axes: a reshape would
     # make XLA gather a batch sharded over devices (tests/test_sharding.py).
-    return jax.lax.dot_general(a, dg, (((0, 1), (0, 1)), ((), ()))).T
+    a_t = jax.lax.optimization_barrier(jnp.transpose(a, (2, 0, 1)))  # (K, T, B), row-major
+    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K, G)
+    return jax.lax.optimization_barrier(prod).T
+
+
+def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
+    """Whether the reverse scan writes ``dgi`` over ``dhs``: when they have one shape."""
+    return dhs.shape[-1] == params.w_ih.shape[0]
 
 
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
@@ -162,9 +239,17 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     """
     T = dhs.shape[0]
     same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
+    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
+    # read: no second (T, B, H) buffer is allocated and zero-filled. (Writing a gated
+    # cell's dgi over its residuals' buffer the same way makes XLA copy the whole
+    # buffer at every step: the residuals are read by more than what dgi depends on.)
+    in_place = _dgi_over_dhs(dhs, params)
 
-    def body(dcarry, inputs):
+    def body(state, inputs):
+        dcarry, dhs_buf = state
         t, carry, res, dh_t, m_t = inputs
+        if in_place:
+            dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
         # carry_{t-1}, read from the stored carries (no shifted copy is made)
         carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
                            for c, c0 in zip(fwd.carries, carry0))
@@ -177,17 +262,29 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
             dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
             dgh = jnp.where(m_t[:, None], dgh, 0)
-        out = (dgi,) if same else (dgi, dgh)
+        out = ()
+        if in_place:
+            dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
+        else:
+            out = (dgi,)
+        if not same:
+            out = out + (dgh,)
         if with_trace:
             out = out + (dcarry[0], dcarry_prev[0])
-        return dcarry_prev, out
+        return (dcarry_prev, dhs_buf), out
 
-    dcarry0, outs = jax.lax.scan(
-        body, tuple(dcarry_T), (jnp.arange(T), fwd.carries, fwd.residuals, dhs, mask),
+    (dcarry0, dhs_buf), outs = jax.lax.scan(
+        body, (tuple(dcarry_T), dhs if in_place else None),
+        (jnp.arange(T), fwd.carries, fwd.residuals, None if in_place else dhs, mask),
         reverse=True)
-    dgi = outs[0]
-    dgh = dgi if same else outs[1]
-    outs = outs[1:] if same else outs[2:]
+    if in_place:
+        dgi = dhs_buf
+    else:
+        dgi, outs = outs[0], outs[1:]
+    if same:
+        dgh = dgi
+    else:
+        dgh, outs = outs[0], outs[1:]
 
     # After the loop: every weight gradient is one product over all T*B rows.
     hs = fwd.carries[0]  # (T, B, H): h_t
@@ -225,7 +322,7 @@ def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     Returns:
         ``(hs (T, B, H), carry_T)``.
     """
-    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask)
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
     return hs, carry_T
 
 
@@ -270,7 +367,7 @@ def _lean_forward(cell, params, xs, carry0, mask, segment):
 
     def body(carry, inputs):
         x, m = inputs
-        hs, carry_end, _ = forward_scan(cell, params, x, carry, m)  # residuals dropped
+        hs, carry_end, _ = forward_scan(cell, params, x, carry, m, keep_residuals=False)
         return carry_end, (hs, carry)  # keep only the carry at the segment's start
 
     carry_T, (hs, starts) = jax.lax.scan(body, carry0, (xs_s, mask_s))
@@ -342,7 +439,7 @@ lean_bptt_layer.defvjp(_lean_fwd, _lean_bwd)
 def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                    mask: jax.Array | None) -> tuple[jax.Array, Carry]:
     """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
-    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask)
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
     return hs, carry_T
 
 

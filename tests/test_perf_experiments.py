@@ -64,7 +64,7 @@ def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
     assert good["status"] == "ok", good
     (row,) = good["rows"]
     assert (row["cell"], row["T"]) == ("lstm", 10)
-    assert row["bptt_ms"] > 0 and row["autodiff_ms"] > 0 and row["floor_ms"] > 0
+    assert row["bptt_ms"] > 0 and row["autodiff_ms"] > 0 and row["xla_chain_ms"] > 0
     bad = mod.sweep_one("--xla_cpu_no_such_flag=1", mod.QUICK)
     assert bad["status"].startswith("failed")
     table = mod.markdown([good, bad])
@@ -81,3 +81,20 @@ def test_lean_bptt_quick(tmp_path):
     assert lstm["same_loss_and_grad_norm"] is True
     assert lstm["time_ratio"] > 0
     assert "| lstm |" in (tmp_path / "lean_bptt.md").read_text()
+
+
+def test_step_formulations_quick(tmp_path):
+    record = run_quick("step_formulations", tmp_path)
+    rows = record["results"]["rows"]
+    assert {(r["cell"], r["variant"]) for r in rows} == {
+        (c, v) for c in ("elman", "lstm", "gru") for v in ("chosen", "head")}
+    for r in rows:
+        assert r["fwd_ms"] > 0 and r["bptt_ms"] > 0
+        # head (the formulation before issue #10) computes the same gradients
+        assert r["max_rel_diff"] < 1e-5, r
+        assert len(r["loop_ops"]) == 2 and min(r["loop_ops"]) > 0  # forward, reverse loop
+        assert r["bptt_vs_chosen"] == r["bptt_ms"] / next(
+            c["bptt_ms"] for c in rows if c["cell"] == r["cell"] and c["variant"] == "chosen")
+    table = (tmp_path / "step_formulations.md").read_text()
+    assert "| lstm | 8 | 2 | 8 | chosen |" in table and "| gru | 8 | 2 | 8 | head |" in table
+    assert (tmp_path / "step_formulations.png").stat().st_size > 1000
