@@ -25,7 +25,8 @@ before issue #10):
   ``store_tanh_c``, ``four_products`` (the LSTM's backward concatenates
   ``dc*g, dc*c, dc*i, dh*tanh(c)`` instead of multiplying two concatenations),
   ``per_gate_products`` (four (B,H)x(H,H) products instead of one (B,H)x(H,4H)),
-  ``sigmoid`` (GRU: ``jax.nn.sigmoid`` instead of the one-tanh form);
+  ``one_tanh`` (the GRU written like the LSTM: r and z in one tanh, its
+  derivatives on the whole (B, 3H) array; measured, not chosen);
 * generic scan: ``w_hh_in_loop`` (the loop reads PyTorch's ``w_hh (G*H, H)``
   transposed at every step instead of a row-major ``(H, G*H)`` copy made once),
   ``stacked_residuals`` (the residual is a stacked ``lax.scan`` output, zero-filled
@@ -180,48 +181,8 @@ class LSTMPerGate(LSTM):
 
 
 @dataclasses.dataclass(frozen=True)
-class GRUSplit(GRU):
-    """jaxrnn's GRU before issue #10: split, sigmoids, two concatenated cotangents."""
-
-    def step(self, params, carry, xp):
-        (h_prev,) = carry
-        gh = self.recurrent_preactivation(params, h_prev)
-        xr, xz, xn = _split(xp, 3)
-        hr, hz, hn = _split(gh, 3)
-        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        return ((1 - z) * n + z * h_prev,), (jnp.concatenate([r, z, n], axis=-1), hn)
-
-    def backward_step(self, params, carry_prev, carry, res, dcarry):
-        (h_prev,) = carry_prev
-        rzn, hn = res
-        r, z, n = _split(rzn, 3)
-        (dh,) = dcarry
-        dn, dz = dh * (1 - z), dh * (h_prev - n)
-        dan = dn * (1 - n * n)
-        dar, daz = dan * hn * r * (1 - r), dz * z * (1 - z)
-        dgi = jnp.concatenate([dar, daz, dan], axis=-1)
-        dgh = jnp.concatenate([dar, daz, dan * r], axis=-1)
-        return (dh * z + dgh @ params.w_hh,), dgi, dgh
-
-
-@dataclasses.dataclass(frozen=True)
-class GRUSlices(GRU):
-    """The chosen GRU with basic slices instead of ``jnp.split`` in the step."""
-
-    def step(self, params, carry, xp):
-        (h_prev,) = carry
-        H = h_prev.shape[-1]
-        gh = self.recurrent_preactivation(params, h_prev)
-        rz = 0.5 * jnp.tanh(0.5 * (xp[:, :2 * H] + gh[:, :2 * H])) + 0.5
-        r, z, hn = rz[:, :H], rz[:, H:], gh[:, 2 * H:]
-        n = jnp.tanh(xp[:, 2 * H:] + r * hn)
-        return (n + z * (h_prev - n),), (jnp.concatenate([rz, n], axis=-1), hn)
-
-
-@dataclasses.dataclass(frozen=True)
-class GRUSigmoid(GRU):
-    """The chosen GRU with ``jax.nn.sigmoid`` for r and z instead of the one-tanh form."""
+class GRUOneTanh(GRU):
+    """The GRU written like the chosen LSTM: r, z in one tanh, whole-array derivatives."""
 
     def step(self, params, carry, xp):
         (h_prev,) = carry
@@ -229,10 +190,39 @@ class GRUSigmoid(GRU):
         gh = self.recurrent_preactivation(params, h_prev)
         x_rz, xn = jnp.split(xp, [2 * H], axis=-1)
         h_rz, hn = jnp.split(gh, [2 * H], axis=-1)
-        rz = jax.nn.sigmoid(x_rz + h_rz)
+        rz = 0.5 * jnp.tanh(0.5 * (x_rz + h_rz)) + 0.5  # sigmoid = 1/2 + 1/2 tanh(./2)
         r, z = _split(rz, 2)
         n = jnp.tanh(xn + r * hn)
         return (n + z * (h_prev - n),), (jnp.concatenate([rz, n], axis=-1), hn)
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        (h_prev,) = carry_prev
+        rzn, hn = res
+        H = hn.shape[-1]
+        r, z, n = cells_lib._blocks(rzn, 3)
+        (dh,) = dcarry
+        dn, dz = dh * (1 - z), dh * (h_prev - n)
+        dan = dn * (1 - n * n)
+        scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0), H, rzn.dtype)
+        u = rzn - offset
+        dgi = jnp.concatenate([dan * hn, dz, dn], axis=-1) * (scale * scale - u * u)
+        dgh = dgi * jnp.concatenate([jnp.ones_like(rzn[..., :2 * H]), r], axis=-1)
+        return (dh * z + dgh @ params.w_hh,), dgi, dgh
+
+
+@dataclasses.dataclass(frozen=True)
+class GRUSlices(GRU):
+    """The library's GRU with basic slices instead of ``jnp.split`` in the step."""
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        H = h_prev.shape[-1]
+        gh = self.recurrent_preactivation(params, h_prev)
+        r = jax.nn.sigmoid(xp[:, :H] + gh[:, :H])
+        z = jax.nn.sigmoid(xp[:, H:2 * H] + gh[:, H:2 * H])
+        hn = gh[:, 2 * H:]
+        n = jnp.tanh(xp[:, 2 * H:] + r * hn)
+        return ((1 - z) * n + z * h_prev,), (jnp.concatenate([r, z, n], axis=-1), hn)
 
 
 # --- the generic scan's choices, each undone by swapping one helper while tracing --
@@ -253,9 +243,9 @@ CELL_VARIANTS = {
     "elman": {},
     "lstm": {"split": LSTMSplit, "slices": LSTMSlices, "store_tanh_c": LSTMStoreTanhC,
              "four_products": LSTMFourProducts, "per_gate_products": LSTMPerGate},
-    "gru": {"split": GRUSplit, "slices": GRUSlices, "sigmoid": GRUSigmoid},
+    "gru": {"one_tanh": GRUOneTanh, "slices": GRUSlices},
 }
-HEAD_CELL = {"elman": Elman, "lstm": LSTMSplit, "gru": GRUSplit}
+HEAD_CELL = {"elman": Elman, "lstm": LSTMSplit, "gru": GRU}  # the GRU's step is unchanged
 
 
 def variants_of(cell: str) -> dict[str, tuple[type, dict]]:
@@ -337,7 +327,7 @@ def _functions(cell_obj, params, xs, w_y, measures):
 
 
 def _changes_forward(name: str) -> bool:
-    return name in ("chosen", "head", "split", "slices", "per_gate_products", "sigmoid",
+    return name in ("chosen", "head", "split", "slices", "per_gate_products", "one_tanh",
                     "w_hh_in_loop", "store_tanh_c")
 
 
