@@ -472,10 +472,11 @@ def chart(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("bptt step time / chosen's (> 1: slower)")
         ax.set_title(cell)
         ax.grid(True, axis="x", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("One layer's loss + gradient (handwritten BPTT): each formulation "
                  "against the library's", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
