@@ -116,19 +116,24 @@ class LSTMSplit(LSTM):
         return (dgates @ params.w_hh, dc * f), dgates, dgates
 
 
+def _one_tanh_lstm(pre, c_prev, blocks):
+    """The chosen LSTM's step from its pre-activation ``pre (B, 4H)``, gate blocks by ``blocks``."""
+    H = c_prev.shape[-1]
+    scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
+    gates = jnp.tanh(pre * scale) * scale + offset
+    i, f, g, o = blocks(gates, 4)
+    c = f * c_prev + i * g
+    return (o * jnp.tanh(c), c), gates
+
+
 @dataclasses.dataclass(frozen=True)
 class LSTMSlices(LSTM):
     """The chosen LSTM with basic slices instead of ``jnp.split`` in the step."""
 
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
-        H = h_prev.shape[-1]
         pre = xp + self.recurrent_preactivation(params, h_prev)
-        scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
-        gates = jnp.tanh(pre * scale) * scale + offset
-        i, f, g, o = cells_lib._blocks(gates, 4)
-        c = f * c_prev + i * g
-        return (o * jnp.tanh(c), c), gates
+        return _one_tanh_lstm(pre, c_prev, cells_lib._blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +175,9 @@ class LSTMPerGate(LSTM):
 
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
-        H = h_prev.shape[-1]
         blocks = [h_prev @ w.T for w in jnp.split(params.w_hh, 4, axis=0)]
         pre = xp + jnp.concatenate(blocks, axis=-1)
-        scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
-        gates = jnp.tanh(pre * scale) * scale + offset
-        i, f, g, o = _split(gates, 4)
-        c = f * c_prev + i * g
-        return (o * jnp.tanh(c), c), gates
+        return _one_tanh_lstm(pre, c_prev, _split)
 
 
 @dataclasses.dataclass(frozen=True)
