@@ -8,7 +8,8 @@ The public API::
     loss, grads = model.loss_and_grad(params, xs, targets, method="bptt")
 """
 
-from jaxrnn.cells import GRU, LSTM, CellParams, Elman, make_cell
+from jaxrnn.cells import GRU, LSTM, Cell, CellParams, Elman, IndRNN, Outer, make_cell
+from jaxrnn.cellcheck import CellReport, check_cell
 from jaxrnn.losses import half_sse, mse, xent
 from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
 from jaxrnn.scan import BackwardTrace, ForwardTrace, backward_scan, forward_scan, layer
@@ -25,10 +26,15 @@ __all__ = [
     "RNN",
     "RNNParams",
     "ReadoutParams",
+    "Cell",
     "CellParams",
+    "Outer",
+    "check_cell",
+    "CellReport",
     "Elman",
     "LSTM",
     "GRU",
+    "IndRNN",
     "make_cell",
     "layer",
     "forward_scan",

@@ -47,16 +47,77 @@ class CellParams(NamedTuple):
     b_hh: jax.Array | None  # (G*H,), or None without bias
 
 
+class Outer(NamedTuple):
+    r"""A parameter gradient that the generic reverse scan forms after the loop.
+
+    A ``backward_step`` may return it for a parameter of shape (M, K): the
+    parameter's gradient is then :math:`\sum_t dg_t^\top a_t`, formed once, after the
+    loop, as one (M, K) product over all T*B rows (as ``dW_ih`` and ``dW_hh`` are),
+    instead of one small product per step.
+    """
+
+    dg: jax.Array  # (B, M): step t's cotangent side (zeroed by the scan where masked)
+    a: jax.Array  # (B, K): step t's input side
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """Static description of a recurrent cell (hashable: a valid static jit argument).
+    r"""A recurrent cell: the extension point of jaxrnn (subclass it for your own cell).
 
-    Subclasses define ``step`` and ``backward_step``; everything else is shared.
+    A cell is a frozen dataclass (hashable: a static ``jax.jit`` argument) whose
+    fields are its static options. Pass an instance as ``RNN(cell=MyCell(), ...)``:
+    it then goes through every path the built-in cells do (layers, directions,
+    lengths, initial states, dropout, ``bptt_segment``, ``method="bptt"`` and
+    ``"autodiff"``, training steps, diagnostics, checkpoints), and
+    ``jaxrnn.check_cell`` checks its ``backward_step`` against ``jax.vjp`` of its
+    ``step``. Shapes below: ``B`` batch, ``D`` input size, ``H`` hidden size,
+    ``G = num_gates``.
+
+    **Class attributes.** ``name`` (str); ``num_gates`` G, the number of (H,)
+    blocks of the input projection; ``carry_size``, the number of arrays in the
+    carry; ``fold_recurrent_bias``: True when ``b_hh`` enters the step only added
+    to the input projection (then the scan adds it there, and its gradient is
+    ``b_ih``'s).
+
+    **Parameters.** ``init(key, input_size, hidden_size, bias, dtype)`` returns a
+    ``NamedTuple`` with at least the fields ``w_ih (G*H, D)``, ``w_hh``,
+    ``b_ih (G*H,)`` and ``b_hh`` (either bias may be None). The default gives
+    ``CellParams`` with PyTorch's layout and initialisation, ``w_hh (G*H, H)``. A
+    cell may return its own NamedTuple with more fields (gains, peephole weights,
+    ...), or with a ``w_hh`` that is not a matrix; every array field must then get
+    its gradient from ``backward_step``'s fourth value (below).
+
+    **Forward.** The scan computes ``xp_t = x_t W_ih^T + b_ih`` (+ ``b_hh`` when
+    folded), (B, G*H), and calls ``step(params, carry, xp_t) -> (carry_t,
+    residuals_t)``. ``carry`` is a tuple of ``carry_size`` arrays whose first is the
+    output ``h (B, state_sizes(H)[0])``; ``residuals_t`` is any pytree of arrays with
+    a leading batch axis, stored for every step. ``recurrent_preactivation(params,
+    h_prev)`` gives ``h_{t-1} W_hh^T`` (+ ``b_hh`` when not folded), (B, G*H).
+
+    **Backward.** ``backward_step(params, carry_prev, carry, residuals, dcarry)``
+    receives the carry before and after step t, the step's residuals and ``dcarry``,
+    the *total* cotangent of ``carry_t`` (the loss's ``dL/dh_t`` already added to the
+    first part), and returns
+
+    * ``dcarry_prev``: the cotangent of ``carry_{t-1}``, shaped like ``carry``;
+    * ``dgi (B, G*H)``: the cotangent of ``xp_t``; the scan forms ``dW_ih``,
+      ``db_ih`` and ``dx_t`` from it, after the loop;
+    * ``dgh (B, G*H)``: the cotangent of the recurrent pre-activation; the scan
+      forms ``dW_hh = sum_t dgh_t^T h_{t-1}`` (when ``w_hh`` is a matrix) and
+      ``db_hh`` from it;
+    * optionally a fourth value, a dict ``{field: gradient of step t}`` for the
+      parameters the scan does not handle (or overrides): either an array of shape
+      ``(B,) + field.shape``, one term per example, which the scan masks and sums
+      over the batch and the steps inside the loop (small parameters: vectors), or
+      an ``Outer(dg (B, M), a (B, K))`` for an (M, K) field, formed after the loop.
+
+    The weight matrices' gradients are never formed per step: that is what keeps
+    the large products out of the loop.
     """
 
     name: ClassVar[str] = "cell"
     num_gates: ClassVar[int] = 1
-    carry_size: ClassVar[int] = 1  # number of (B, H) arrays in the carry
+    carry_size: ClassVar[int] = 1  # number of arrays in the carry
     # True when b_hh can be folded into the input projection (it enters the
     # pre-activation additively); False for the GRU's n-gate, which scales it by r.
     fold_recurrent_bias: ClassVar[bool] = True
@@ -82,14 +143,21 @@ class Cell:
         u = lambda k, shape: jax.random.uniform(k, shape, dtype, -bound, bound)  # noqa: E731
         return CellParams(
             w_ih=u(k1, (gh, input_size)),
-            w_hh=u(k2, (gh, hidden_size)),
+            w_hh=u(k2, (gh, self.state_sizes(hidden_size)[0])),
             b_ih=u(k3, (gh,)) if bias else None,
             b_hh=u(k4, (gh,)) if bias else None,
         )
 
+    def state_sizes(self, hidden_size: int) -> tuple[int, ...]:
+        """The width of each carry part: ``(H,) * carry_size`` unless a cell says otherwise.
+
+        The first is the width of the layer's output ``h``.
+        """
+        return (hidden_size,) * self.carry_size
+
     def zero_carry(self, batch: int, hidden_size: int, dtype=jnp.float32) -> Carry:
-        """The zero initial carry: a tuple of ``carry_size`` arrays of shape (B, H)."""
-        return tuple(jnp.zeros((batch, hidden_size), dtype) for _ in range(self.carry_size))
+        """The zero initial carry: ``carry_size`` arrays of shape (B, ``state_sizes(H)[k]``)."""
+        return tuple(jnp.zeros((batch, n), dtype) for n in self.state_sizes(hidden_size))
 
     def recurrent_preactivation(self, params: CellParams, h_prev: jax.Array) -> jax.Array:
         """``W_hh h_{t-1} (+ b_hh unless folded into the input projection)``, (B, G*H)."""
@@ -100,12 +168,12 @@ class Cell:
 
     def step(self, params: CellParams, carry: Carry, xp: jax.Array):
         """One step of the recurrence: ``(carry, xp_t (B, G*H)) -> (carry, residuals)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define step")
 
     def backward_step(self, params: CellParams, carry_prev: Carry, carry: Carry, res,
                       dcarry: Carry):
-        """Derivative of ``step``: ``-> (dcarry_prev, dgi (B, G*H), dgh (B, G*H))``."""
-        raise NotImplementedError
+        """Derivative of ``step``: ``-> (dcarry_prev, dgi (B, G*H), dgh (B, G*H)[, dparams])``."""
+        raise NotImplementedError(f"{type(self).__name__} must define backward_step")
 
 
 def _split(a: jax.Array, n: int) -> list[jax.Array]:
@@ -208,9 +276,19 @@ class LSTM(Cell):
     :math:`\sigma' = \tfrac14 - (\sigma - \tfrac12)^2` and :math:`\tanh' = 1 - g^2`.
     """
 
+    forget_bias: float = 0.0  # added to the forget gate's b_ih at initialisation
+
     name: ClassVar[str] = "lstm"
     num_gates: ClassVar[int] = 4
     carry_size: ClassVar[int] = 2
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        """PyTorch's initialisation, plus ``forget_bias`` on the forget block of ``b_ih``."""
+        p = super().init(key, input_size, hidden_size, bias, dtype)
+        if self.forget_bias and p.b_ih is not None:
+            H = hidden_size
+            p = p._replace(b_ih=p.b_ih.at[H:2 * H].add(self.forget_bias))  # gates i, f, g, o
+        return p
 
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
@@ -313,21 +391,132 @@ class GRU(Cell):
         return (dh_prev,), dgi, dgh
 
 
-CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU}
+@dataclasses.dataclass(frozen=True)
+class IndRNN(Cell):
+    r"""The independently recurrent network (Li et al. 2018): one recurrent weight per unit.
+
+    .. math::
+        a_t = W_{ih} x_t + b_{ih} + u \odot h_{t-1} + b_{hh}, \qquad h_t = \phi(a_t)
+
+    with a vector :math:`u` (H,) (the field ``w_hh``) and :math:`\phi \in \{\tanh,
+    \mathrm{relu}\}`: no recurrent matrix product at all. Backward, given the total
+    :math:`\partial L/\partial h_t`:
+
+    .. math::
+        \delta a_t = \frac{\partial L}{\partial h_t}\,\phi'(a_t), \qquad
+        \texttt{dh\_next} = u \odot \delta a_t, \qquad
+        \frac{\partial L}{\partial u} = \sum_t \sum_b \delta a_t \odot h_{t-1}
+
+    (the last summed by the generic reverse scan from the per-example terms that
+    ``backward_step`` returns). Initialisation: ``w_ih`` and the biases as PyTorch's
+    ``nn.RNN``, ``u ~ U(0, 1)`` (Li et al.'s choice for their long-sequence tasks, with relu).
+    """
+
+    nonlinearity: str = "tanh"
+
+    name: ClassVar[str] = "indrnn"
+    num_gates: ClassVar[int] = 1
+    carry_size: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        p = super().init(k1, input_size, hidden_size, bias, dtype)
+        return p._replace(w_hh=jax.random.uniform(k2, (hidden_size,), dtype, 0.0, 1.0))  # u (H,)
+
+    def recurrent_preactivation(self, params, h_prev):
+        return params.w_hh * h_prev  # u * h_{t-1}: elementwise, no product (b_hh is folded)
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        a = xp + self.recurrent_preactivation(params, h_prev)  # a_t = W_ih x_t + b + u h_{t-1}
+        h = jnp.tanh(a) if self.nonlinearity == "tanh" else jax.nn.relu(a)  # h_t = phi(a_t)
+        return (h,), ()
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        (h_prev,) = carry_prev
+        (h,) = carry
+        (dh,) = dcarry  # dL/dh_t: the loss's term at t plus dh_next from t+1
+        if self.nonlinearity == "tanh":
+            da = dh * (1 - h * h)  # back through tanh: tanh'(a) = 1 - h^2
+        else:
+            da = jnp.where(h > 0, dh, 0)  # back through relu: relu'(a) = [h > 0]
+        dh_next = da * params.w_hh  # dL/dh_{t-1} through a_t = ... + u h_{t-1}
+        return (dh_next,), da, da, {"w_hh": da * h_prev}  # dL/du, one term per example
 
 
-def make_cell(kind: str, nonlinearity: str = "tanh") -> Cell:
-    """Returns the cell named ``kind`` (``'elman'``, ``'lstm'`` or ``'gru'``).
+CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN}
+# cells with a forget gate (forget_bias applies) and cells with a nonlinearity option
+_FORGET_GATE = ("lstm",)
+_NONLINEARITY = ("elman", "indrnn")
+
+
+def check_cell_class(cell: Cell) -> None:
+    """Checks that ``cell`` is a usable ``Cell`` instance (class attributes, hashable).
 
     Raises:
-        ValueError: for an unknown ``kind``, or a ``nonlinearity`` other than
-            ``'tanh'`` for the gated cells.
+        ValueError: naming what is wrong.
+    """
+    if not isinstance(cell, Cell):
+        raise ValueError(f"cell must be a jaxrnn.Cell instance, got {type(cell).__name__}")
+    name = type(cell).__name__
+    for attr in ("num_gates", "carry_size"):
+        v = getattr(cell, attr)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}.{attr} must be an integer >= 1, got {v!r}")
+    if not isinstance(cell.name, str):
+        raise ValueError(f"{name}.name must be a string, got {cell.name!r}")
+    try:
+        hash(cell)
+    except TypeError as e:
+        raise ValueError(f"cell {name} must be hashable (a frozen dataclass, "
+                         f"@dataclasses.dataclass(frozen=True)): {e}") from None
+    for method in ("step", "backward_step"):
+        if getattr(type(cell), method) is getattr(Cell, method):
+            raise ValueError(f"cell {name} must define {method}")
+
+
+def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
+              forget_bias: float = 0.0, hidden_size: int | None = None,
+              bias: bool = True) -> Cell:
+    """Returns the built-in cell named ``kind`` with its options.
+
+    Args:
+        kind: a name in ``CELLS``.
+        nonlinearity: ``'tanh'`` or ``'relu'`` for ``'elman'`` and ``'indrnn'``
+            (IndRNN's default in ``RNN`` is tanh, as for Elman).
+        proj_size: ``'lstm'`` only, 0 < P < hidden_size; 0 for none.
+        forget_bias: cells with a forget gate only.
+        hidden_size, bias: the model's, to validate ``proj_size`` and ``forget_bias``.
+
+    Raises:
+        ValueError: for an unknown ``kind`` or an option the cell does not take.
     """
     if kind not in CELLS:
         raise ValueError(f"cell must be one of {sorted(CELLS)}, got {kind!r}")
-    if kind == "elman":
-        return Elman(nonlinearity)
-    if nonlinearity != "tanh":
-        raise ValueError(f"nonlinearity={nonlinearity!r} applies to the elman cell only; "
-                         f"cell={kind!r} takes nonlinearity='tanh'")
+    if nonlinearity != "tanh" and kind not in _NONLINEARITY:
+        raise ValueError(f"nonlinearity={nonlinearity!r} applies to the {' and '.join(_NONLINEARITY)}"
+                         f" cells only; cell={kind!r} takes nonlinearity='tanh'")
+    if forget_bias and kind not in _FORGET_GATE:
+        raise ValueError(f"forget_bias={forget_bias!r} applies to cells with a forget gate "
+                         f"{list(_FORGET_GATE)}; cell={kind!r} has none")
+    if forget_bias and not bias:
+        raise ValueError(f"forget_bias={forget_bias!r} needs bias=True: it initialises b_ih")
+    if proj_size:
+        if kind != "lstm":
+            raise ValueError(f"proj_size={proj_size!r} applies to cell='lstm' only, "
+                             f"got cell={kind!r}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(f"proj_size must be an integer >= 0, got {proj_size!r}")
+        if hidden_size is not None and proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size} "
+                             f"(as PyTorch), got proj_size={proj_size}")
+    if kind in _NONLINEARITY:
+        return CELLS[kind](nonlinearity)
+    if kind in _FORGET_GATE:
+        return CELLS[kind](forget_bias=float(forget_bias))
     return CELLS[kind]()

@@ -43,6 +43,36 @@ def _csv_floats(text: str) -> list[float]:
     return values
 
 
+def _cell_arg(text: str):
+    """A built-in cell's name, or ``package.module:ClassName`` of a user's Cell (an instance)."""
+    from jaxrnn.cells import CELLS
+
+    if text in CELLS:
+        return text
+    if ":" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {sorted(CELLS)} or package.module:ClassName, got {text!r}")
+    import importlib
+
+    from jaxrnn.cells import Cell
+
+    module_name, _, class_name = text.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an ImportError, or whatever the module raised on import
+        raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Cell)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must name a subclass of jaxrnn.Cell, got "
+            f"{'nothing' if cls is None else type(cls).__name__}")
+    try:
+        return cls()
+    except Exception as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot make {class_name}() with its defaults: {e}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -195,6 +225,12 @@ def cmd_gradcheck(args) -> int:
         directions=(False,) if args.no_bidirectional else (False, True),
         lengths=(False,) if args.no_lengths else (False, True), **fixed)
     key = jax.random.key(args.seed)
+    from jaxrnn.cellcheck import check_cell
+    from jaxrnn.cells import Cell
+
+    reports = [check_cell(c, seed=args.seed) for c in args.cell if isinstance(c, Cell)]
+    for rep in reports:
+        print(rep, end="\n\n")
     results = []
     from tqdm.auto import tqdm
 
@@ -204,10 +240,16 @@ def cmd_gradcheck(args) -> int:
     bad = [i for i, r in enumerate(results) if not r.ok]
     worst = max(r.bptt_vs_autodiff for r in results)
     rtrl_errs = [r.rtrl_vs_autodiff for r in results if r.rtrl_vs_autodiff is not None]
+    bad_cells = [r.cell for r in reports if not r.ok]
+    if bad_cells:
+        print(f"MISMATCH: check_cell finds the backward step of {bad_cells} wrong "
+              f"(tolerance {BPTT_TOL:g})")
     if bad:
         print(f"MISMATCH in {len(bad)} of {len(results)} configurations: {bad} "
               f"(tolerances: bptt and rtrl vs autodiff {BPTT_TOL:g}, finite differences "
               f"{FD_TOL:g})")
+        return 1
+    if bad_cells:
         return 1
     rtrl_msg = (f"; rtrl vs autodiff {max(rtrl_errs):.1e} in the {len(rtrl_errs)} "
                 f"one-layer elman configuration(s)" if rtrl_errs else "")
@@ -320,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "differences in float64, and RTRL with jax.grad where it "
                                    "applies (one-layer, one-direction elman). Exit status 1 "
                                    "on a mismatch.")
-    g.add_argument("--cell", action="append", choices=["elman", "lstm", "gru"], default=None,
-                   help="cell(s) to check; repeat for several (default: all three)")
+    g.add_argument("--cell", action="append", type=_cell_arg, default=None,
+                   help="cell(s) to check: a built-in name (elman, lstm, gru, indrnn, ...) or "
+                        "package.module:ClassName of your own jaxrnn.Cell subclass (made with "
+                        "its defaults; its step and backward step are checked first with "
+                        "check_cell); repeat for several (default: every built-in cell)")
     g.add_argument("--trials", type=_positive_int, default=12,
                    help="random configurations (default 12)")
     g.add_argument("--max-seq-len", type=_positive_int, default=30, help="largest T (default 30)")
@@ -356,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "cell", None) is None and args.command == "gradcheck":
-        args.cell = ["elman", "lstm", "gru"]
+        from jaxrnn.cells import CELLS
+
+        args.cell = list(CELLS)
     try:
         return args.func(args)
     except (ValueError, TypeError, NotImplementedError) as e:

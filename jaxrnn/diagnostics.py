@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn import losses as losses_lib
-from jaxrnn.cells import CellParams
+from jaxrnn.cells import CellParams, Outer
 from jaxrnn.model import RNN, RNNParams, reverse_sequences, sequence_mask
 from jaxrnn.scan import backward_scan, forward_scan
 
@@ -94,6 +94,7 @@ class _LayerWalk(NamedTuple):
     dgh: jax.Array  # (T, B, G*H): cotangent of the recurrent pre-activation
     x: jax.Array  # (T, B, D_l): the layer's input at t
     h_prev: jax.Array  # (T, B, H): the state this direction held before processing t
+    dextra: dict  # a cell's own per-step parameter terms (BackwardTrace.dextra)
 
 
 class _Walk(NamedTuple):
@@ -113,7 +114,7 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
     """Forward layer by layer with ``forward_scan``, then the reverse scans top-down."""
     T, B, _ = xs.shape
     cell = model.cell_fn
-    H, nd, L = model.hidden_size, model.num_directions, model.num_layers
+    H, nd, L = model.layer_output_size, model.num_directions, model.num_layers
     mask = sequence_mask(lengths, T)
     carries0 = model._carries(state, B, xs.dtype)  # one carry per (layer, direction)
     use_dropout = dropout_key is not None and model.dropout > 0
@@ -171,7 +172,8 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
             if mask is not None:
                 dh_t = jnp.where(mask[:, :, None], dh_t, 0)  # nothing past a length
             lw.append(_LayerWalk(dh=dh_t, dgi=order(bt.dgi, d), dgh=order(bt.dgh, d),
-                                 x=inputs[l], h_prev=order(h_prev, d)))
+                                 x=inputs[l], h_prev=order(h_prev, d),
+                                 dextra=jax.tree.map(lambda a: order(a, d), bt.dextra)))
             dps.append(dp)
         walks[l], dxs_per_layer[l], dlayers[l] = tuple(lw), dx, tuple(dps)
         if l > 0:
@@ -213,28 +215,45 @@ def _diagnostics(model, loss, last_only, params, xs, targets, state, lengths, dr
         dh_norm=per(lambda lw: _norms(lw.dh)),
         dx_norm=tuple(_norms(dx) for dx in w.dx),
         dw_ih_norm=per(lambda lw: _step_outer_norms(lw.dgi, lw.x)),
-        dw_hh_norm=per(lambda lw: _step_outer_norms(lw.dgh, lw.h_prev)))
+        dw_hh_norm=per(_dw_hh_norms))
+
+
+def _extra_terms(lw: _LayerWalk) -> dict:
+    """A cell's own parameters' per-step terms, (T,) + the parameter's shape each."""
+    return {f: (jnp.einsum("tbm,tbk->tmk", v.dg, v.a) if isinstance(v, Outer)
+                else v.sum(axis=1)) for f, v in lw.dextra.items()}
+
+
+def _dw_hh_norms(lw: _LayerWalk) -> jax.Array:
+    """``||step t's term of dL/dw_hh||`` (T,): ``dgh_t^T h_{t-1}``, or the cell's own term."""
+    if "w_hh" in lw.dextra:  # a recurrent weight that is not a matrix (IndRNN's u)
+        return _norms(_extra_terms(lw)["w_hh"])
+    return _step_outer_norms(lw.dgh, lw.h_prev)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _step_gradients(model, loss, last_only, params, xs, targets, state, lengths, dropout_key):
     w = _walk(model, loss, last_only, params, xs, targets, state, lengths, dropout_key)
-    bias = model.bias
 
-    def terms(lw: _LayerWalk) -> CellParams:
-        return CellParams(
-            w_ih=jnp.einsum("tbg,tbd->tgd", lw.dgi, lw.x),  # dgi_t^T x_t
-            w_hh=jnp.einsum("tbg,tbh->tgh", lw.dgh, lw.h_prev),  # dgh_t^T h_{t-1}
-            b_ih=lw.dgi.sum(axis=1) if bias else None,  # sum_b dgi_t
+    def terms(lw: _LayerWalk, p):
+        t = {"w_ih": jnp.einsum("tbg,tbd->tgd", lw.dgi, lw.x)}  # dgi_t^T x_t
+        if p.w_hh.ndim == 2:
+            t["w_hh"] = jnp.einsum("tbg,tbh->tgh", lw.dgh, lw.h_prev)  # dgh_t^T h_{t-1}
+        if p.b_ih is not None:
+            t["b_ih"] = lw.dgi.sum(axis=1)  # sum_b dgi_t
+        if p.b_hh is not None:
             # sum_b dgh_t: for Elman and LSTM dgh = dgi (b_hh is folded into the
             # input projection), for the GRU the n block differs.
-            b_hh=lw.dgh.sum(axis=1) if bias else None)
+            t["b_hh"] = lw.dgh.sum(axis=1)
+        t.update(_extra_terms(lw))  # the cell's own parameters
+        return p._replace(**t)
 
     return StepGradients(
         loss=w.loss, grads=w.grads,
         dh=tuple(tuple(lw.dh for lw in layer) for layer in w.layers),
         dx=w.dx,
-        dparams=tuple(tuple(terms(lw) for lw in layer) for layer in w.layers))
+        dparams=tuple(tuple(terms(lw, p) for lw, p in zip(layer, ps))
+                      for layer, ps in zip(w.layers, params.layers)))
 
 
 def _validate(model, params, xs, targets, loss, state, lengths, last_only):

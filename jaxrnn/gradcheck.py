@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn import rtrl
+from jaxrnn.cells import CELLS, Cell
 from jaxrnn.model import RNN, loss_fn
 
 BPTT_TOL = 1e-10
@@ -37,7 +38,7 @@ FD_TOL = 1e-6
 class CheckConfig:
     """One configuration to check."""
 
-    cell: str = "elman"
+    cell: str | Cell = "elman"  # a built-in cell's name or a Cell instance
     input_size: int = 3
     hidden_size: int = 4
     output_size: int = 2
@@ -117,11 +118,11 @@ def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckRe
             targets = jax.random.normal(kt, (T, B, cfg.output_size), f64)
         state = None
         if cfg.with_state:
-            shape = (model.num_layers * model.num_directions, B, cfg.hidden_size)
-            k1, k2 = jax.random.split(ks)
-            state = 0.5 * jax.random.normal(k1, shape, f64)
-            if model.cell_fn.carry_size == 2:
-                state = (state, 0.5 * jax.random.normal(k2, shape, f64))
+            zero = model.zero_state(B, f64)
+            parts = zero if isinstance(zero, tuple) else (zero,)
+            keys = jax.random.split(ks, len(parts))
+            parts = tuple(0.5 * jax.random.normal(k, z.shape, f64) for k, z in zip(keys, parts))
+            state = parts if isinstance(zero, tuple) else parts[0]
         lengths = jax.random.randint(kl, (B,), 1, T + 1) if cfg.with_lengths else None
         model.check_inputs(params, xs, state, lengths)
 
@@ -168,7 +169,12 @@ def rtrl_supported(cfg: CheckConfig) -> bool:
     return True
 
 
-def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
+def cell_label(cell: str | Cell) -> str:
+    """A cell's name for tables: the built-in name, or a user cell's class name."""
+    return cell if isinstance(cell, str) else type(cell).__name__
+
+
+def random_configs(n: int, seed: int = 0, cells=tuple(CELLS),
                    max_seq_len: int = 20, max_hidden: int = 8, max_layers: int = 3,
                    directions=(False, True), lengths=(False, True),
                    **fixed) -> list[CheckConfig]:
@@ -177,7 +183,7 @@ def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
     Args:
         n: how many.
         seed: numpy seed for the draw.
-        cells: cells to draw from.
+        cells: cells to draw from: built-in names or ``Cell`` instances.
         max_seq_len: T is drawn from [1, max_seq_len].
         max_hidden: H is drawn from [1, max_hidden].
         max_layers: the number of layers is drawn from [1, max_layers].
@@ -196,7 +202,7 @@ def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        cell = str(rng.choice(cells))
+        cell = cells[int(rng.integers(len(cells)))]
         drawn = dict(
             cell=cell,
             input_size=int(rng.integers(1, 6)),
@@ -206,7 +212,8 @@ def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
             bidirectional=bool(rng.choice(directions)),
             bias=bool(rng.integers(2)),
             readout_bias=bool(rng.integers(2)),
-            nonlinearity=str(rng.choice(["tanh", "relu"])) if cell == "elman" else "tanh",
+            nonlinearity=(str(rng.choice(["tanh", "relu"])) if cell in ("elman", "indrnn")
+                          else "tanh"),
             seq_len=int(rng.integers(1, max_seq_len + 1)),
             batch=int(rng.integers(1, 4)),
             loss=str(rng.choice(["half_sse", "mse", "xent"])),
@@ -214,7 +221,7 @@ def random_configs(n: int, seed: int = 0, cells=("elman", "lstm", "gru"),
             with_lengths=bool(rng.choice(lengths)),
         )
         drawn.update(fixed)
-        if drawn["cell"] != "elman":
+        if drawn["cell"] not in ("elman", "indrnn"):
             drawn["nonlinearity"] = "tanh"
         if drawn["loss"] == "xent" and drawn["output_size"] < 2:
             if "output_size" in fixed:
@@ -234,7 +241,7 @@ def format_results(results: list[CheckResult]) -> str:
     for i, r in enumerate(results):
         c = r.config
         rows.append(
-            f"| {i} | {c.cell} | {c.nonlinearity} | {c.num_layers} | "
+            f"| {i} | {cell_label(c.cell)} | {c.nonlinearity} | {c.num_layers} | "
             f"{2 if c.bidirectional else 1} | {'y' if c.bias else 'n'} | {c.seq_len} | "
             f"{c.batch} | {c.input_size} | {c.hidden_size} | {c.output_size} | {c.loss} | "
             f"{'y' if c.with_state else 'n'} | {'y' if c.with_lengths else 'n'} | "

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn import losses as losses_lib
-from jaxrnn.cells import CELLS, Carry, Cell, CellParams, make_cell
+from jaxrnn.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn.scan import METHODS, layer
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0).
@@ -83,7 +83,9 @@ class RNN:
     """A recurrent network: ``num_layers`` x directions of one cell, then a linear readout.
 
     Args:
-        cell: ``"elman"``, ``"lstm"`` or ``"gru"``.
+        cell: a built-in cell's name (``"elman"``, ``"lstm"``, ``"gru"``, ...: see
+            ``jaxrnn.cells.CELLS``) or an instance of a ``jaxrnn.Cell`` subclass, a
+            user's own cell (its options are then its own fields).
         input_size: D, features per input step.
         hidden_size: H, hidden units per layer and direction.
         output_size: O, outputs per step of the readout.
@@ -91,7 +93,11 @@ class RNN:
         bidirectional: run each layer in both directions and concatenate.
         bias: recurrent layers have ``b_ih`` and ``b_hh``.
         readout_bias: the readout has a bias.
-        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman only).
+        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman and IndRNN only).
+        proj_size: LSTM only: project ``h`` to this size, as PyTorch's
+            ``nn.LSTM(proj_size=P)``; 0 (the default) projects nothing.
+        forget_bias: LSTM-family cells only: a constant added to the forget gate's
+            ``b_ih`` at initialisation (1.0 as Jozefowicz et al. 2015); default 0.
         dropout: probability of zeroing each output of every layer but the last
             (as PyTorch), applied only when a ``dropout_key`` is passed.
         bptt_segment: memory-lean BPTT for long sequences: with
@@ -100,10 +106,11 @@ class RNN:
             None (the default) keeps every step.
 
     Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``,
-    states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``).
+    states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``;
+    with ``proj_size=P``, ``h`` is (L*dirs, B, P)).
     """
 
-    cell: str = "elman"
+    cell: str | Cell = "elman"
     input_size: int
     hidden_size: int
     output_size: int
@@ -114,13 +121,30 @@ class RNN:
     nonlinearity: str = "tanh"
     dropout: float = 0.0
     bptt_segment: int | None = None
+    proj_size: int = 0
+    forget_bias: float = 0.0
 
     def __post_init__(self):
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
             _check_size(name, getattr(self, name))
-        make_cell(self.cell, self.nonlinearity)  # validates nonlinearity
+        if isinstance(self.cell, Cell):
+            check_cell_class(self.cell)
+            given = [f"{k}={getattr(self, k)!r}" for k, v in
+                     (("nonlinearity", "tanh"), ("proj_size", 0), ("forget_bias", 0.0))
+                     if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join(given)}: options of the built-in cells; a Cell "
+                                 f"instance ({type(self.cell).__name__}) carries its own")
+        elif isinstance(self.cell, type) and issubclass(self.cell, Cell):
+            raise ValueError(f"cell must be a Cell instance, got the class "
+                             f"{self.cell.__name__}: pass cell={self.cell.__name__}()")
+        elif not isinstance(self.cell, str) or self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)} or a jaxrnn.Cell instance, "
+                             f"got {self.cell!r}")
+        else:
+            make_cell(self.cell, self.nonlinearity, proj_size=self.proj_size,
+                      forget_bias=self.forget_bias, hidden_size=self.hidden_size,
+                      bias=self.bias)  # validates the cell's options
         if self.bptt_segment is not None:
             _check_size("bptt_segment", self.bptt_segment)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
@@ -130,7 +154,20 @@ class RNN:
     @property
     def cell_fn(self) -> Cell:
         """The ``Cell`` object that holds the step and backward-step math."""
-        return make_cell(self.cell, self.nonlinearity)
+        if isinstance(self.cell, Cell):
+            return self.cell
+        return make_cell(self.cell, self.nonlinearity, proj_size=self.proj_size,
+                         forget_bias=self.forget_bias)
+
+    @property
+    def cell_name(self) -> str:
+        """The cell's name: the built-in name, or a user cell's ``name`` attribute."""
+        return self.cell if isinstance(self.cell, str) else self.cell.name
+
+    @property
+    def layer_output_size(self) -> int:
+        """Features one direction of a layer outputs: H, or P with ``proj_size=P``."""
+        return self.cell_fn.state_sizes(self.hidden_size)[0]
 
     @property
     def num_directions(self) -> int:
@@ -155,12 +192,12 @@ class RNN:
         keys = jax.random.split(key, self.num_layers * self.num_directions + 1)
         layers = []
         for l in range(self.num_layers):
-            d_in = self.input_size if l == 0 else self.hidden_size * self.num_directions
+            d_in = self.input_size if l == 0 else self.layer_output_size * self.num_directions
             layers.append(tuple(
                 cell.init(keys[l * self.num_directions + d], d_in, self.hidden_size, self.bias,
                           dtype)
                 for d in range(self.num_directions)))
-        features = self.hidden_size * self.num_directions
+        features = self.layer_output_size * self.num_directions
         bound = 1.0 / math.sqrt(features)
         kw, kb = jax.random.split(keys[-1])
         readout = ReadoutParams(
@@ -170,9 +207,15 @@ class RNN:
         return RNNParams(tuple(layers), readout)
 
     def zero_state(self, batch: int, dtype=jnp.float32) -> State:
-        """Zeros in PyTorch's state shape ``(L*dirs, B, H)`` (a pair for the LSTM)."""
-        z = jnp.zeros((self.num_layers * self.num_directions, batch, self.hidden_size), dtype)
-        return (z, z) if self.cell_fn.carry_size == 2 else z
+        """Zeros in PyTorch's state shape ``(L*dirs, B, H)`` (a pair for the LSTM).
+
+        A cell with ``carry_size`` k > 1 has a tuple of k such arrays, the k-th of
+        width ``cell.state_sizes(H)[k]``.
+        """
+        n = self.num_layers * self.num_directions
+        parts = tuple(jnp.zeros((n, batch, w), dtype)
+                      for w in self.cell_fn.state_sizes(self.hidden_size))
+        return parts if len(parts) > 1 else parts[0]
 
     # --- validation ----------------------------------------------------------
     def _params_dtype(self, params: RNNParams):
@@ -221,20 +264,28 @@ class RNN:
         return xs, state, lengths
 
     def _check_state(self, state, batch, dtype):
-        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
-        if self.cell_fn.carry_size == 2:
-            if not (isinstance(state, (tuple, list)) and len(state) == 2):
-                raise ValueError(f"state of an LSTM must be a pair (h0, c0), each of shape {shape}")
+        n = self.num_layers * self.num_directions
+        shapes = [(n, batch, w) for w in self.cell_fn.state_sizes(self.hidden_size)]
+        if len(shapes) > 1:
+            if not (isinstance(state, (tuple, list)) and len(state) == len(shapes)):
+                if len(shapes) == 2:
+                    what = "an LSTM" if "lstm" in self.cell_name else f"cell {self.cell_name!r}"
+                    raise ValueError(f"state of {what} must be a pair (h0, c0), of shapes "
+                                     f"{shapes[0]} and {shapes[1]}")
+                raise ValueError(f"state of cell {self.cell_name!r} must be a tuple of "
+                                 f"{len(shapes)} arrays, of shapes {', '.join(map(str, shapes))}")
             parts = tuple(jnp.asarray(s) for s in state)
         else:
             parts = (jnp.asarray(state),)
-        for s in parts:
+        for k, (s, shape) in enumerate(zip(parts, shapes)):
             if s.shape != shape:
-                raise ValueError(f"state must have shape (num_layers*num_directions, B, hidden_size)"
+                what = "state" if len(shapes) == 1 else f"state[{k}]"
+                raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
+                                 f"{'hidden_size' if shape[2] == self.hidden_size else 'size'})"
                                  f" = {shape}, got shape {s.shape}")
             if s.dtype != dtype:
                 raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
-        return parts if self.cell_fn.carry_size == 2 else parts[0]
+        return parts if len(shapes) > 1 else parts[0]
 
     def check_targets(self, ys_shape, targets, loss: str):
         """Validates ``targets`` against the outputs' shape ``(T, B, O)`` for ``loss``."""
@@ -261,14 +312,14 @@ class RNN:
         """PyTorch-shaped state -> one carry tuple per (layer, direction)."""
         if state is None:
             state = self.zero_state(batch, dtype)
-        parts = state if self.cell_fn.carry_size == 2 else (state,)
+        parts = state if self.cell_fn.carry_size > 1 else (state,)
         n = self.num_layers * self.num_directions
         return [tuple(p[i] for p in parts) for i in range(n)]
 
     def _state(self, carries: list[Carry]) -> State:
         """One carry per (layer, direction) -> PyTorch-shaped state."""
         parts = tuple(jnp.stack([c[k] for c in carries]) for k in range(len(carries[0])))
-        return parts if self.cell_fn.carry_size == 2 else parts[0]
+        return parts if self.cell_fn.carry_size > 1 else parts[0]
 
     def features(self, params: RNNParams, xs: jax.Array, state: State = None,
                  lengths: jax.Array | None = None, method: str = "bptt",

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import Carry, Cell, CellParams
+from jaxrnn.cells import Carry, Cell, CellParams, Outer
 
 METHODS = ("bptt", "autodiff")
 
@@ -56,6 +56,9 @@ class BackwardTrace(NamedTuple):
     dgi: jax.Array  # (T, B, G*H): dL/d(input pre-activation); ``da_t`` for Elman
     dgh: jax.Array  # (T, B, G*H): dL/d(recurrent pre-activation)
     dh_next: jax.Array  # (T, B, H): dL/dh_{t-1}, what step t passes back to step t-1
+    # the cell's own per-step parameter terms (backward_step's fourth value), stacked
+    # over T: {field: (T, B) + shape, or Outer((T, B, M), (T, B, K))}; {} for none
+    dextra: dict = {}
 
 
 def project_inputs(cell: Cell, params: CellParams, xs: jax.Array) -> jax.Array:
@@ -128,6 +131,93 @@ def _inplace_index(residuals, shape, dtype) -> int | None:
     return None
 
 
+def _shape_str(x) -> str:
+    return str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__
+
+
+def _check_like(what: str, got, expected) -> None:
+    """Raises a ValueError naming ``what`` unless ``got`` has ``expected``'s structure and shapes."""
+    got_l, got_t = jax.tree.flatten(got)
+    exp_l, exp_t = jax.tree.flatten(expected)
+    if got_t != exp_t:
+        raise ValueError(f"{what} must have the structure {exp_t}, got {got_t}")
+    for k, (g, e) in enumerate(zip(got_l, exp_l)):
+        if tuple(g.shape) != tuple(e.shape):
+            part = f"{what}[{k}]" if len(exp_l) > 1 else what
+            raise ValueError(f"{part} must have shape {tuple(e.shape)}, got shape {tuple(g.shape)}")
+
+
+def check_step(cell: Cell, carry, xp, out) -> None:
+    """Checks ``cell.step``'s output (shapes, from ``jax.eval_shape``) against its inputs.
+
+    Raises:
+        ValueError: naming the output, the expected and the actual structure or shape.
+    """
+    name = type(cell).__name__
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"{name}.step must return a pair (carry, residuals), got "
+                         f"{type(out).__name__}" + (f" of length {len(out)}"
+                                                    if isinstance(out, tuple) else ""))
+    _check_like(f"{name}.step's carry", out[0], carry)
+    for leaf in jax.tree.leaves(out[1]):
+        if leaf.ndim == 0 or leaf.shape[0] != xp.shape[0]:
+            raise ValueError(f"{name}.step's residuals must have a leading batch axis of "
+                             f"size B={xp.shape[0]}, got a leaf of shape {tuple(leaf.shape)}")
+
+
+def _param_fields(params) -> tuple[str, ...]:
+    if not (isinstance(params, tuple) and hasattr(params, "_fields")):
+        raise ValueError(f"a cell's params must be a NamedTuple with fields w_ih, w_hh, b_ih, "
+                         f"b_hh, got {type(params).__name__}")
+    missing = [f for f in ("w_ih", "w_hh", "b_ih", "b_hh") if f not in params._fields]
+    if missing:
+        raise ValueError(f"a cell's params must have the fields w_ih, w_hh, b_ih, b_hh; "
+                         f"{type(params).__name__} lacks {missing}")
+    return params._fields
+
+
+def check_backward_step(cell: Cell, params, carry, xp, out) -> dict:
+    """Checks ``cell.backward_step``'s output (shapes) against the step's carry and ``xp``.
+
+    Returns:
+        The fourth value (``{field: per-step gradient}``), ``{}`` when there is none.
+
+    Raises:
+        ValueError: naming the output, the expected and the actual structure or shape.
+    """
+    name = type(cell).__name__
+    if not (isinstance(out, tuple) and len(out) in (3, 4)):
+        raise ValueError(f"{name}.backward_step must return (dcarry_prev, dgi, dgh) or "
+                         f"(dcarry_prev, dgi, dgh, dparams), got {type(out).__name__}"
+                         + (f" of length {len(out)}" if isinstance(out, tuple) else ""))
+    _check_like(f"{name}.backward_step's dcarry_prev", out[0], carry)
+    for k, what in ((1, "dgi"), (2, "dgh")):
+        if not hasattr(out[k], "shape") or tuple(out[k].shape) != tuple(xp.shape):
+            raise ValueError(f"{name}.backward_step's {what} must have shape {tuple(xp.shape)} "
+                             f"(B, G*H), got shape {_shape_str(out[k])}")
+    extra = out[3] if len(out) == 4 else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name}.backward_step's fourth value must be a dict "
+                         f"{{field: gradient}}, got {type(extra).__name__}")
+    fields = _param_fields(params)
+    B = xp.shape[0]
+    for f, v in extra.items():
+        if f not in fields or getattr(params, f) is None:
+            raise ValueError(f"{name}.backward_step's dparams names {f!r}, which is not an "
+                             f"array field of {type(params).__name__} {fields}")
+        shape = tuple(getattr(params, f).shape)
+        if isinstance(v, Outer):
+            if len(shape) != 2 or tuple(v.dg.shape) != (B, shape[0]) or tuple(
+                    v.a.shape) != (B, shape[1]):
+                raise ValueError(f"{name}.backward_step's dparams[{f!r}] = Outer(dg, a) must "
+                                 f"have dg (B, M) and a (B, K) for the ({shape}) parameter, "
+                                 f"got dg {_shape_str(v.dg)} and a {_shape_str(v.a)}")
+        elif not hasattr(v, "shape") or tuple(v.shape) != (B,) + shape:
+            raise ValueError(f"{name}.backward_step's dparams[{f!r}] must have shape "
+                             f"{(B,) + shape} (one term per example), got shape {_shape_str(v)}")
+    return extra
+
+
 def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                  mask: jax.Array | None = None, keep_residuals: bool = True
                  ) -> tuple[jax.Array, Carry, ForwardTrace]:
@@ -162,9 +252,11 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             xp_t = xp_t + bias  # W_ih x_t + b_ih (+ b_hh where folded)
         return cell.step(loop_params(), carry, xp_t)
 
+    out_shape = jax.eval_shape(step, carry0, xp[0])  # traced once: shapes only
+    check_step(cell, carry0, xp[0], out_shape)
+    res_shape = out_shape[1]
     k = None
     if keep_residuals:
-        res_shape = jax.eval_shape(step, carry0, xp[0])[1]
         k = _inplace_index(res_shape, xp.shape[1:], xp.dtype)
 
     def body(state, inputs):
@@ -217,6 +309,13 @@ def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
     return dhs.shape[-1] == params.w_ih.shape[0]
 
 
+def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
+    """``v (B, ...)`` with the examples where the (B,) mask is False set to zero."""
+    if m_t is None:
+        return v
+    return jnp.where(m_t.reshape(m_t.shape + (1,) * (v.ndim - 1)), v, 0)
+
+
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                   fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
                   mask: jax.Array | None = None, with_trace: bool = False):
@@ -224,7 +323,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
     Args:
         cell: the cell.
-        params: its parameters.
+        params: its parameters (``CellParams`` or the cell's own NamedTuple).
         xs: inputs of the forward pass, (T, B, D).
         carry0: initial carry of the forward pass, tuple of (B, H).
         fwd: the ``ForwardTrace`` from ``forward_scan``.
@@ -234,8 +333,12 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         with_trace: also return the per-step ``BackwardTrace``.
 
     Returns:
-        ``(dparams, dxs (T, B, D), dcarry0)``, plus the ``BackwardTrace`` when
-        ``with_trace``.
+        ``(dparams, dxs (T, B, D), dcarry0)``, ``dparams`` shaped like ``params``,
+        plus the ``BackwardTrace`` when ``with_trace``.
+
+    Raises:
+        ValueError: ``backward_step`` returns the wrong structure or shapes, or no
+            gradient for one of the cell's own parameter fields.
     """
     T = dhs.shape[0]
     same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
@@ -245,36 +348,56 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     # buffer at every step: the residuals are read by more than what dgi depends on.)
     in_place = _dgi_over_dhs(dhs, params)
 
-    def body(state, inputs):
-        dcarry, dhs_buf = state
-        t, carry, res, dh_t, m_t = inputs
-        if in_place:
-            dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
+    def cell_backward(t, carry, res, dcarry):
         # carry_{t-1}, read from the stored carries (no shifted copy is made)
         carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
                            for c, c0 in zip(fwd.carries, carry0))
+        return cell.backward_step(params, carry_prev, carry, res, dcarry)
+
+    # The structure of backward_step's output, from one traced step (shapes only).
+    at0 = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    probe = jax.eval_shape(cell_backward, jnp.asarray(T - 1), at0(fwd.carries),
+                           at0(fwd.residuals), tuple(dcarry_T))
+    xp_shape = jax.ShapeDtypeStruct(dhs.shape[1:2] + (params.w_ih.shape[0],), dhs.dtype)
+    extra_shape = check_backward_step(cell, params, tuple(dcarry_T), xp_shape, probe)
+    summed = [f for f, v in extra_shape.items() if not isinstance(v, Outer)]
+    outers = [f for f, v in extra_shape.items() if isinstance(v, Outer)]
+
+    def body(state, inputs):
+        dcarry, dhs_buf, acc = state
+        t, carry, res, dh_t, m_t = inputs
+        if in_place:
+            dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
         dcarry_in = dcarry
         dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
-        dcarry_prev, dgi, dgh = cell.backward_step(params, carry_prev, carry, res, dcarry)
+        out = cell_backward(t, carry, res, dcarry)
+        dcarry_prev, dgi, dgh = out[:3]
+        extra = out[3] if len(out) == 4 else {}
         if m_t is not None:
             # A masked step output a constant zero and left the carry unchanged:
             # its cotangent passes straight through, ignoring dh_t.
             dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
             dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
             dgh = jnp.where(m_t[:, None], dgh, 0)
-        out = ()
+        # the cell's own small parameters: their per-example terms summed in the loop
+        acc = {f: acc[f] + _masked(m_t, extra[f]) for f in summed}
+        outs = ()
         if in_place:
             dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
         else:
-            out = (dgi,)
+            outs = (dgi,)
         if not same:
-            out = out + (dgh,)
+            outs = outs + (dgh,)
+        # the cell's own matrices: both sides stacked, one product after the loop
+        outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
         if with_trace:
-            out = out + (dcarry[0], dcarry_prev[0])
-        return (dcarry_prev, dhs_buf), out
+            per_step = {f: _masked(m_t, extra[f]) for f in summed}
+            outs = outs + (dcarry[0], dcarry_prev[0], per_step)
+        return (dcarry_prev, dhs_buf, acc), outs
 
-    (dcarry0, dhs_buf), outs = jax.lax.scan(
-        body, (tuple(dcarry_T), dhs if in_place else None),
+    acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
+    (dcarry0, dhs_buf, acc), outs = jax.lax.scan(
+        body, (tuple(dcarry_T), dhs if in_place else None, acc0),
         (jnp.arange(T), fwd.carries, fwd.residuals, None if in_place else dhs, mask),
         reverse=True)
     if in_place:
@@ -285,23 +408,34 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         dgh = dgi
     else:
         dgh, outs = outs[0], outs[1:]
+    outer_terms, outs = dict(zip(outers, outs[0])), outs[1:]
 
     # After the loop: every weight gradient is one product over all T*B rows.
     hs = fwd.carries[0]  # (T, B, H): h_t
     hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
-    dw_ih = sum_outer(dgi, xs)  # sum_t dgi_t^T x_t
-    dw_hh = sum_outer(dgh, hs_prev)  # sum_t dgh_t^T h_{t-1}
+    grads = {}
+    grads["w_ih"] = sum_outer(dgi, xs)  # sum_t dgi_t^T x_t
+    if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
+        grads["w_hh"] = sum_outer(dgh, hs_prev)  # sum_t dgh_t^T h_{t-1}
     dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
-    db_ih = None if params.b_ih is None else dgi.sum(axis=(0, 1))  # sum_t dgi_t
-    if params.b_hh is None:
-        db_hh = None
-    elif cell.fold_recurrent_bias:
-        db_hh = db_ih  # b_hh entered the same pre-activation as b_ih
-    else:
-        db_hh = dgh.sum(axis=(0, 1))  # sum_t dgh_t
-    dparams = CellParams(dw_ih, dw_hh, db_ih, db_hh)
+    if params.b_ih is not None:
+        grads["b_ih"] = dgi.sum(axis=(0, 1))  # sum_t dgi_t
+    if params.b_hh is not None:
+        # b_hh folded: it entered the same pre-activation as b_ih (dgh is dgi)
+        grads["b_hh"] = dgh.sum(axis=(0, 1))  # sum_t dgh_t
+    grads.update({f: acc[f].sum(axis=0) for f in summed})  # sum_b of sum_t, from the loop
+    grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
+    missing = [f for f in params._fields
+               if getattr(params, f) is not None and f not in grads]
+    if missing:
+        raise ValueError(f"{type(cell).__name__}.backward_step gives no gradient for the "
+                         f"parameter field(s) {missing}: return them as its fourth value, "
+                         f"{{field: per-example term (B,) + shape or Outer(dg, a)}}")
+    dparams = params._replace(**grads)
     if with_trace:
-        return dparams, dxs, dcarry0, BackwardTrace(outs[0], dgi, dgh, outs[1])
+        dextra = dict(outs[2])
+        dextra.update(outer_terms)
+        return dparams, dxs, dcarry0, BackwardTrace(outs[0], dgi, dgh, outs[1], dextra)
     return dparams, dxs, dcarry0
 
 

@@ -185,7 +185,7 @@ def test_lstm_state_must_be_a_pair(key):
 
 
 def test_gru_rejects_relu():
-    with pytest.raises(ValueError, match="nonlinearity='relu' applies to the elman cell only"):
+    with pytest.raises(ValueError, match="nonlinearity='relu' applies to the elman and indrnn cells only"):
         small(cell="gru", nonlinearity="relu")
 
 
