@@ -75,9 +75,11 @@ class Cell:
 
     **Class attributes.** ``name`` (str); ``num_gates`` G, the number of (H,)
     blocks of the input projection; ``carry_size``, the number of arrays in the
-    carry; ``fold_recurrent_bias``: True when ``b_hh`` enters the step only added
-    to the input projection (then the scan adds it there, and its gradient is
-    ``b_ih``'s).
+    carry; ``fold_recurrent_bias``: True when the recurrent pre-activation enters
+    the step only added to the input projection, so that ``dgh`` *is* ``dgi``
+    (Elman, LSTM): the scan then adds ``b_hh`` to the input projection and keeps
+    one of the two cotangents; False when they differ (GRU: its n block is scaled
+    by r).
 
     **Parameters.** ``init(key, input_size, hidden_size, bias, dtype)`` returns a
     ``NamedTuple`` with at least the fields ``w_ih (G*H, D)``, ``w_hh``,
