@@ -116,7 +116,11 @@ def cmd_explain(args) -> int:
 
 # --- train -------------------------------------------------------------------
 
-RUN_OPTIONS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout", "method",
+# jaxrnn.cells.CELLS's names, spelled out so that building the parser imports no jax
+# (tests/test_cli.py checks that the two agree).
+CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm")
+
+RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
                "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
                "seq_len", "k1", "k2", "steps", "seed", "devices", "log_every", "eval_every",
                "checkpoint_every", "target_loss")
@@ -299,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to train on (default: example, the reference worked example)")
     t.add_argument("--text", default=None, help="charlm: a UTF-8 text file (default: the "
                    "English documentation Python ships, pydoc_data.topics)")
-    t.add_argument("--cell", choices=["elman", "lstm", "gru"], default=None)
+    t.add_argument("--cell", choices=CELL_NAMES, default=None)
+    t.add_argument("--proj-size", type=int, default=None,
+                   help="lstm: project h to this many units, as PyTorch's LSTM(proj_size=P)")
+    t.add_argument("--forget-bias", type=float, default=None,
+                   help="LSTM-family cells: added to the forget gate's bias at init (e.g. 1)")
     t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer")
     t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers")
     t.add_argument("--bidirectional", action="store_true", default=None)

@@ -258,7 +258,7 @@ class RNN:
             if not jnp.issubdtype(lengths.dtype, jnp.integer):
                 raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
             if _is_concrete(lengths):
-                lo, hi = int(jnp.min(lengths)), int(jnp.max(lengths))
+                lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
                 if lo < 1 or hi > T:
                     raise ValueError(f"lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
         return xs, state, lengths

@@ -47,7 +47,9 @@ SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # under the same values. (The gradient method and ``diagnostics`` are not among
 # them: they change how a step is computed or logged, not what is trained.)
 MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
-                "batch", "seq_len", "seed", "dtype")
+                "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias")
+# Cell options added later: recorded only when set, so that runs made before them resume.
+_OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
 
 
 class RunError(ValueError):
@@ -66,6 +68,8 @@ class RunConfig:
     text: str | None = None  # charlm: a text file (default: Python's pydoc topics)
     cell: str = "elman"
     hidden: int = 64
+    proj_size: int = 0  # lstm: project h to this size (PyTorch's LSTMP); 0: none
+    forget_bias: float = 0.0  # LSTM-family cells: added to the forget gate's bias at init
     layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
@@ -91,7 +95,8 @@ class RunConfig:
     reference_model: bool = False  # example task: the worked example's model and weights
 
     def model_fields(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_FIELDS}
+        return {k: getattr(self, k) for k in MODEL_FIELDS
+                if _OPTIONAL_MODEL_FIELDS.get(k, object()) != getattr(self, k)}
 
 
 # Per-task defaults, applied to options the user did not give.
@@ -196,9 +201,17 @@ def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
     if cfg.reference_model:
         ex = task.example()
         return ex.model, ex.params
-    model = RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
-                output_size=task.output_size, num_layers=cfg.layers,
-                bidirectional=cfg.bidirectional, dropout=cfg.dropout)
+    try:
+        model = RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+                    output_size=task.output_size, num_layers=cfg.layers,
+                    bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias)
+    except ValueError as e:
+        msg = str(e)
+        for name, flag in (("proj_size", "--proj-size"), ("forget_bias", "--forget-bias"),
+                           ("hidden_size", "--hidden"), ("cell=", "--cell ")):
+            msg = msg.replace(name, flag)
+        raise RunError(msg) from None
     return model, model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
 
 

@@ -35,3 +35,29 @@ def tree_max_rel_error(actual, expected) -> float:
 def assert_trees_rel_close(actual, expected, rtol: float):
     err = tree_max_rel_error(actual, expected)
     assert err <= rtol, f"max relative error {err:.3e} > {rtol:.1e}"
+
+
+def all_pairs(factors: dict) -> list[dict]:
+    """A small set of cases covering every pair of values of every two factors.
+
+    Greedy and deterministic: the first case sets every factor to its *last* value
+    (listed heaviest last: most layers, both directions, ...), then each next case
+    is the full-product combination covering the most pairs not yet covered (ties:
+    the first in product order).
+    """
+    import itertools
+
+    names = list(factors)
+    product = [dict(zip(names, vals)) for vals in itertools.product(*factors.values())]
+
+    def pairs(case):
+        return {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
+
+    todo = set().union(*(pairs(c) for c in product))
+    chosen = [{k: v[-1] for k, v in factors.items()}]
+    todo -= pairs(chosen[0])
+    while todo:
+        best = max(product, key=lambda c: len(pairs(c) & todo))
+        chosen.append(best)
+        todo -= pairs(best)
+    return chosen
