@@ -393,6 +393,274 @@ class GRU(Cell):
         return (dh_prev,), dgi, dgh
 
 
+class PeepholeLSTMParams(NamedTuple):
+    """Parameters of one peephole-LSTM layer: PyTorch's LSTM layout plus the peepholes."""
+
+    w_ih: jax.Array  # (4H, D)
+    w_hh: jax.Array  # (4H, H)
+    b_ih: jax.Array | None  # (4H,), or None without bias
+    b_hh: jax.Array | None  # (4H,), or None without bias
+    w_peep: jax.Array  # (3, H): rows p_i, p_f, p_o (diagonal peephole weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeepholeLSTM(Cell):
+    r"""LSTM with peephole connections (Gers & Schmidhuber 2000), gates in PyTorch's order.
+
+    .. math::
+        [\hat\imath, \hat f, \hat g, \hat o] = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh} \\
+        i = \sigma(\hat\imath + p_i \odot c_{t-1}),\
+        f = \sigma(\hat f + p_f \odot c_{t-1}),\ g = \tanh(\hat g) \\
+        c_t = f \odot c_{t-1} + i \odot g, \qquad
+        o = \sigma(\hat o + p_o \odot c_t), \qquad h_t = o \odot \tanh(c_t)
+
+    The output gate peeks at the *new* cell state :math:`c_t`, the input and forget
+    gates at the old one. Backward, with :math:`\delta h_t, \delta c_t` the total
+    cotangents of the carry and :math:`a_i, a_f, a_o` the gates' full pre-activations:
+
+    .. math::
+        \delta a_o = \delta h_t \odot \tanh(c_t)\, o(1-o) \\
+        \delta c = \delta c_t + \delta h_t \odot o \odot (1 - \tanh^2 c_t)
+                   + \delta a_o \odot p_o \\
+        \delta a_i = \delta c \odot g\, i(1-i),\ \delta a_f = \delta c \odot c_{t-1}\, f(1-f),\
+        \delta\hat g = \delta c \odot i\,(1-g^2) \\
+        \delta c_{t-1} = \delta c \odot f + \delta a_i \odot p_i + \delta a_f \odot p_f,
+        \qquad \delta h_{t-1} = W_{hh}^\top [\delta a_i, \delta a_f, \delta\hat g, \delta a_o] \\
+        \frac{\partial L}{\partial p_i} = \sum_{t,b} \delta a_i \odot c_{t-1},\
+        \frac{\partial L}{\partial p_f} = \sum_{t,b} \delta a_f \odot c_{t-1},\
+        \frac{\partial L}{\partial p_o} = \sum_{t,b} \delta a_o \odot c_t
+
+    The peepholes enter inside the step, not through either projection, so the
+    cotangent of :math:`\hat\imath` is that of :math:`a_i` (and so on) and ``b_hh``
+    folds into the input projection as for ``LSTM`` (``dgh`` is ``dgi``). Residual per
+    step: the activated gates ``[i, f, g, o]`` (B, 4H); ``tanh(c_t)`` is recomputed.
+    Written as the math reads (four activations on the four blocks), not in the
+    LSTM's one-tanh form, which was not measured for this cell.
+
+    Initialisation: every array, the peepholes included, ~ U(-1/sqrt(H), 1/sqrt(H))
+    (PyTorch's LSTM rule), plus ``forget_bias`` on the forget block [H:2H] of ``b_ih``.
+    """
+
+    forget_bias: float = 0.0  # added to the forget gate's b_ih at initialisation
+
+    name: ClassVar[str] = "peephole_lstm"
+    num_gates: ClassVar[int] = 4
+    carry_size: ClassVar[int] = 2
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        """PyTorch's LSTM initialisation, the peepholes likewise, plus ``forget_bias``.
+
+        Returns:
+            ``PeepholeLSTMParams``: ``w_ih (4H, D)``, ``w_hh (4H, H)``, biases ``(4H,)``
+            or None, ``w_peep (3, H)``.
+
+        Raises:
+            ValueError: ``forget_bias`` without ``bias``.
+        """
+        if self.forget_bias and not bias:
+            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
+                             f"it initialises b_ih")
+        k1, k2 = jax.random.split(key)
+        p = super().init(k1, input_size, hidden_size, bias, dtype)
+        H = hidden_size
+        bound = 1.0 / math.sqrt(H)
+        b_ih = p.b_ih
+        if self.forget_bias:
+            b_ih = b_ih.at[H:2 * H].add(self.forget_bias)  # gates i, f, g, o
+        return PeepholeLSTMParams(p.w_ih, p.w_hh, b_ih, p.b_hh,
+                                  jax.random.uniform(k2, (3, H), dtype, -bound, bound))
+
+    def step(self, params, carry, xp):
+        h_prev, c_prev = carry
+        pre = xp + self.recurrent_preactivation(params, h_prev)  # [i^, f^, g^, o^], (B, 4H)
+        ai, af, ag, ao = _split(pre, 4)
+        p_i, p_f, p_o = params.w_peep
+        i = jax.nn.sigmoid(ai + p_i * c_prev)  # input gate peeks at c_{t-1}
+        f = jax.nn.sigmoid(af + p_f * c_prev)  # forget gate peeks at c_{t-1}
+        g = jnp.tanh(ag)  # candidate
+        c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
+        o = jax.nn.sigmoid(ao + p_o * c)  # output gate peeks at c_t
+        h = o * jnp.tanh(c)  # h_t = o tanh(c_t)
+        return (h, c), jnp.concatenate([i, f, g, o], axis=-1)
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        _, c_prev = carry_prev
+        _, c = carry
+        i, f, g, o = _split(res, 4)
+        p_i, p_f, p_o = params.w_peep
+        dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
+        tc = jnp.tanh(c)  # tanh(c_t), recomputed rather than stored
+        dao = dh * tc * o * (1 - o)  # h_t = o tanh(c_t), back through sigmoid
+        dc = dc_next + dh * o * (1 - tc * tc) + dao * p_o  # paths via tanh(c_t) and o's peephole
+        dai = dc * g * i * (1 - i)  # c_t = ... + i g, back through sigmoid
+        daf = dc * c_prev * f * (1 - f)  # c_t = f c_{t-1} + ..., back through sigmoid
+        dag = dc * i * (1 - g * g)  # c_t = ... + i g, back through tanh
+        dgates = jnp.concatenate([dai, daf, dag, dao], axis=-1)  # dL/d[i^, f^, g^, o^]
+        dh_prev = dgates @ params.w_hh  # through W_hh h_{t-1}
+        dc_prev = dc * f + dai * p_i + daf * p_f  # through f c_{t-1} and the i, f peepholes
+        dpeep = jnp.stack([dai * c_prev, daf * c_prev, dao * c], axis=1)  # dL/d[p_i, p_f, p_o]
+        return (dh_prev, dc_prev), dgates, dgates, {"w_peep": dpeep}
+
+
+class LayerNormLSTMParams(NamedTuple):
+    """Parameters of one layer-normalised LSTM layer (Ba, Kiros & Hinton 2016)."""
+
+    w_ih: jax.Array  # (4H, D)
+    w_hh: jax.Array  # (4H, H)
+    b_ih: None  # always None: the bias is added after normalisation (``bias``)
+    b_hh: None  # always None, likewise
+    bias: jax.Array | None  # (4H,): b of the gates, after normalisation; None without bias
+    ln_ih_gain: jax.Array  # (4H,): alpha_x, gain of LN(W_ih x_t)
+    ln_hh_gain: jax.Array  # (4H,): alpha_h, gain of LN(W_hh h_{t-1})
+    ln_c_gain: jax.Array  # (H,): alpha_c, gain of LN(c_t)
+    ln_c_bias: jax.Array  # (H,): beta_c, bias of LN(c_t)
+
+
+def _layer_norm(z: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    r"""The normalised ``z`` over its last axis and ``1/sigma``: ``(z^ (B, N), rstd (B, 1))``.
+
+    :math:`\hat z = (z - \mu) / \sigma`, :math:`\sigma = \sqrt{\mathrm{var}(z) + \epsilon}`.
+    """
+    zc = z - z.mean(axis=-1, keepdims=True)  # z - mu
+    rstd = jax.lax.rsqrt((zc * zc).mean(axis=-1, keepdims=True) + eps)  # 1 / sigma
+    return zc * rstd, rstd
+
+
+def _layer_norm_backward(dzn: jax.Array, zn: jax.Array, rstd: jax.Array) -> jax.Array:
+    r"""The cotangent of ``z`` from that of ``z^ = LN(z)`` (no gain):
+    :math:`\delta z = (\delta\hat z - \overline{\delta\hat z}
+    - \hat z\, \overline{\delta\hat z \odot \hat z}) / \sigma`, means over the last axis."""
+    mean_d = dzn.mean(axis=-1, keepdims=True)  # through the mean mu
+    mean_dz = (dzn * zn).mean(axis=-1, keepdims=True)  # through sigma
+    return (dzn - mean_d - zn * mean_dz) * rstd  # back through (z - mu) / sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNormLSTM(Cell):
+    r"""Layer-normalised LSTM (Ba, Kiros & Hinton 2016, eq. 20-22), gates in order i, f, g, o.
+
+    .. math::
+        [\hat\imath, \hat f, \hat g, \hat o] = \mathrm{LN}(W_{hh} h_{t-1}; \alpha_h)
+            + \mathrm{LN}(W_{ih} x_t; \alpha_x) + b \\
+        c_t = \sigma(\hat f) \odot c_{t-1} + \sigma(\hat\imath) \odot \tanh(\hat g), \qquad
+        h_t = \sigma(\hat o) \odot \tanh(\mathrm{LN}(c_t; \alpha_c, \beta_c))
+
+    with :math:`\mathrm{LN}(z; \alpha, \beta) = \alpha \odot (z - \mu)/\sigma + \beta`,
+    :math:`\mu, \sigma^2 + \epsilon` the mean and variance over the vector: the whole
+    4H pre-activation for the two projections (as the paper), the H units for
+    :math:`c_t`; :math:`\epsilon = 10^{-5}` (PyTorch's ``LayerNorm`` default). The two
+    projections' own LN biases would only add to :math:`b`, so they are left out.
+    The normalisation is of :math:`W x` and :math:`W h` *without* bias, so the scan's
+    ``b_ih``/``b_hh`` (added to the projection before ``step``) are None and :math:`b`
+    is the cell's own field ``bias``.
+
+    Backward, with :math:`\delta h_t, \delta c_t` the total cotangents of the carry,
+    :math:`\hat c = (c_t - \mu_c)/\sigma_c`, :math:`n = \alpha_c \hat c + \beta_c`, and
+    for a normalised :math:`\hat z` of :math:`z`:
+    :math:`\mathrm{LN}^*(\delta\hat z) = (\delta\hat z - \overline{\delta\hat z}
+    - \hat z\,\overline{\delta\hat z \odot \hat z})/\sigma` (means over the vector):
+
+    .. math::
+        \delta n = \delta h_t \odot o \odot (1 - \tanh^2 n), \qquad
+        \delta c = \delta c_t + \mathrm{LN}^*_c(\alpha_c \odot \delta n) \\
+        \delta[\hat\imath, \hat f, \hat g, \hat o] = [\delta c\, g\, i(1-i),\
+            \delta c\, c_{t-1} f(1-f),\ \delta c\, i (1 - g^2),\ \delta h_t \tanh(n)\, o(1-o)] \\
+        \delta gi = \mathrm{LN}^*_x(\alpha_x \odot \delta\hat{\text{gates}}),\quad
+        \delta gh = \mathrm{LN}^*_h(\alpha_h \odot \delta\hat{\text{gates}}),\quad
+        \delta c_{t-1} = \delta c \odot f,\quad \delta h_{t-1} = W_{hh}^\top \delta gh \\
+        \frac{\partial L}{\partial b} = \sum \delta\hat{\text{gates}},\
+        \frac{\partial L}{\partial \alpha_x} = \sum \delta\hat{\text{gates}} \odot \hat x,\
+        \frac{\partial L}{\partial \alpha_h} = \sum \delta\hat{\text{gates}} \odot \hat h,\
+        \frac{\partial L}{\partial \alpha_c} = \sum \delta n \odot \hat c,\
+        \frac{\partial L}{\partial \beta_c} = \sum \delta n
+
+    (sums over steps and batch, by the generic reverse scan from per-example terms).
+    ``dgi`` and ``dgh`` differ, so ``fold_recurrent_bias`` is False. Residuals per step:
+    the gates ``[i, f, g, o]``, the normalised projections :math:`\hat x, \hat h`
+    (B, 4H) each, :math:`\hat c` (B, H) and the three :math:`1/\sigma` (B, 1);
+    :math:`\tanh(n)` is recomputed from :math:`\hat c` (elementwise, cheap).
+
+    Initialisation: ``w_ih``, ``w_hh`` and ``bias`` ~ U(-1/sqrt(H), 1/sqrt(H)) (PyTorch's
+    LSTM rule), plus ``forget_bias`` on the forget block [H:2H] of ``bias``; the gains 1,
+    ``ln_c_bias`` 0 (PyTorch's ``LayerNorm``).
+    """
+
+    forget_bias: float = 0.0  # added to the forget block of ``bias`` at initialisation
+    eps: float = 1e-5  # added to each variance, as torch.nn.LayerNorm
+
+    name: ClassVar[str] = "layernorm_lstm"
+    num_gates: ClassVar[int] = 4
+    carry_size: ClassVar[int] = 2
+    fold_recurrent_bias: ClassVar[bool] = False
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        """Uniform weights and bias, unit gains, zero ``ln_c_bias``, plus ``forget_bias``.
+
+        Returns:
+            ``LayerNormLSTMParams``: ``w_ih (4H, D)``, ``w_hh (4H, H)``, ``b_ih = b_hh =
+            None``, ``bias (4H,)`` or None, gains ``(4H,)``, ``(4H,)``, ``(H,)`` and
+            ``ln_c_bias (H,)``.
+
+        Raises:
+            ValueError: ``forget_bias`` without ``bias``.
+        """
+        if self.forget_bias and not bias:
+            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
+                             f"it initialises the gates' bias")
+        H = hidden_size
+        bound = 1.0 / math.sqrt(H)
+        k1, k2, k3 = jax.random.split(key, 3)
+        u = lambda k, shape: jax.random.uniform(k, shape, dtype, -bound, bound)  # noqa: E731
+        b = None
+        if bias:
+            b = u(k3, (4 * H,))
+            if self.forget_bias:
+                b = b.at[H:2 * H].add(self.forget_bias)  # gates i, f, g, o
+        return LayerNormLSTMParams(
+            w_ih=u(k1, (4 * H, input_size)), w_hh=u(k2, (4 * H, H)), b_ih=None, b_hh=None,
+            bias=b, ln_ih_gain=jnp.ones((4 * H,), dtype), ln_hh_gain=jnp.ones((4 * H,), dtype),
+            ln_c_gain=jnp.ones((H,), dtype), ln_c_bias=jnp.zeros((H,), dtype))
+
+    def step(self, params, carry, xp):
+        h_prev, c_prev = carry
+        xn, rx = _layer_norm(xp, self.eps)  # x^ = (W_ih x_t - mu) / sigma, over 4H
+        hn, rh = _layer_norm(self.recurrent_preactivation(params, h_prev), self.eps)  # h^
+        pre = params.ln_ih_gain * xn + params.ln_hh_gain * hn  # LN(W_ih x) + LN(W_hh h)
+        if params.bias is not None:
+            pre = pre + params.bias  # + b
+        ai, af, ag, ao = _split(pre, 4)
+        i, f, g, o = jax.nn.sigmoid(ai), jax.nn.sigmoid(af), jnp.tanh(ag), jax.nn.sigmoid(ao)
+        c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
+        cn, rc = _layer_norm(c, self.eps)  # c^ = (c_t - mu) / sigma, over H
+        h = o * jnp.tanh(params.ln_c_gain * cn + params.ln_c_bias)  # h_t = o tanh(LN(c_t))
+        return (h, c), (jnp.concatenate([i, f, g, o], axis=-1), xn, hn, cn, rx, rh, rc)
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        _, c_prev = carry_prev
+        gates, xn, hn, cn, rx, rh, rc = res
+        i, f, g, o = _split(gates, 4)
+        dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
+        tn = jnp.tanh(params.ln_c_gain * cn + params.ln_c_bias)  # tanh(LN(c_t)), recomputed
+        dn = dh * o * (1 - tn * tn)  # h_t = o tanh(n), back through tanh
+        dc = dc_next + _layer_norm_backward(dn * params.ln_c_gain, cn, rc)  # n = a_c c^ + b_c
+        dai = dc * g * i * (1 - i)  # c_t = ... + i g, back through sigmoid
+        daf = dc * c_prev * f * (1 - f)  # c_t = f c_{t-1} + ..., back through sigmoid
+        dag = dc * i * (1 - g * g)  # c_t = ... + i g, back through tanh
+        dao = dh * tn * o * (1 - o)  # h_t = o tanh(n), back through sigmoid
+        dpre = jnp.concatenate([dai, daf, dag, dao], axis=-1)  # dL/d[i^, f^, g^, o^]
+        dgi = _layer_norm_backward(dpre * params.ln_ih_gain, xn, rx)  # pre = a_x x^ + ...
+        dgh = _layer_norm_backward(dpre * params.ln_hh_gain, hn, rh)  # pre = ... + a_h h^
+        dh_prev = dgh @ params.w_hh  # through W_hh h_{t-1}
+        dc_prev = dc * f  # through f c_{t-1}
+        dparams = {"ln_ih_gain": dpre * xn,  # pre = a_x x^ + ...: dL/da_x
+                   "ln_hh_gain": dpre * hn,  # pre = ... + a_h h^: dL/da_h
+                   "ln_c_gain": dn * cn,  # n = a_c c^ + b_c: dL/da_c
+                   "ln_c_bias": dn}  # n = a_c c^ + b_c: dL/db_c
+        if params.bias is not None:
+            dparams["bias"] = dpre  # pre = ... + b: dL/db
+        return (dh_prev, dc_prev), dgi, dgh, dparams
+
+
 @dataclasses.dataclass(frozen=True)
 class IndRNN(Cell):
     r"""The independently recurrent network (Li et al. 2018): one recurrent weight per unit.
@@ -451,9 +719,10 @@ class IndRNN(Cell):
         return (dh_next,), da, da, {"w_hh": da * h_prev}  # dL/du, one term per example
 
 
-CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN}
+CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN,
+                                "peephole_lstm": PeepholeLSTM, "layernorm_lstm": LayerNormLSTM}
 # cells with a forget gate (forget_bias applies) and cells with a nonlinearity option
-_FORGET_GATE = ("lstm",)
+_FORGET_GATE = ("lstm", "peephole_lstm", "layernorm_lstm")
 _NONLINEARITY = ("elman", "indrnn")
 
 
@@ -507,7 +776,8 @@ def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
         raise ValueError(f"forget_bias={forget_bias!r} applies to cells with a forget gate "
                          f"{list(_FORGET_GATE)}; cell={kind!r} has none")
     if forget_bias and not bias:
-        raise ValueError(f"forget_bias={forget_bias!r} needs bias=True: it initialises b_ih")
+        raise ValueError(f"forget_bias={forget_bias!r} needs bias=True: it initialises the "
+                         f"forget gate's bias")
     if proj_size:
         if kind != "lstm":
             raise ValueError(f"proj_size={proj_size!r} applies to cell='lstm' only, "
