@@ -1,6 +1,8 @@
 r"""``check_cell``: a cell's handwritten ``backward_step`` against ``jax.vjp`` of its ``step``.
 
-Two checks, in float64, at random parameters, carries and inputs:
+Two checks, in float64, at random parameters (``init``'s, each entry moved by
+0.3 times a standard normal, so that gains starting at 1 are not 1), carries and
+inputs:
 
 * **one step**: ``backward_step(params, carry_prev, carry, residuals, dcarry)``
   against ``jax.vjp`` of ``step`` at a random cotangent ``dcarry`` of the new
@@ -125,49 +127,65 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
         k = jax.random.split(jax.random.key(seed), 8)
         params = cell.init(k[0], input_size, hidden_size, True, f64)
         fields = _param_fields(params)
+        # random parameters, not init's: gains that start at 1 and biases at 0 would
+        # hide a backward step that forgets them
+        params = jax.tree.map(lambda p, n: p + 0.3 * n, params, _normal_like(k[7], params))
         B, G_H = batch, params.w_ih.shape[0]
-        carry_prev = tuple(0.5 * jax.random.normal(kk, (B, w), f64) for kk, w in
-                           zip(jax.random.split(k[1], cell.carry_size),
-                               cell.state_sizes(hidden_size)))
-        if len(carry_prev) != cell.carry_size:
+        widths = cell.state_sizes(hidden_size)
+        if len(widths) != cell.carry_size:
             raise ValueError(f"{name}.state_sizes({hidden_size}) must give carry_size="
-                             f"{cell.carry_size} widths, got {len(carry_prev)}")
+                             f"{cell.carry_size} widths, got {len(widths)}")
+        carry_prev = tuple(0.5 * jax.random.normal(kk, (B, w), f64) for kk, w in
+                           zip(jax.random.split(k[1], cell.carry_size), widths))
         xp = jax.random.normal(k[2], (B, G_H), f64)
 
-        # --- one step -----------------------------------------------------------
-        check_step(cell, carry_prev, xp, jax.eval_shape(cell.step, params, carry_prev, xp))
-        (carry, res), vjp = jax.vjp(cell.step, params, carry_prev, xp)
-        dcarry = _normal_like(k[3], carry)
-        d_params, d_carry_prev, d_xp = vjp((dcarry, jax.tree.map(jnp.zeros_like, res)))
-        out = cell.backward_step(params, carry_prev, carry, res, dcarry)
-        extra = check_backward_step(cell, params, carry, xp, jax.eval_shape(
-            lambda: cell.backward_step(params, carry_prev, carry, res, dcarry)))
+        # --- one step: shapes first (clear errors), then the values, jit-compiled --
+        out_shape = jax.eval_shape(cell.step, params, carry_prev, xp)
+        check_step(cell, carry_prev, xp, out_shape)
+        dcarry = _normal_like(k[3], out_shape[0])
+        check_backward_step(cell, params, carry_prev, xp, jax.eval_shape(
+            lambda p, c, x, dc: cell.backward_step(p, c, cell.step(p, c, x)[0],
+                                                   cell.step(p, c, x)[1], dc),
+            params, carry_prev, xp, dcarry))
+
+        @jax.jit
+        def one_step(params, carry_prev, xp, dcarry):
+            (carry, res), vjp = jax.vjp(cell.step, params, carry_prev, xp)
+            auto = vjp((dcarry, jax.tree.map(jnp.zeros_like, res)))
+            hand = cell.backward_step(params, carry_prev, carry, res, dcarry)
+            extra = hand[3] if len(hand) == 4 else {}
+            grads = _step_param_grads(cell, params, carry_prev, hand[1], hand[2], extra)
+            return auto, hand[0], hand[1], {label: g for label, (_, g) in grads.items()}
+
+        (d_params, d_carry_prev, d_xp), h_carry_prev, h_dgi, grads = one_step(
+            params, carry_prev, xp, dcarry)
         rows = [_row("step", f"dcarry_prev[{i}]", a, b)
-                for i, (a, b) in enumerate(zip(out[0], d_carry_prev))]
-        rows.append(_row("step", "dgi", out[1], d_xp))
-        extra = out[3] if len(out) == 4 else {}
-        for label, (f, g) in _step_param_grads(cell, params, carry_prev, out[1], out[2],
-                                               extra).items():
-            rows.append(_row("step", label, g, getattr(d_params, f)))
+                for i, (a, b) in enumerate(zip(h_carry_prev, d_carry_prev))]
+        rows.append(_row("step", "dgi", h_dgi, d_xp))
+        for label, g in grads.items():  # the label starts with the field's name
+            rows.append(_row("step", label, g, getattr(d_params, label.split(" ")[0])))
 
         # --- a sequence through the generic scan ---------------------------------
         T = seq_len
         xs = jax.random.normal(k[4], (T, B, input_size), f64)
         lengths = jnp.asarray([T - (i * (T - 1)) // max(B - 1, 1) for i in range(B)])
         mask = jnp.arange(T)[:, None] < lengths[None, :]
-        carry0 = carry_prev
 
-        def forward(p, x, c0):
-            hs, carry_T, _ = forward_scan(cell, p, x, c0, mask, keep_residuals=False)
-            return hs, carry_T
+        @jax.jit
+        def sequence(params, xs, carry0, key):
+            def forward(p, x, c0):
+                hs, carry_T, _ = forward_scan(cell, p, x, c0, mask, keep_residuals=False)
+                return hs, carry_T
 
-        (hs, carry_T), fvjp = jax.vjp(forward, params, xs, carry0)
-        dhs = jax.random.normal(k[5], hs.shape, f64)
-        dcarry_T = _normal_like(k[6], carry_T)
-        a_params, a_xs, a_c0 = fvjp((dhs, dcarry_T))
-        _, _, trace = forward_scan(cell, params, xs, carry0, mask)
-        h_params, h_xs, h_c0 = backward_scan(cell, params, xs, carry0, trace, dhs, dcarry_T,
-                                             mask)
+            (hs, carry_T), fvjp = jax.vjp(forward, params, xs, carry0)
+            k1, k2 = jax.random.split(key)
+            dhs = jax.random.normal(k1, hs.shape, f64)
+            dcarry_T = _normal_like(k2, carry_T)
+            _, _, trace = forward_scan(cell, params, xs, carry0, mask)
+            hand = backward_scan(cell, params, xs, carry0, trace, dhs, dcarry_T, mask)
+            return fvjp((dhs, dcarry_T)), hand
+
+        (a_params, a_xs, a_c0), (h_params, h_xs, h_c0) = sequence(params, xs, carry_prev, k[5])
         for f in fields:
             if getattr(params, f) is not None:
                 rows.append(_row("sequence", f, getattr(h_params, f), getattr(a_params, f)))

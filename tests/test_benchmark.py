@@ -26,7 +26,7 @@ def bench():
 
 
 # Two runs: the quick grid (every cell, one layer) and two bidirectional LSTM layers.
-RUNS = {"quick": [], "bidirectional": ["--cells", "lstm", "--grid", "10,2,8,2,bi"]}
+RUNS = {"quick": [], "bidirectional": ["--cells", "lstm", "--grid", "10,2,8,2,bi", "--variants"]}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,27 @@ def run(request, runs):
 
 def _key(p):
     return (p["cell"], p["T"], p["B"], p["H"], p["num_layers"], p["bidirectional"])
+
+
+def test_cell_variants_time_bptt_against_autodiff(bench, runs):
+    out, results = runs("quick")
+    variants = results["variants"]
+    assert [v["variant"] for v in variants] == list(bench.QUICK.variants)
+    for v in variants:
+        m = v["methods"]
+        assert set(m) == {"bptt", "autodiff"}
+        for name in m:
+            assert len(m[name]["times_ms"]) == 3
+            assert all(math.isfinite(t) and t > 0 for t in m[name]["times_ms"])
+        # the same model and data: the same first loss (float32 rounding)
+        assert m["bptt"]["first_loss"] == pytest.approx(m["autodiff"]["first_loss"], rel=1e-5)
+        assert v["bptt_speedup_vs_autodiff"] == pytest.approx(
+            m["autodiff"]["median_ms"] / m["bptt"]["median_ms"])
+    proj = [v for v in variants if v["variant"] == "lstm_proj"][0]
+    assert proj["options"] == {"cell": "lstm", "proj_size": proj["H"] // 4}
+    md = (out / "benchmark.md").read_text()
+    assert "## Cell variants: bptt against autodiff" in md and "| lstm_proj |" in md
+    assert runs("bidirectional")[1]["variants"] == []
 
 
 def test_every_contender_and_grid_point_has_positive_finite_times(bench, run):

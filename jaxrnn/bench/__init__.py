@@ -103,9 +103,9 @@ from jaxrnn.bench.environment import cpu_model, cpu_pressure, environment, jax_t
 from jaxrnn.bench.floor import (KERNELS, Product, product_floor, step_products,
                                 xla_chain_contender, xla_chain_step)
 from jaxrnn.bench.report import chart, markdown, ratios, write_outputs
-from jaxrnn.bench.run import bench_point, run_benchmark
-from jaxrnn.bench.settings import (CONTENDERS, METHODS, QUICK, STEPS, GridPoint, Settings,
-                                   grid_point)
+from jaxrnn.bench.run import bench_point, bench_variant, run_benchmark
+from jaxrnn.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS, QUICK, STEPS, GridPoint,
+                                   Settings, grid_point)
 from jaxrnn.bench.timing import summarize, time_round_robin
 
 __all__ = [
@@ -142,6 +142,8 @@ __all__ = [
     "chart",
     "write_outputs",
     "bench_point",
+    "bench_variant",
+    "CELL_VARIANTS",
     "run_benchmark",
     "parse_args",
     "main",

@@ -9,7 +9,7 @@ import time
 
 from jaxrnn.bench.report import write_outputs
 from jaxrnn.bench.run import run_benchmark
-from jaxrnn.bench.settings import CELLS, QUICK, Settings
+from jaxrnn.bench.settings import CELL_VARIANTS, CELLS, QUICK, Settings
 
 
 def parse_point(text: str) -> tuple:
@@ -37,6 +37,9 @@ def parse_args(argv) -> argparse.Namespace:
                         help="tiny sizes and few repeats (seconds; what the tests run)")
     parser.add_argument("--cells", nargs="+", choices=CELLS,
                         help="cells to run (default: all three)")
+    parser.add_argument("--variants", nargs="*", choices=list(CELL_VARIANTS),
+                        help="cell variants to time, bptt against autodiff, at one point "
+                             "(default: all; give none to skip them)")
     parser.add_argument("--grid", nargs="+", metavar="T,B,H[,L[,bi|uni]]",
                         help="grid points (default: the full or the quick grid); input and "
                              "output size H/4, L layers (default 1), bi: both directions")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         changes = {}
         if args.cells:
             changes["cells"] = tuple(dict.fromkeys(args.cells))
+        if args.variants is not None:
+            changes["variants"] = tuple(dict.fromkeys(args.variants))
         if args.grid:
             changes["grid"] = tuple(parse_point(p) for p in args.grid)
         if args.repeats is not None:

@@ -158,6 +158,22 @@ def markdown(bench: dict) -> str:
         f"{_pressure_text(env.get('cpu_pressure_start'))} at the start, "
         f"{_pressure_text(bench.get('cpu_pressure_end'))} at the end.",
     ]
+    variants = bench.get("variants") or []
+    if variants:
+        lines += ["", "## Cell variants: bptt against autodiff", "",
+                  "Cells without a PyTorch counterpart in this form (and the LSTM with a "
+                  "projection), one layer, input and output size H/4, `model.init`'s "
+                  "parameters, timed as above (round-robin, median):", "",
+                  "| variant | options | T | B | H | bptt ms | autodiff ms "
+                  "| bptt speed-up vs autodiff | peak MB (bptt / autodiff) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for v in variants:
+            m = v["methods"]
+            opts = ", ".join(f"{k}={val!r}" for k, val in v["options"].items())
+            lines.append(f"| {v['variant']} | `{opts}` | {v['T']} | {v['B']} | {v['H']} "
+                         f"| {_fmt(m['bptt']['median_ms'])} | {_fmt(m['autodiff']['median_ms'])} "
+                         f"| {v['bptt_speedup_vs_autodiff']:.2f}x "
+                         f"| {_fmt(_peak_mb(m['bptt']))} / {_fmt(_peak_mb(m['autodiff']))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,8 @@ from jaxrnn.bench.contenders import (flax_contender, init_params, jaxrnn_contend
 from jaxrnn.bench.environment import cpu_pressure, environment, jax_threads, torch_module
 from jaxrnn.bench.floor import KERNELS, product_floor, xla_chain_contender
 from jaxrnn.bench.report import ratios
-from jaxrnn.bench.settings import CONTENDERS, METHODS, STEPS, GridPoint, Settings, grid_point
+from jaxrnn.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS, STEPS, GridPoint,
+                                   Settings, grid_point)
 from jaxrnn.bench.timing import budget_repeats, summarize, time_round_robin
 
 
@@ -110,13 +111,59 @@ def bench_point(cell: str, point: GridPoint, settings: Settings, threads: int) -
     return out
 
 
+def bench_variant(name: str, point: GridPoint, settings: Settings) -> dict:
+    """Times ``bptt`` against ``autodiff`` for one of ``CELL_VARIANTS`` at one point.
+
+    The model has one layer, input and output size ``H // 4``, ``model.init``'s
+    parameters; both steps are compiled, warmed up and timed round-robin as in
+    ``bench_point``.
+
+    Returns:
+        JSON-ready: ``variant``, the model's options, sizes, ``methods[bptt|autodiff]``
+        (times, compile time, first-step loss, memory) and ``bptt_speedup_vs_autodiff``.
+    """
+    import jax
+
+    t_start = time.perf_counter()
+    T, B, H, L, bidirectional = grid_point(point)
+    D = O = point.io_size
+    options = {k: (H // 4 if v == "H/4" else v) for k, v in CELL_VARIANTS[name].items()}
+    model = jaxrnn.RNN(input_size=D, hidden_size=H, output_size=O, num_layers=L,
+                       bidirectional=bidirectional, **options)
+    rng = np.random.default_rng(settings.seed)
+    params = model.init(jax.random.key(settings.seed))
+    batch = jaxrnn.Batch(jnp.asarray(rng.standard_normal((T, B, D), np.float32)),
+                         jnp.asarray(rng.standard_normal((T, B, O), np.float32)))
+    contenders = [jaxrnn_contender(model, params, batch, m, settings.lr)
+                  for m in ("bptt", "autodiff")]
+    for c in contenders:
+        for i in range(settings.warmup):
+            t0 = time.perf_counter()
+            loss = c.run()
+            c.info["last_step_s"] = time.perf_counter() - t0
+            if i == 0:
+                c.info["first_loss"] = _as_float(loss)
+    repeats = {c.name: budget_repeats(settings.repeats, settings.budget_s, c.info["last_step_s"])
+               for c in contenders}
+    times = time_round_robin(contenders, repeats)
+    methods = {c.name: {"status": "ok", **summarize(times[c.name]), **c.info}
+               for c in contenders}
+    return {"variant": name, "options": options, "T": T, "B": B, "H": H, "num_layers": L,
+            "bidirectional": bidirectional, "input_size": D, "output_size": O,
+            "methods": methods,
+            "bptt_speedup_vs_autodiff": methods["autodiff"]["median_ms"]
+            / methods["bptt"]["median_ms"],
+            "wall_s": time.perf_counter() - t_start}
+
+
 def run_benchmark(settings: Settings = Settings(), progress: bool = True) -> dict:
     """Runs the whole grid; returns every number (JSON-ready).
 
     Returns:
         ``{"settings", "environment", "contenders", "floor_kernels", "results":
-        [point, ...], "cpu_pressure_end"}``, one point per (cell, T, B, H,
-        num_layers, bidirectional); see ``bench_point``.
+        [point, ...], "variants": [...], "cpu_pressure_end"}``, one point per (cell,
+        T, B, H, num_layers, bidirectional), see ``bench_point``, and one entry per
+        cell variant, see ``bench_variant``.
     """
     torch = torch_module()
     threads = jax_threads()
@@ -134,10 +181,13 @@ def run_benchmark(settings: Settings = Settings(), progress: bool = True) -> dic
                 bar.set_postfix_str(f"{cell} T={g.T} B={g.B} H={g.H} L={g.num_layers}"
                                     + (" bidirectional" if g.bidirectional else ""))
                 results.append(bench_point(cell, g, settings, threads))
+            variants = []
+            for name in tqdm(settings.variants, desc="cell variants", disable=not progress):
+                variants.append(bench_variant(name, settings.variant_point, settings))
     finally:
         if torch:
             torch.set_num_threads(old_threads)
     return {"settings": dataclasses.asdict(settings), "environment": env,
             "contenders": list(CONTENDERS),
             "floor_kernels": [k for k in KERNELS if k != "torch" or torch],
-            "results": results, "cpu_pressure_end": cpu_pressure()}
+            "results": results, "variants": variants, "cpu_pressure_end": cpu_pressure()}

@@ -6,6 +6,14 @@ import dataclasses
 from typing import NamedTuple
 
 CELLS = ("elman", "lstm", "gru")
+# The cells that PyTorch does not have in this form (and the LSTM with a projection),
+# each timed at one grid point, bptt against autodiff: name -> RNN options.
+CELL_VARIANTS = {
+    "indrnn": dict(cell="indrnn", nonlinearity="relu"),
+    "peephole_lstm": dict(cell="peephole_lstm"),
+    "layernorm_lstm": dict(cell="layernorm_lstm"),
+    "lstm_proj": dict(cell="lstm", proj_size="H/4"),  # proj_size = H // 4
+}
 
 
 class GridPoint(NamedTuple):
@@ -65,6 +73,8 @@ class Settings:
 
     cells: tuple[str, ...] = CELLS
     grid: tuple[GridPoint, ...] = DEFAULT_GRID
+    variants: tuple[str, ...] = tuple(CELL_VARIANTS)  # names of CELL_VARIANTS
+    variant_point: GridPoint = GridPoint(100, 32, 128)  # where the variants are timed
     repeats: int = 10  # timed rounds; each times one step of every contender
     warmup: int = 2  # untimed steps of every contender (and calls of every floor kernel)
     floor_repeats: int = 7  # timed calls of every kernel on every product of the floor
@@ -79,6 +89,11 @@ class Settings:
         if not self.cells or unknown:
             raise ValueError(f"cells must be a non-empty subset of elman, lstm, gru, "
                              f"got {self.cells!r}")
+        unknown = [c for c in self.variants if c not in CELL_VARIANTS]
+        if unknown:
+            raise ValueError(f"variants must be a subset of {', '.join(CELL_VARIANTS)}, "
+                             f"got {self.variants!r}")
+        object.__setattr__(self, "variant_point", grid_point(self.variant_point))
         if not self.grid:
             raise ValueError("grid must hold at least one point, got ()")
         object.__setattr__(self, "grid", tuple(grid_point(p) for p in self.grid))
@@ -92,7 +107,8 @@ class Settings:
                              f"got {self.warmup}")
 
 
-QUICK = Settings(grid=(GridPoint(20, 4, 16),), repeats=5, warmup=1, floor_repeats=3)
+QUICK = Settings(grid=(GridPoint(20, 4, 16),), repeats=5, warmup=1, floor_repeats=3,
+                 variants=("indrnn", "lstm_proj"), variant_point=GridPoint(20, 4, 16))
 
 # The timed programs, in the order of the table; the first five are full training steps.
 STEPS = ("bptt", "autodiff", "torch", "torch_1t", "flax")
