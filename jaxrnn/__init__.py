@@ -8,8 +8,8 @@ The public API::
     loss, grads = model.loss_and_grad(params, xs, targets, method="bptt")
 """
 
-from jaxrnn.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, LayerNormLSTM, Outer,
-                          PeepholeLSTM, make_cell)
+from jaxrnn.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, LayerNormLSTM,
+                          LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
 from jaxrnn.cellcheck import CellReport, check_cell
 from jaxrnn.losses import half_sse, mse, xent
 from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
@@ -34,6 +34,8 @@ __all__ = [
     "CellReport",
     "Elman",
     "LSTM",
+    "ProjectedLSTM",
+    "LSTMPParams",
     "GRU",
     "PeepholeLSTM",
     "LayerNormLSTM",

@@ -5,7 +5,9 @@ Every cell shares one parameter layout, PyTorch's (``nn.RNN``, ``nn.LSTM``,
 
     w_ih (G*H, D)   w_hh (G*H, H)   b_ih (G*H,)   b_hh (G*H,)
 
-where ``G`` is the number of gate blocks (1 for Elman, 4 for LSTM, 3 for GRU).
+where ``G`` is the number of gate blocks (1 for Elman, 4 for LSTM, 3 for GRU). The
+projected LSTM (``ProjectedLSTM``, PyTorch's ``proj_size=P``) has ``w_hh (4H, P)``
+and a fifth matrix, ``w_hr (P, H)``.
 
 The work of a layer is split so that the sequential part is as small as possible:
 
@@ -328,6 +330,104 @@ class LSTM(Cell):
         dh_prev = dgates @ params.w_hh  # through W_hh h_{t-1}
         dc_prev = dc * f  # through f c_{t-1}
         return (dh_prev, dc_prev), dgates, dgates
+
+
+class LSTMPParams(NamedTuple):
+    """Parameters of one projected-LSTM layer in one direction, PyTorch's layout."""
+
+    w_ih: jax.Array  # (4H, D)
+    w_hh: jax.Array  # (4H, P): the recurrence reads the projected h_{t-1}
+    b_ih: jax.Array | None  # (4H,), or None without bias
+    b_hh: jax.Array | None  # (4H,), or None without bias
+    w_hr: jax.Array  # (P, H): the projection h_t = W_hr m_t
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedLSTM(LSTM):
+    r"""LSTM with a projected output, ``torch.nn.LSTM(proj_size=P)`` (Sak et al. 2014).
+
+    The LSTM's recurrence, with its output ``m_t`` projected to ``P < H`` features,
+    which are both the layer's output and what the next step's gates read:
+
+    .. math::
+        [\hat\imath, \hat f, \hat g, \hat o] = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh} \\
+        c_t = f \odot c_{t-1} + i \odot g, \qquad m_t = o \odot \tanh(c_t), \qquad
+        h_t = W_{hr} m_t
+
+    with ``W_hh (4H, P)`` and ``W_hr (P, H)``; the carry is ``(h (B, P), c (B, H))``.
+    Backward, with :math:`\delta h_t` (P wide) and :math:`\delta c_t` the total
+    cotangents of the carry:
+
+    .. math::
+        \delta m_t = W_{hr}^\top \delta h_t, \qquad
+        \frac{\partial L}{\partial W_{hr}} = \sum_t \delta h_t^\top m_t
+
+    and then the LSTM's backward step (``LSTM``) with :math:`\delta m_t` in place of
+    its :math:`\delta h_t`, which gives :math:`\delta c_{t-1}`, the gate cotangents
+    and :math:`\delta h_{t-1} = W_{hh}^\top \delta\hat{\text{gates}}` (P wide). The
+    ``W_hr`` gradient is returned as an ``Outer``, so the scan forms it after the
+    loop as one product over all steps. Residual per step: the activated gates, as
+    the LSTM; ``m_t`` is recomputed from ``o`` and ``c_t`` in the backward step.
+    """
+
+    proj_size: int = dataclasses.field(kw_only=True)  # P, 0 < P < H (keyword, required)
+
+    def __post_init__(self):
+        P = self.proj_size
+        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+            raise ValueError(f"proj_size must be an integer >= 1 for ProjectedLSTM, got {P!r}")
+
+    def state_sizes(self, hidden_size: int) -> tuple[int, ...]:
+        """``(P, H)``: the carry is ``(h (B, P), c (B, H))``."""
+        return (self.proj_size, hidden_size)
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32) -> LSTMPParams:
+        """PyTorch's initialisation: every entry, ``w_hr`` included, ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+        ``forget_bias`` is added to the forget block of ``b_ih``, as for the LSTM.
+
+        Returns:
+            ``LSTMPParams`` with ``w_ih (4H, D)``, ``w_hh (4H, P)``, biases ``(4H,)``
+            or None, ``w_hr (P, H)``.
+
+        Raises:
+            ValueError: ``proj_size`` is not smaller than ``hidden_size``.
+        """
+        if self.proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size} "
+                             f"(as PyTorch), got proj_size={self.proj_size}")
+        k_lstm, k_hr = jax.random.split(key)
+        p = super().init(k_lstm, input_size, hidden_size, bias, dtype)  # w_hh (4H, P): state_sizes
+        bound = 1.0 / math.sqrt(hidden_size)
+        w_hr = jax.random.uniform(k_hr, (self.proj_size, hidden_size), dtype, -bound, bound)
+        return LSTMPParams(*p, w_hr=w_hr)
+
+    def step(self, params, carry, xp):
+        h_prev, c_prev = carry  # h_{t-1} (B, P), c_{t-1} (B, H)
+        H = c_prev.shape[-1]
+        pre = xp + self.recurrent_preactivation(params, h_prev)  # all four gates at once
+        scale, offset = _gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
+        # i, f, o = sigmoid(.) = 1/2 + 1/2 tanh(./2) and g = tanh(.), in one tanh (as LSTM.step)
+        gates = jnp.tanh(pre * scale) * scale + offset
+        i, f, g, o = _split(gates, 4)  # jnp.split, as LSTM.step (for jax.grad's transpose)
+        c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
+        m = o * jnp.tanh(c)  # m_t = o tanh(c_t), the LSTM's output
+        h = m @ params.w_hr.T  # h_t = W_hr m_t, (B, P)
+        return (h, c), gates
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        _, c = carry
+        H = c.shape[-1]
+        dh, dc_next = dcarry  # total dL/dh_t (B, P) and dL/dc_t (B, H)
+        o = res[..., 3 * H:]  # the output gate, from the stored gates [i, f, g, o]
+        m = o * jnp.tanh(c)  # m_t = o tanh(c_t), recomputed rather than stored
+        dm = dh @ params.w_hr  # back through h_t = W_hr m_t: dL/dm_t = W_hr^T dh_t
+        # the LSTM's backward step from dL/dm_t (its dh): dc_{t-1}, the gates' cotangents,
+        # dh_{t-1} = dgates W_hh (B, P); it reads neither h_t nor its width
+        dcarry_prev, dgi, dgh = super().backward_step(params, carry_prev, carry, res,
+                                                      (dm, dc_next))
+        # dL/dW_hr = sum_t dh_t^T m_t: both sides stacked, one product after the loop
+        return dcarry_prev, dgi, dgh, {"w_hr": Outer(dg=dh, a=m)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -789,6 +889,8 @@ def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
                              f"(as PyTorch), got proj_size={proj_size}")
     if kind in _NONLINEARITY:
         return CELLS[kind](nonlinearity)
+    if proj_size:  # validated above: cell='lstm', 0 < P < hidden_size
+        return ProjectedLSTM(forget_bias=float(forget_bias), proj_size=proj_size)
     if kind in _FORGET_GATE:
         return CELLS[kind](forget_bias=float(forget_bias))
     return CELLS[kind]()

@@ -47,6 +47,7 @@ class CheckConfig:
     bias: bool = True
     readout_bias: bool = True
     nonlinearity: str = "tanh"
+    proj_size: int = 0  # lstm only: 0 < P < hidden_size projects h (nn.LSTM(proj_size=P))
     seq_len: int = 5
     batch: int = 2
     loss: str = "half_sse"
@@ -57,7 +58,8 @@ class CheckConfig:
         return RNN(cell=self.cell, input_size=self.input_size, hidden_size=self.hidden_size,
                    output_size=self.output_size, num_layers=self.num_layers,
                    bidirectional=self.bidirectional, bias=self.bias,
-                   readout_bias=self.readout_bias, nonlinearity=self.nonlinearity)
+                   readout_bias=self.readout_bias, nonlinearity=self.nonlinearity,
+                   proj_size=self.proj_size)
 
 
 class CheckResult(NamedTuple):
@@ -220,9 +222,19 @@ def random_configs(n: int, seed: int = 0, cells=tuple(CELLS),
             with_state=bool(rng.integers(2)),
             with_lengths=bool(rng.choice(lengths)),
         )
+        # lstm only: no projection or P in [1, H-1], half the time each (H >= 2)
+        kind, H = fixed.get("cell", cell), fixed.get("hidden_size", drawn["hidden_size"])
+        drawn["proj_size"] = (int(rng.integers(1, H)) if isinstance(kind, str) and
+                              kind == "lstm" and H >= 2 and rng.integers(2) else 0)
         drawn.update(fixed)
         if drawn["cell"] not in ("elman", "indrnn"):
             drawn["nonlinearity"] = "tanh"
+        if drawn["cell"] != "lstm" or drawn["proj_size"] >= drawn["hidden_size"]:
+            if "proj_size" in fixed and drawn["proj_size"]:
+                raise ValueError(f"proj_size={drawn['proj_size']} needs cell='lstm' and "
+                                 f"hidden_size > proj_size, got cell={drawn['cell']!r}, "
+                                 f"hidden_size={drawn['hidden_size']}")
+            drawn["proj_size"] = 0
         if drawn["loss"] == "xent" and drawn["output_size"] < 2:
             if "output_size" in fixed:
                 raise ValueError("loss='xent' needs output_size >= 2 classes (with one class "
@@ -234,16 +246,18 @@ def random_configs(n: int, seed: int = 0, cells=tuple(CELLS),
 
 def format_results(results: list[CheckResult]) -> str:
     """A markdown table of the results, one row per configuration ("-": rtrl not supported)."""
-    head = ("| # | cell | nonlin | L | dirs | bias | T | B | D | H | O | loss | state | lengths "
-            "| bptt vs autodiff | bptt vs FD | autodiff vs FD | rtrl vs autodiff | result |")
-    sep = "|" + "---|" * 19
+    head = ("| # | cell | nonlin | L | dirs | bias | T | B | D | H | P | O | loss | state "
+            "| lengths | bptt vs autodiff | bptt vs FD | autodiff vs FD | rtrl vs autodiff "
+            "| result |")
+    sep = "|" + "---|" * 20
     rows = [head, sep]
     for i, r in enumerate(results):
         c = r.config
         rows.append(
             f"| {i} | {cell_label(c.cell)} | {c.nonlinearity} | {c.num_layers} | "
             f"{2 if c.bidirectional else 1} | {'y' if c.bias else 'n'} | {c.seq_len} | "
-            f"{c.batch} | {c.input_size} | {c.hidden_size} | {c.output_size} | {c.loss} | "
+            f"{c.batch} | {c.input_size} | {c.hidden_size} | {c.proj_size or '-'} | "
+            f"{c.output_size} | {c.loss} | "
             f"{'y' if c.with_state else 'n'} | {'y' if c.with_lengths else 'n'} | "
             f"{r.bptt_vs_autodiff:.1e} | {r.bptt_vs_fd:.1e} | {r.autodiff_vs_fd:.1e} | "
             f"{'-' if r.rtrl_vs_autodiff is None else f'{r.rtrl_vs_autodiff:.1e}'} | "

@@ -22,8 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn import losses as losses_lib
-from jaxrnn.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
+from jaxrnn.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, check_cell_class,
+                          make_cell)
 from jaxrnn.scan import METHODS, layer
+
+# the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
+_TORCH_CELLS = ("elman", "lstm", "gru")
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0).
 State = Any
@@ -184,7 +188,9 @@ class RNN:
         Returns:
             ``RNNParams``: per layer and direction ``CellParams`` (``w_ih (G*H, D_l)``,
             ``w_hh (G*H, H)``, biases ``(G*H,)``), and the readout
-            (``weight (O, dirs*H)``, ``bias (O,)``).
+            (``weight (O, dirs*H)``, ``bias (O,)``). With ``proj_size=P``: ``LSTMPParams``,
+            with ``w_hh (4H, P)`` and ``w_hr (P, H)``, layers above the first read
+            ``dirs*P`` features and the readout ``weight`` is (O, dirs*P).
         """
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
@@ -280,9 +286,10 @@ class RNN:
         for k, (s, shape) in enumerate(zip(parts, shapes)):
             if s.shape != shape:
                 what = "state" if len(shapes) == 1 else f"state[{k}]"
+                width = ("hidden_size" if shape[2] == self.hidden_size else
+                         "proj_size" if self.proj_size and shape[2] == self.proj_size else "size")
                 raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
-                                 f"{'hidden_size' if shape[2] == self.hidden_size else 'size'})"
-                                 f" = {shape}, got shape {s.shape}")
+                                 f"{width}) = {shape}, got shape {s.shape}")
             if s.dtype != dtype:
                 raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
         return parts if len(shapes) > 1 else parts[0]
@@ -432,8 +439,26 @@ class RNN:
                               lengths, dropout_key)
 
     # --- PyTorch interop -------------------------------------------------------
+    def _check_torch_cell(self, what: str) -> None:
+        """Raises a ValueError unless the cell is one of PyTorch's (elman, lstm, gru)."""
+        if isinstance(self.cell, Cell):
+            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} is a user cell")
+        if self.cell not in _TORCH_CELLS:
+            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} has no PyTorch "
+                             f"counterpart")
+
     def torch_names(self) -> list[str]:
-        """The ``state_dict`` keys of the matching ``torch.nn.RNN/LSTM/GRU``, in order."""
+        """The ``state_dict`` keys of the matching ``torch.nn.RNN/LSTM/GRU``, in order.
+
+        With ``proj_size``, each layer and direction also has ``weight_hr`` after its
+        biases, as in PyTorch.
+
+        Raises:
+            ValueError: the cell is not one of PyTorch's (a user cell, IndRNN).
+        """
+        self._check_torch_cell("torch_names")
         names = []
         for l in range(self.num_layers):
             for d in range(self.num_directions):
@@ -441,6 +466,8 @@ class RNN:
                 names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
                 if self.bias:
                     names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
+                if self.proj_size:
+                    names += [f"weight_hr{sfx}"]
         return names
 
     def from_torch(self, rnn_state_dict: Mapping[str, Any],
@@ -451,12 +478,16 @@ class RNN:
             rnn_state_dict: keys as in ``torch.nn.RNN/LSTM/GRU`` (``weight_ih_l0``,
                 ``bias_hh_l1_reverse``, ...).
             readout_state_dict: keys ``weight`` (O, dirs*H) and ``bias`` (O,) of an
-                ``nn.Linear``.
+                ``nn.Linear``. With ``proj_size=P``, P replaces H here, in
+                ``weight_hh`` (4H, P) and in the input width of layers above the
+                first; ``weight_hr`` is (P, H).
             dtype: cast to this dtype; default: keep the arrays' own.
 
         Raises:
-            ValueError: missing or unexpected keys, or a wrong shape.
+            ValueError: missing or unexpected keys, a wrong shape, or a cell that is
+                not one of PyTorch's.
         """
+        self._check_torch_cell("from_torch")
         def arr(sd, key, shape, where):
             a = sd[key]
             if hasattr(a, "detach"):  # a torch tensor
@@ -477,20 +508,25 @@ class RNN:
         readout_keys = ["weight"] + (["bias"] if self.readout_bias else [])
         check_keys(readout_state_dict, readout_keys, "readout_state_dict")
         gh = self.cell_fn.num_gates * self.hidden_size
+        out = self.layer_output_size  # H, or P with proj_size=P
         layers = []
         for l in range(self.num_layers):
-            d_in = self.input_size if l == 0 else self.hidden_size * self.num_directions
+            d_in = self.input_size if l == 0 else out * self.num_directions
             dirs = []
             for d in range(self.num_directions):
                 sfx = f"_l{l}" + ("_reverse" if d else "")
                 sd, w = rnn_state_dict, "rnn_state_dict"
-                dirs.append(CellParams(
+                p = CellParams(
                     w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
-                    w_hh=arr(sd, f"weight_hh{sfx}", (gh, self.hidden_size), w),
+                    w_hh=arr(sd, f"weight_hh{sfx}", (gh, out), w),
                     b_ih=arr(sd, f"bias_ih{sfx}", (gh,), w) if self.bias else None,
-                    b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if self.bias else None))
+                    b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if self.bias else None)
+                if self.proj_size:
+                    p = LSTMPParams(*p, w_hr=arr(sd, f"weight_hr{sfx}",
+                                                 (self.proj_size, self.hidden_size), w))
+                dirs.append(p)
             layers.append(tuple(dirs))
-        features = self.hidden_size * self.num_directions
+        features = out * self.num_directions
         rd, w = readout_state_dict, "readout_state_dict"
         readout = ReadoutParams(
             weight=arr(rd, "weight", (self.output_size, features), w),
@@ -501,17 +537,29 @@ class RNN:
         """``(rnn_state_dict, readout_state_dict)`` of numpy arrays under PyTorch's names.
 
         The arrays are writable copies; load them with
-        ``module.load_state_dict({k: torch.from_numpy(v) ...})``.
+        ``module.load_state_dict({k: torch.from_numpy(v) ...})``. With ``proj_size``,
+        each layer and direction also gives ``weight_hr`` (P, H), after its biases.
+
+        Raises:
+            ValueError: the cell is not one of PyTorch's, or ``params`` does not
+                match this model's parameter type.
         """
+        self._check_torch_cell("to_torch")
         rnn_sd = {}
         for l, dirs in enumerate(params.layers):
             for d, p in enumerate(dirs):
                 sfx = f"_l{l}" + ("_reverse" if d else "")
                 rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
                 rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
+                if ("w_hr" in getattr(p, "_fields", ())) != bool(self.proj_size):
+                    raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
+                                     f"match this model: proj_size={self.proj_size} needs "
+                                     f"{'a' if self.proj_size else 'no'} w_hr field")
                 if p.b_ih is not None:
                     rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
                     rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
+                if self.proj_size:
+                    rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
         readout_sd = {"weight": np.array(params.readout.weight)}
         if params.readout.bias is not None:
             readout_sd["bias"] = np.array(params.readout.bias)
