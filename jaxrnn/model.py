@@ -456,7 +456,8 @@ class RNN:
         biases, as in PyTorch.
 
         Raises:
-            ValueError: the cell is not one of PyTorch's (a user cell, IndRNN).
+            ValueError: the cell is not one of PyTorch's (a user cell, indrnn, peephole_lstm,
+                layernorm_lstm).
         """
         self._check_torch_cell("torch_names")
         names = []
