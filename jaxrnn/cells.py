@@ -287,9 +287,16 @@ class LSTM(Cell):
     carry_size: ClassVar[int] = 2
 
     def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
-        """PyTorch's initialisation, plus ``forget_bias`` on the forget block of ``b_ih``."""
+        """PyTorch's initialisation, plus ``forget_bias`` on the forget block of ``b_ih``.
+
+        Raises:
+            ValueError: ``forget_bias`` without ``bias``.
+        """
+        if self.forget_bias and not bias:
+            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
+                             f"it initialises b_ih")
         p = super().init(key, input_size, hidden_size, bias, dtype)
-        if self.forget_bias and p.b_ih is not None:
+        if self.forget_bias:
             H = hidden_size
             p = p._replace(b_ih=p.b_ih.at[H:2 * H].add(self.forget_bias))  # gates i, f, g, o
         return p

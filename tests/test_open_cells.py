@@ -361,3 +361,19 @@ def test_forget_bias_initialises_the_forget_block():
         RNN(cell="gru", input_size=3, hidden_size=4, output_size=1, forget_bias=1.0)
     with pytest.raises(ValueError, match=r"forget_bias=1.0 needs bias=True"):
         RNN(bias=False, forget_bias=1.0, **kw)
+
+
+def test_train_cli_refuses_bad_cell_options_before_writing(tmp_path, capsys):
+    from jaxrnn.cli import main
+
+    for args, msg in [(["--cell", "lstm", "--proj-size", "40", "--hidden", "8"],
+                       "--proj-size must be smaller than --hidden=8"),
+                      (["--cell", "gru", "--forget-bias", "1"],
+                       "--forget-bias=1.0 applies to cells with a forget gate"),
+                      (["--cell", "elman", "--proj-size", "2"],
+                       "--proj-size=2 applies to --cell 'lstm' only")]:
+        out = tmp_path / "run"
+        assert main(["train", "--task", "sine", "--steps", "2", "--out", str(out)] + args) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+        assert not out.exists()
