@@ -98,3 +98,15 @@ def test_step_formulations_quick(tmp_path):
     table = (tmp_path / "step_formulations.md").read_text()
     assert "| lstm | 8 | 2 | 8 | chosen |" in table and "| gru | 8 | 2 | 8 | head |" in table
     assert (tmp_path / "step_formulations.png").stat().st_size > 1000
+
+
+def test_input_projection_quick(tmp_path):
+    record = run_quick("input_projection", tmp_path)
+    (sweep,) = record["results"]["sweep"]
+    assert sweep["flags"] == "" and sweep["status"] == "ok"
+    (row,) = sweep["rows"]
+    assert (row["T"], row["B"], row["D"], row["GH"]) == (10, 4, 8, 32)
+    assert {"x@w.T", "x@wT", "flat@wT", "per_step", "chunks", "numpy"} <= set(row["ms"])
+    assert all(t > 0 for t in row["ms"].values())
+    md = (tmp_path / "input_projection.md").read_text()
+    assert "| (defaults) | (10, 4, 8, 32) |" in md
