@@ -7,6 +7,7 @@ figures are checked, including one qualitative result each: a cell learns the
 short adding problem, and full BPTT learns a delay that BPTT(2, 2) cannot.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -56,13 +57,22 @@ def truncation(tmp_path_factory):
     return out, _run_quick("truncation_length", out)
 
 
-@pytest.fixture(scope="module")
-def trunc_module():
+def _import_experiment(name: str):
     sys.path.insert(0, str(ROOT / "experiments"))
     try:
-        return importlib.import_module("truncation_length")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "experiments"))
+
+
+@pytest.fixture(scope="module")
+def trunc_module():
+    return _import_experiment("truncation_length")
+
+
+@pytest.fixture(scope="module")
+def adding_module():
+    return _import_experiment("adding_problem")
 
 
 # --- adding problem ----------------------------------------------------------------
@@ -74,8 +84,11 @@ def test_adding_runs_every_cell_and_length_with_consistent_summary(adding):
     assert res["solved_threshold"] == pytest.approx(s["solved_fraction"] * BASELINE)
     runs = res["runs"]
     assert sorted((r["cell"], r["seq_len"]) for r in runs) == sorted(
-        (c, T) for c in s["cells"] for T in s["lengths"])
-    assert set(s["cells"]) == {"elman", "lstm", "gru"}
+        (c, T) for c in s["cells"] for T in s["lengths"])  # the quick length is below long_from
+    assert all(T < s["long_from"] for T in s["lengths"])
+    assert s["cells"] == ["elman", "lstm", "gru", "indrnn"]
+    assert dict(s["nonlinearity"]) == {"indrnn": "relu"}
+    assert set(res["final_mse"]) == set(res["solved"]) == set(s["cells"])
     for r in runs:
         steps = s["steps"][s["lengths"].index(r["seq_len"])]
         assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == steps
@@ -89,6 +102,19 @@ def test_adding_runs_every_cell_and_length_with_consistent_summary(adding):
         # an untrained network is no better than the constant answer
         assert r["eval_mse"][0] > 0.5 * BASELINE
     _assert_pngs(out, res["figures"], {"adding_problem_curves.png", "adding_problem_summary.png"})
+
+
+def test_adding_full_layout_runs_long_lengths_for_long_cells_only(adding_module):
+    # the full mode's runs: every cell up to T = 200, LSTM and IndRNN only at 500 and 1000
+    s = adding_module.FULL
+    planned = adding_module.plan(s)
+    assert [T for T, _, _ in planned] == sorted(T for T, _, _ in planned)
+    assert adding_module.cells_at(s, 200) == ["elman", "lstm", "gru", "indrnn"]
+    assert adding_module.cells_at(s, 500) == adding_module.cells_at(s, 1000) == ["lstm", "indrnn"]
+    assert len(planned) == len(set(planned)) == 4 * 4 + 2 * 2
+    assert all(n == s.steps[s.lengths.index(T)] for T, n, _ in planned)
+    with pytest.raises(ValueError, match="one count per length"):
+        adding_module.plan(dataclasses.replace(s, steps=s.steps[:-1]))
 
 
 def test_adding_some_cell_learns_the_short_problem(adding):
