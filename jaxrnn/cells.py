@@ -77,7 +77,8 @@ class Cell:
 
     **Class attributes.** ``name`` (str); ``num_gates`` G, the number of (H,)
     blocks of the input projection; ``carry_size``, the number of arrays in the
-    carry; ``fold_recurrent_bias``: True when the recurrent pre-activation enters
+    carry; ``residual_over_input`` (default False): see its comment below, a speed
+    option only; ``fold_recurrent_bias``: True when the recurrent pre-activation enters
     the step only added to the input projection, so that ``dgh`` *is* ``dgi``
     (Elman, LSTM): the scan then adds ``b_hh`` to the input projection and keeps
     one of the two cotangents; False when they differ (GRU: its n block is scaled
@@ -125,6 +126,13 @@ class Cell:
     # True when b_hh can be folded into the input projection (it enters the
     # pre-activation additively); False for the GRU's n-gate, which scales it by r.
     fold_recurrent_bias: ClassVar[bool] = True
+    # True lets the forward scan store the first residual leaf shaped like xp_t (B, G*H)
+    # over the input projection's own buffer (no second (T, B, G*H) buffer, no zero
+    # fill). Safe for speed only when that leaf is an elementwise function of xp_t
+    # (the built-in LSTM, GRU and peephole cells): otherwise XLA copies the whole
+    # buffer at every step, quadratic in T (the layer-norm LSTM: 378 vs 119 ms for a
+    # gradient at T=200, B=32, H=128). Off by default.
+    residual_over_input: ClassVar[bool] = False
 
     def init(self, key: jax.Array, input_size: int, hidden_size: int, bias: bool = True,
              dtype=jnp.float32) -> CellParams:
@@ -285,6 +293,7 @@ class LSTM(Cell):
     name: ClassVar[str] = "lstm"
     num_gates: ClassVar[int] = 4
     carry_size: ClassVar[int] = 2
+    residual_over_input: ClassVar[bool] = True  # the gates: elementwise in xp_t
 
     def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
         """PyTorch's initialisation, plus ``forget_bias`` on the forget block of ``b_ih``.
@@ -471,6 +480,7 @@ class GRU(Cell):
     num_gates: ClassVar[int] = 3
     carry_size: ClassVar[int] = 1
     fold_recurrent_bias: ClassVar[bool] = False
+    residual_over_input: ClassVar[bool] = True  # r, z, n: elementwise in xp_t
 
     def step(self, params, carry, xp):
         (h_prev,) = carry
@@ -553,6 +563,7 @@ class PeepholeLSTM(Cell):
     name: ClassVar[str] = "peephole_lstm"
     num_gates: ClassVar[int] = 4
     carry_size: ClassVar[int] = 2
+    residual_over_input: ClassVar[bool] = True  # the gates: elementwise in xp_t
 
     def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
         """PyTorch's LSTM initialisation, the peepholes likewise, plus ``forget_bias``.

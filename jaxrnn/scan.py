@@ -121,8 +121,9 @@ def _inplace_index(residuals, shape, dtype) -> int | None:
     step t is dead once read: no second buffer of that size is allocated, nor
     zero-filled as ``lax.scan`` fills every stacked output before its loop (measured:
     a tenth of an LSTM forward scan at T=100, B=128, H=512). XLA updates the buffer
-    in place when everything that reads ``xp_t`` feeds the stored leaf, as in the
-    built-in cells; otherwise it copies it, which is correct but slower.
+    in place when the stored leaf is an elementwise function of ``xp_t``, as in the
+    built-in gated cells; otherwise it copies the whole buffer at every step (correct,
+    but quadratic in T), which is why a cell opts in with ``Cell.residual_over_input``.
     ``residuals`` holds shapes (from ``jax.eval_shape``).
     """
     for k, leaf in enumerate(jax.tree.leaves(residuals)):
@@ -256,7 +257,7 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     check_step(cell, carry0, xp[0], out_shape)
     res_shape = out_shape[1]
     k = None
-    if keep_residuals:
+    if keep_residuals and cell.residual_over_input:
         k = _inplace_index(res_shape, xp.shape[1:], xp.dtype)
 
     def body(state, inputs):

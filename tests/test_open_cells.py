@@ -376,3 +376,29 @@ def test_train_cli_refuses_bad_cell_options_before_writing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
         assert not out.exists()
+
+
+def _whole_sequence_copies_in_loops(cell, T=7, B=3) -> list[str]:
+    """Copies of a whole (T, B, .) loop buffer in the compiled bptt gradient's HLO.
+
+    Such a copy of a loop's state (a ``get-tuple-element``) runs at every step: the
+    step then costs O(T) and the layer O(T^2). (Copies of a broadcast are the stacked
+    outputs' one-off zero fill, outside the loops.)
+    """
+    m = RNN(cell=cell, input_size=2, hidden_size=4, output_size=1)
+    p = m.init(jax.random.key(0))
+    xs, ys = jnp.ones((T, B, 2), jnp.float32), jnp.ones((T, B, 1), jnp.float32)
+    hlo = jax.jit(jax.grad(lambda p: m.loss(p, xs, ys))).lower(p).compile().as_text()
+    return [line.strip() for line in hlo.splitlines()
+            if re.search(rf"= f32\[{T},{B},\d+\]\S* copy\(%get-tuple-element", line)]
+
+
+def test_no_cell_copies_a_whole_sequence_buffer_at_every_step():
+    for name in sorted(CELLS):
+        assert _whole_sequence_copies_in_loops(name) == [], name
+
+    @dataclasses.dataclass(frozen=True)
+    class LayerNormInPlace(jaxrnn.LayerNormLSTM):
+        residual_over_input = True  # x-hat is not elementwise in xp_t: XLA copies
+
+    assert _whole_sequence_copies_in_loops(LayerNormInPlace()) != []
