@@ -237,15 +237,8 @@ class NoVarianceTermLN(GainedLayerNormLSTM):
         return (dh_prev, dc_prev - missing * f), dgi, dgh, extra
 
 
-@pytest.mark.parametrize("cell", [PeepholeLSTM(), LayerNormLSTM(), GainedLayerNormLSTM()],
-                         ids=["peephole", "layernorm", "layernorm-gained"])
-def test_check_cell_passes(cell):
-    report = check_cell(cell)
-    assert report.ok and report.max_rel_error <= 1e-10, str(report)
-    # every parameter field of the cell was compared over the sequence
-    params = cell.init(jax.random.key(0), 3, 4, True, jnp.float32)
-    compared = {r.output for r in report.rows if r.check == "sequence"}
-    assert {f for f in params._fields if getattr(params, f) is not None} <= compared
+# check_cell passing on both cells (at perturbed parameters, so the gains are not 1):
+# tests/test_open_cells.py::test_check_cell_passes_every_built_in_cell.
 
 
 @pytest.mark.parametrize("cell", [NoPeepholeDcPrev(), NoVarianceTermLN()],

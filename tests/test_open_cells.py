@@ -173,10 +173,15 @@ def test_user_cell_trains_tbptt_sharded_diagnostics_and_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_check_cell_passes_every_built_in_cell(name):
-    report = check_cell(RNN(cell=name, input_size=3, hidden_size=4, output_size=1).cell_fn)
-    assert report.ok and report.max_rel_error <= BPTT_RTOL
+    cell = RNN(cell=name, input_size=3, hidden_size=4, output_size=1).cell_fn
+    report = check_cell(cell)
+    assert report.ok and report.max_rel_error <= BPTT_RTOL, str(report)
     outputs = {r.output for r in report.rows}
     assert {"dgi", "dcarry_prev[0]", "dxs", "w_ih"} <= outputs
+    # every parameter field of the cell was compared over the sequence
+    params = cell.init(jax.random.key(0), 3, 4, True, jnp.float32)
+    compared = {r.output for r in report.rows if r.check == "sequence"}
+    assert {f for f in params._fields if getattr(params, f) is not None} <= compared
 
 
 def test_check_cell_tells_a_wrong_backward_step(readme):
