@@ -106,6 +106,29 @@ def parse_args(name: str, doc: str | None, argv: list[str] | None) -> argparse.N
     return parser.parse_args(argv)
 
 
+def run_with_xla_flags(worker: str, arg: Any, flags: str) -> dict:
+    """Runs the Python source ``worker`` in a fresh process with ``XLA_FLAGS=flags``.
+
+    XLA reads its flags once, at start-up, so each setting needs its own process.
+    ``worker`` gets ``json.dumps(arg)`` as ``sys.argv[1]`` and prints its result as
+    one line ``RESULT <json>``.
+
+    Returns:
+        ``{"flags", "status": "ok", "rows": <the worker's JSON>}``, or a status
+        ``"failed (exit N): [last stderr line]"`` (an unknown flag aborts jaxlib).
+    """
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS=flags)
+    proc = subprocess.run([sys.executable, "-c", worker, json.dumps(arg)], env=env,
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"flags": flags, "status": f"failed (exit {proc.returncode}): "
+                                          f"{proc.stderr.strip().splitlines()[-1:]}"}
+    return {"flags": flags, "status": "ok", "rows": json.loads(lines[-1][len("RESULT "):])}
+
+
 def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,
          run: Callable[[Any, Path, bool], dict], argv: list[str] | None = None) -> int:
     """The command line of an experiment script: parse, run, write ``OUT/NAME.json``.

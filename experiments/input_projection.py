@@ -25,9 +25,6 @@ Writes ``input_projection.json`` and ``input_projection.md``; compare within a r
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -118,16 +115,8 @@ print("RESULT " + json.dumps(rows))
 
 
 def sweep_one(flags: str, settings: Settings) -> dict:
-    env = dict(os.environ, XLA_FLAGS=flags)
-    arg = json.dumps([settings.shapes, settings.chunk, settings.rounds, settings.calls,
-                      settings.seed])
-    proc = subprocess.run([sys.executable, "-c", WORKER, arg], env=env, capture_output=True,
-                          text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {"flags": flags, "status": f"failed (exit {proc.returncode}): "
-                                          f"{proc.stderr.strip().splitlines()[-1:]}"}
-    return {"flags": flags, "status": "ok", "rows": json.loads(lines[-1][len("RESULT "):])}
+    arg = [settings.shapes, settings.chunk, settings.rounds, settings.calls, settings.seed]
+    return common.run_with_xla_flags(WORKER, arg, flags)
 
 
 def markdown(results: list[dict]) -> str:
