@@ -143,10 +143,12 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
         out_shape = jax.eval_shape(cell.step, params, carry_prev, xp)
         check_step(cell, carry_prev, xp, out_shape)
         dcarry = _normal_like(k[3], out_shape[0])
+        def backward_of_step(p, c, x, dc):
+            carry, res = cell.step(p, c, x)
+            return cell.backward_step(p, c, carry, res, dc)
+
         check_backward_step(cell, params, carry_prev, xp, jax.eval_shape(
-            lambda p, c, x, dc: cell.backward_step(p, c, cell.step(p, c, x)[0],
-                                                   cell.step(p, c, x)[1], dc),
-            params, carry_prev, xp, dcarry))
+            backward_of_step, params, carry_prev, xp, dcarry))
 
         @jax.jit
         def one_step(params, carry_prev, xp, dcarry):

@@ -343,11 +343,6 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     """
     T = dhs.shape[0]
     same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
-    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
-    # read: no second (T, B, H) buffer is allocated and zero-filled. (Writing a gated
-    # cell's dgi over its residuals' buffer the same way makes XLA copy the whole
-    # buffer at every step: the residuals are read by more than what dgi depends on.)
-    in_place = _dgi_over_dhs(dhs, params)  # decided again below, once the extras are known
 
     def cell_backward(t, carry, res, dcarry):
         # carry_{t-1}, read from the stored carries (no shifted copy is made)
@@ -363,10 +358,13 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     extra_shape = check_backward_step(cell, params, tuple(dcarry_T), xp_shape, probe)
     summed = [f for f, v in extra_shape.items() if not isinstance(v, Outer)]
     outers = [f for f, v in extra_shape.items() if isinstance(v, Outer)]
-    # ... but not when the loop also sums per-example parameter terms (IndRNN's u):
-    # then XLA copies the whole (T, B, H) buffer at every step, quadratic in T
-    # (IndRNN, T=1000, B=32, H=32: 956 ms per gradient in place, 11 ms without).
-    in_place = in_place and not summed
+    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
+    # read: no second (T, B, H) buffer is allocated and zero-filled. Not when the loop
+    # also sums per-example parameter terms (IndRNN's u): XLA then copies the whole
+    # buffer at every step, quadratic in T (IndRNN, T=1000, B=32, H=32: 956 ms per
+    # gradient in place, 11 ms without). (Writing a gated cell's dgi over its
+    # residuals' buffer the same way also makes XLA copy the buffer at every step.)
+    in_place = _dgi_over_dhs(dhs, params) and not summed
 
     def body(state, inputs):
         dcarry, dhs_buf, acc = state
@@ -385,7 +383,8 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
             dgh = jnp.where(m_t[:, None], dgh, 0)
         # the cell's own small parameters: their per-example terms summed in the loop
-        acc = {f: acc[f] + _masked(m_t, extra[f]) for f in summed}
+        terms = {f: _masked(m_t, extra[f]) for f in summed}
+        acc = {f: acc[f] + terms[f] for f in summed}
         outs = ()
         if in_place:
             dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
@@ -396,8 +395,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         # the cell's own matrices: both sides stacked, one product after the loop
         outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
         if with_trace:
-            per_step = {f: _masked(m_t, extra[f]) for f in summed}
-            outs = outs + (dcarry[0], dcarry_prev[0], per_step)
+            outs = outs + (dcarry[0], dcarry_prev[0], terms)
         return (dcarry_prev, dhs_buf, acc), outs
 
     acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
