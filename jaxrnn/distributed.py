@@ -17,8 +17,9 @@ HOST:PORT`` calls before anything touches a JAX backend:
 * ``N == 1``: nothing is started (a one-process run, exactly as without the flags).
 
 After it, ``is_writer()`` says whether this process writes the run's files
-(process 0), ``barrier(name)`` waits for every process, and ``writer_verdict``
-hands process 0's decision (e.g. "this directory already holds a run") to all.
+(process 0), ``barrier(name)`` waits for every process, ``from_writer`` hands
+process 0's decision (e.g. "this directory already holds a run") to all, and
+``any_process`` tells every process whether any of them was asked to stop.
 With one process all three are trivial, so callers need no special case.
 """
 
@@ -181,27 +182,41 @@ def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
         _client().wait_at_barrier(f"jaxrnn/{name}/{next(_barrier_ids)}", timeout_s * 1000)
 
 
-def writer_verdict(name: str, verdict: str | None, timeout_s: int = BARRIER_TIMEOUT_S
-                   ) -> str | None:
-    """Process 0's ``verdict`` (e.g. an error message, or None for "go on"), in every process.
+def from_writer(name: str, value: str | None, timeout_s: int = BARRIER_TIMEOUT_S
+                ) -> str | None:
+    """Process 0's ``value`` (a decision, an error message, a path; or None), in every process.
 
     Process 0 publishes its own through the coordination service's key-value store;
     the others wait for it and return it instead of theirs, so a decision that
-    reads the file system (which process 0 may change next) is taken once.
+    reads the file system (which process 0 may change next) or the clock is taken
+    once, by process 0.
 
     Args:
-        name: a key, unique per decision.
-        verdict: this process's verdict (only process 0's counts).
+        name: what is decided (part of the key; every process must ask in the same order).
+        value: this process's value (only process 0's counts).
         timeout_s: how long the others wait for process 0.
 
     Returns:
-        Process 0's verdict (``verdict`` itself with one process).
+        Process 0's ``value`` (``value`` itself with one process).
     """
     if not is_multiprocess():
-        return verdict
-    key = f"jaxrnn/verdict/{name}/{next(_barrier_ids)}"
+        return value
+    key = f"jaxrnn/from_writer/{name}/{next(_barrier_ids)}"
     if jax.process_index() == 0:
-        _client().key_value_set(key, "" if verdict is None else "!" + verdict)
-        return verdict
-    value = _client().blocking_key_value_get(key, timeout_s * 1000)
-    return value[1:] if value else None
+        _client().key_value_set(key, "" if value is None else "!" + value)
+        return value
+    got = _client().blocking_key_value_get(key, timeout_s * 1000)
+    return got[1:] if got else None
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is True in any process (a small collective; every process must call).
+
+    Used to stop every process at the same step when one of them got SIGINT/SIGTERM.
+    """
+    if not is_multiprocess():
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from jaxrnn import checkpoint as ckpt
-from jaxrnn import rtrl, sharding
+from jaxrnn import distributed, rtrl, sharding
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
 from jaxrnn.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
@@ -344,9 +344,16 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
 
     out = Path(out)
     ckpt_dir = out / "checkpoints"
+    if not distributed.is_writer():  # process 0 alone shows progress and messages
+        progress, log = False, (lambda *args, **kwargs: None)
+    refusal = None
     if not resume and out.exists() and any(out.iterdir()):
-        raise RunError(f"--out {out} already holds a run; pass --resume to continue it, or "
-                       f"choose another directory")
+        refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
+                   f"choose another directory")
+    # Process 0 decides (before anything is written: it makes the directory next).
+    refusal = distributed.from_writer("out-holds-a-run", refusal)
+    if refusal:
+        raise RunError(refusal)
     if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
         raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
 
@@ -366,8 +373,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                            .replace("method='bptt'", "--method bptt")) from None
 
     sample_batch = task.batch(0)
-    n_dev = sharding.choose_devices(cfg.devices, sample_batch.xs.shape[1])
-    mesh = sharding.make_mesh(n_dev) if n_dev > 1 else None
+    n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
     if cfg.k1 is None:
         if mesh is None:
             step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
@@ -380,13 +386,18 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     else:
         step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
                                   method=cfg.method)
-    place_batch = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
+    place_batch = batch_placer(task, mesh, sample_batch.xs.shape[1])
 
     key = jax.random.key(cfg.seed)
     opt_state = optimizer.init(params)
+    if mesh is not None:  # before a restore: it restores onto the same (global) layout
+        params, opt_state, key = sharding.replicate((params, opt_state, key), mesh)
     metadata = {"model": cfg.model_fields()}
     start = 0
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+    distributed.barrier("run-directory")  # every process has read what it needed; made
     checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
     try:
         if resume:
@@ -396,25 +407,31 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             restored = checkpointer.restore(like)
             params, opt_state, key = restored.params, restored.opt_state, restored.key
             start = int(restored.step)
-            _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if distributed.is_writer():
+                _write_jsonl_prefix(out / "metrics.jsonl", start)
             if start >= cfg.steps:
                 log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
                     f"pass a larger --steps to continue it")
                 return RunResult(out, start, start, [], 0.0, 0.0, "already-finished")
-        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev}
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if mesh is not None:
-            params, opt_state = sharding.replicate((params, opt_state), mesh)
+        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev,
+                                            "processes_used": jax.process_count()}
+        if distributed.is_writer():
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
         def save(step):
             checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step, metadata))
 
+        # The eval batch is whole in every process (it is computed once per run): each
+        # device scores all of it, as in a one-process run, so the eval loss is the same.
         eval_batch = task.eval_batch()
+        if mesh is not None:
+            eval_batch = sharding.replicate(eval_batch, mesh)
         eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
                                                   b.targets, None, b.lengths, None,
                                                   task.last_step_only))
         history: list[dict] = []
-        metrics_file = open(out / "metrics.jsonl", "a")
+        metrics_file = open(out / "metrics.jsonl" if distributed.is_writer() else os.devnull,
+                            "a")
         status = "finished"
         compile_s, t_steady, steady_steps = 0.0, None, 0
         first_bad = None
@@ -426,10 +443,10 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         step = start
         with _Stop() as stop, metrics_file, bar:
             while step < cfg.steps:
-                if stop.signal is not None:
+                if stop_requested(stop, step, cfg.log_every):
                     status = "interrupted"
                     break
-                batch = place_batch(task.batch(step))
+                batch = place_batch(step)
                 t0 = time.perf_counter()
                 step_key = jax.random.fold_in(key, step) if cfg.dropout > 0 else None
                 params, opt_state, m = step_fn(params, opt_state, batch, step_key)
@@ -493,10 +510,77 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         wall = (time.perf_counter() - t_steady) if t_steady else 0.0
         steps_per_s = steady_steps / wall if wall > 0 and steady_steps else 0.0
         result = RunResult(out, start, step, history, compile_s, steps_per_s, status)
-        _finish(cfg, task, model, params, out, result, log)
+        if distributed.is_writer():
+            _finish(cfg, task, model, host_local(params), out, result, log)
         return result
     finally:
         checkpointer.close()
+
+
+# --- the process layout (small helpers, so that the training loop needs no more) ----
+
+def build_mesh(cfg: RunConfig, batch_size: int) -> tuple[int, sharding.Mesh | None]:
+    """The number of devices and the mesh of a run (None: one device, no mesh).
+
+    One process: ``--devices`` or as many local devices as divide the batch. Several
+    processes (``jax.distributed``): every device of every process, which must
+    divide the batch; ``--devices``, if given, must be that number.
+
+    Raises:
+        RunError: a ``--devices`` or ``--batch`` that does not fit.
+    """
+    if not distributed.is_multiprocess():
+        try:
+            n_dev = sharding.choose_devices(cfg.devices, batch_size)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return n_dev, sharding.make_mesh(n_dev) if n_dev > 1 else None
+    total, procs = jax.device_count(), jax.process_count()
+    if cfg.devices is not None and cfg.devices != total:
+        raise RunError(f"--devices {cfg.devices}: a run of {procs} processes uses all their "
+                       f"{total} devices; leave --devices out or give {total}")
+    if batch_size % total:
+        raise RunError(f"--batch {batch_size} must be divisible by the {total} devices of the "
+                       f"{procs} processes")
+    return total, sharding.make_mesh(total)
+
+
+def batch_placer(task: Task, mesh: sharding.Mesh | None, batch_size: int):
+    """``place(step) -> Batch``: training batch ``step`` laid out on ``mesh``.
+
+    Several processes: each produces only its own rows (``task.batch(step,
+    part=...)``, the rows of its devices) and they are assembled into the global
+    batch (``shard_batch(..., process_local=True)``), equal to the whole
+    ``task.batch(step)`` of a one-process run.
+    """
+    if mesh is None:
+        return task.batch
+    if not distributed.is_multiprocess():
+        return lambda step: sharding.shard_batch(task.batch(step), mesh)
+    try:
+        part = sharding.process_part(mesh, batch_size)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return lambda step: sharding.shard_batch(task.batch(step, part=part), mesh,
+                                             process_local=True)
+
+
+def stop_requested(stop: _Stop, step: int, every: int) -> bool:
+    """Whether to stop before ``step`` after SIGINT/SIGTERM (``stop.signal``).
+
+    Several processes must stop at the same step (a step or a checkpoint is a
+    collective of all of them), so they agree every ``every`` steps (a small
+    collective) on whether any of them was signalled; one process: at once.
+    """
+    if not distributed.is_multiprocess():
+        return stop.signal is not None
+    return step % every == 0 and distributed.any_process(stop.signal is not None)
+
+
+def host_local(tree):
+    """A pytree of replicated arrays as host numpy arrays in a multi-process run (process 0
+    alone then computes with them, e.g. samples text); unchanged with one process."""
+    return jax.device_get(tree) if distributed.is_multiprocess() else tree
 
 
 def _all_finite(tree) -> bool:
