@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, NotImplementedError) as e:
         print(f"jaxrnn {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except FloatingPointError as e:
+    except (FloatingPointError, ConnectionError) as e:  # a NaN loss; processes that never met
         print(f"jaxrnn {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -40,6 +40,10 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
 _barrier_ids = itertools.count()
 
 
+class StartError(ConnectionError):
+    """The processes of a multi-process run did not connect (the command line: exit 1)."""
+
+
 class Layout(NamedTuple):
     """Where this process stands: its index and the number of processes."""
 
@@ -130,8 +134,8 @@ def start(num_processes: int | None = None, process_id: int | None = None,
 
     Raises:
         ValueError: bad flags (see ``check_flags``).
-        RuntimeError: a JAX backend was already initialised, or the processes did
-            not connect within ``timeout_s``.
+        StartError: the processes did not connect within ``timeout_s`` (or a JAX
+            backend was already initialised).
     """
     check_flags(num_processes, process_id, coordinator)
     if num_processes is None:
@@ -149,7 +153,12 @@ def start(num_processes: int | None = None, process_id: int | None = None,
     # leave a CPU run without cross-process collectives. GPU and TPU ignore it.
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+    except RuntimeError as e:  # e.g. a process that never came, within timeout_s
+        where = f" --coordinator {coordinator}" if coordinator else f" ({how})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StartError(f"cannot start the run of several processes{where}: {first}") from None
     return Layout(jax.process_index(), jax.process_count(), how)
 
 
