@@ -17,6 +17,12 @@ Batches are a pure function of ``(seed, step)`` and dropout keys of
 computes. A NaN or infinite loss stops the run, naming the step, without
 checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
 stops cleanly.
+
+Several processes (``jaxrnn.distributed.start`` before ``run``): the mesh spans
+every process's devices (``build_mesh``), each process builds only its rows of each
+batch (``batch_placer``), process 0 alone writes the files and messages
+(``distributed.is_writer``), every process takes part in each checkpoint, and a
+signal stops all of them at the same step (``stop_requested``).
 """
 
 from __future__ import annotations

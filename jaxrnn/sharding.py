@@ -26,15 +26,18 @@ the order of float additions::
 On one CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before
 JAX is imported) gives four CPU devices to try this with.
 
-Across hosts: call ``jax.distributed.initialize()`` at the start of the program,
-before any other JAX call, on every process (give ``coordinator_address``,
+Across processes: start JAX's runtime at the start of the program, before any
+other JAX call, on every process (``jaxrnn.distributed.start`` from the command
+line's three flags, or ``jax.distributed.initialize()`` with ``coordinator_address``,
 ``num_processes`` and ``process_id``, or nothing on TPU pods, SLURM and other
-clusters JAX detects). Then ``jax.devices()`` lists the devices of all hosts,
+clusters JAX detects; ``jaxrnn train --num-processes`` does it). Then ``jax.devices()`` lists the devices of all hosts,
 ``make_mesh`` spans them and the same step runs unchanged, one program per process.
 Each process then feeds only its own part of the global batch:
 ``shard_batch(local_batch, mesh, process_local=True)`` builds the global arrays with
 ``jax.make_array_from_process_local_data`` from each process's ``B / num_processes``
-sequences (which must split evenly over that process's devices). Without
+sequences (which must split evenly over that process's devices); ``process_part``
+says which rows of the global batch those are, and ``replicate`` places a value
+that every process holds on the devices of all of them. Without
 ``process_local``, ``shard_batch`` expects every process to hold the same, whole batch.
 """
 
