@@ -199,8 +199,11 @@ def cmd_sample(args) -> int:
         raise UsageError(f"no checkpoint in {ckpt_dir}")
     like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
                                 {"model": cfg.model_fields()})
+    def skipped(step, why):
+        print(f"warning: checkpoint {step} is unreadable ({why}): skipped", file=sys.stderr)
+
     with ckpt.Checkpointer(ckpt_dir, read_only=True) as c:
-        params = c.restore(like).params
+        params = c.restore(like, on_skip=skipped).params
     prompt = args.prompt
     unknown = sorted(set(prompt) - set(task.vocab))
     if unknown:

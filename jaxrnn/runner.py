@@ -51,6 +51,18 @@ MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dr
 # Cell options added later: recorded only when set, so that runs made before them resume.
 _OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
 
+# Every RunConfig field is in exactly one of these two (tests/test_runner.py checks it):
+# the fields that define the run, which ``--resume`` refuses to change (a value given
+# that differs from the stored one is an error), and those that may change between runs
+# of the same directory (given on ``--resume``, they apply). A new field must be added to
+# one of them.
+RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "layers",
+                "bidirectional", "dropout", "method", "optimizer", "lr", "schedule",
+                "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
+                "reference_model")
+CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
+                        "diagnostics", "target_loss", "devices")
+
 
 class RunError(ValueError):
     """A run that cannot start: bad options, a missing or mismatched checkpoint."""
@@ -248,26 +260,77 @@ def read_config(out: Path) -> RunConfig:
     return RunConfig(**{k: v for k, v in data.items() if k in names})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    """An option's value as the user would type it (None: "none")."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _same(name: str, given, stored) -> bool:
+    """Whether a given option equals the stored one: numbers by value (0.01 == 1e-2,
+    1 == 1.0), ``--text`` by the file it names."""
+    if given is None or stored is None or isinstance(given, bool) or isinstance(stored, bool):
+        return given == stored
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)):
+        return float(given) == float(stored)
+    if name == "text" and given != stored:
+        return Path(given).expanduser().resolve() == Path(stored).expanduser().resolve()
+    return given == stored
+
+
 def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
-    """The saved run's config, with ``steps`` and the logging cadence taken from ``given``.
+    """The saved run's config, with the options of ``CHANGEABLE_ON_RESUME`` from ``given``.
+
+    Args:
+        out: the run's directory (it holds ``config.json``).
+        given: option name -> value as the user gave it; None means not given.
 
     Raises:
-        RunError: no run in ``out``, or an option in ``given`` that contradicts the
-            saved model (a checkpoint of another model).
+        RunError: no run in ``out``; an unknown option; or options of
+            ``RUN_DEFINING`` given with values other than the run's (one message
+            naming each, with both values). Nothing is written.
     """
     saved = read_config(out)
-    conflicts = [f"--{k.replace('_', '-')} {given[k]!r} but the run has {getattr(saved, k)!r}"
-                 for k in MODEL_FIELDS
-                 if given.get(k) is not None and given[k] != getattr(saved, k)]
+    unknown = sorted(set(given) - set(RUN_DEFINING) - set(CHANGEABLE_ON_RESUME))
+    if unknown:
+        raise RunError(f"unknown run options {unknown}")
+    conflicts = [f"{_flag(k)} {_show(given[k])} (the run has {_show(getattr(saved, k))})"
+                 for k in RUN_DEFINING
+                 if given.get(k) is not None and not _same(k, given[k], getattr(saved, k))]
     if conflicts:
-        raise RunError(f"--resume: the checkpoint in {out} is of another model: "
+        raise RunError(f"--resume: these options differ from the run in {out}: "
                        + "; ".join(conflicts))
-    changes = {k: given[k] for k in ("steps", "log_every", "eval_every", "checkpoint_every",
-                                     "target_loss", "devices", "diagnostics")
-               if given.get(k) is not None}
+    changes = {k: given[k] for k in CHANGEABLE_ON_RESUME if given.get(k) is not None}
     cfg = dataclasses.replace(saved, **changes)
     validate(cfg)  # e.g. --diagnostics given to a run of another method
     return cfg
+
+
+def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState
+                        ) -> tuple[ckpt.CheckpointState, list[tuple[int, str]]]:
+    """The newest readable checkpoint of ``ckpt_dir`` and the newer ones skipped,
+    ``(step, reason)``; read-only: nothing in the directory changes.
+
+    Raises:
+        RunError: no readable checkpoint (naming the directory and each reason), or a
+            checkpoint of another model.
+    """
+    skipped: list[tuple[int, str]] = []
+    try:
+        with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
+            restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)))
+    except ckpt.NoReadableCheckpoint as e:
+        raise RunError(f"--resume: {e}") from None
+    except ValueError as e:  # another model: never a fallback
+        raise RunError(f"--resume: {e}") from None
+    return restored, skipped
 
 
 class _Stop:
@@ -320,24 +383,34 @@ def _write_jsonl_prefix(path: Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _warn(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-        log=print) -> RunResult:
+        log=print, warn=_warn) -> RunResult:
     """Runs (or resumes) a training run, writing into ``out``.
 
     Args:
         cfg: the run's configuration (``build_config`` or ``prepare_resume``).
         out: the output directory. A new run refuses a directory that already holds
             a run; a resumed run requires one.
-        resume: continue from the latest checkpoint in ``out/checkpoints``.
+        resume: continue from the newest readable checkpoint in ``out/checkpoints``;
+            each newer, unreadable one is moved aside to ``<step>.damaged`` (never
+            deleted) with one ``warn`` line naming it and why.
         progress: show a tqdm progress bar.
         log: where to print one-line messages.
+        warn: where to print warnings (default: stderr).
 
     Returns:
         A ``RunResult``.
 
     Raises:
-        RunError: bad options, an existing run without ``resume``, no checkpoint to
-            resume, a checkpoint of another model.
+        RunError: bad options, an existing run without ``resume``, no (readable)
+            checkpoint to resume, a checkpoint of another model. Nothing in ``out``
+            has changed then.
         RunFailed: the loss became NaN or infinite (the message names the step).
     """
     from tqdm.auto import tqdm
@@ -386,16 +459,19 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     opt_state = optimizer.init(params)
     metadata = {"model": cfg.model_fields()}
     start = 0
+    if resume:  # read first: a refused resume changes nothing in ``out``
+        restored, skipped = _restore_for_resume(
+            ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
+        params, opt_state, key = restored.params, restored.opt_state, restored.key
+        start = int(restored.step)
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
     try:
         if resume:
-            ckpt.check_metadata(checkpointer.read_metadata(), metadata,
-                                where=f"the checkpoint in {ckpt_dir}")
-            like = ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata)
-            restored = checkpointer.restore(like)
-            params, opt_state, key = restored.params, restored.opt_state, restored.key
-            start = int(restored.step)
+            for bad_step, why in skipped:  # never deleted, and never in the way of a save
+                moved = checkpointer.set_aside(bad_step)
+                warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming from "
+                     f"checkpoint {start}; moved it aside to {moved}")
             _write_jsonl_prefix(out / "metrics.jsonl", start)
             if start >= cfg.steps:
                 log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
