@@ -76,6 +76,10 @@ class NoReadableCheckpoint(ValueError):
         self.skipped = skipped
 
 
+def _fmt(shape_dtype) -> str:
+    return "absent" if shape_dtype is None else f"{shape_dtype[1]}{shape_dtype[0]}"
+
+
 def _short(reason: str, n: int = 120) -> str:
     reason = " ".join(reason.split())  # one line
     return reason if len(reason) <= n else reason[:n - 3] + "..."
@@ -525,6 +529,31 @@ class Checkpointer:
             return restored
         raise NoReadableCheckpoint(self.directory, skipped)
 
+    def _check_stored_arrays(self, step: int, target) -> None:
+        """The state item's own array metadata (shapes, dtypes) against ``target``, before
+        orbax reads it: orbax would cast a float32 array into a float64 target silently."""
+        def dotted(path):  # orbax's array names: "params.layers.0.0.w_ih"
+            return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                            for k in path)
+
+        want = {dotted(p): (tuple(x.shape), str(x.dtype))
+                for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        try:
+            with _quiet():
+                tree = ocp.StandardCheckpointHandler().metadata(
+                    self.directory / str(step) / "state")
+            stored = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree)}
+        except (*_READ_ERRORS, AttributeError, TypeError) as e:
+            raise self._unreadable(step, f"state: its array metadata: {e}") from None
+        if stored != want:
+            bad = sorted(set(stored) ^ set(want)) or sorted(
+                k for k in want if stored[k] != want[k])
+            k = bad[0]
+            raise self._unreadable(
+                step, f"state: its arrays do not match its manifest: {k} is "
+                      f"{_fmt(stored.get(k))} in the state but {_fmt(want.get(k))} in the "
+                      f"manifest" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
     def _restore_step(self, like: CheckpointState, step: int) -> CheckpointState:
         meta = self._meta(step)
         where = f"checkpoint {self.directory / str(step)}"
@@ -534,6 +563,7 @@ class Checkpointer:
         _check_manifest(meta["leaves"], _manifest(like_tree), where)
         target = _target(like_tree)
         self._verify_state_files(step)
+        self._check_stored_arrays(step, target)
         try:
             with _quiet():
                 stored = self._manager.restore(step, args=ocp.args.Composite(
