@@ -14,7 +14,10 @@
 
 Batches are a pure function of ``(seed, step)`` and dropout keys of
 ``(seed, step)``, so a resumed run computes exactly what an uninterrupted run
-computes. A NaN or infinite loss stops the run, naming the step, without
+computes. A resumed run starts from the newest checkpoint that reads back
+completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
+``--resume`` refuses options of ``RUN_DEFINING`` that differ from the run's and
+applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run, naming the step, without
 checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
 stops cleanly.
 """
