@@ -202,9 +202,10 @@ TINY = ["--task", "sine", "--cell", "gru", "--hidden", "4", "--batch", "2", "--s
         "--lr", "0.01", "--eval-every", "0", "--no-progress"]
 
 
-def snapshot(d: Path) -> dict[str, bytes]:
-    """Every file under ``d`` (relative path -> bytes): a directory's whole content."""
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+def snapshot(d: Path) -> dict[str, bytes | None]:
+    """Everything under ``d``: relative path -> the file's bytes (None for a directory)."""
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None
+            for p in sorted(d.rglob("*"))}
 
 
 def truncate_arrays(step_dir: Path) -> None:
