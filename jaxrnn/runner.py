@@ -17,9 +17,9 @@ Batches are a pure function of ``(seed, step)`` and dropout keys of
 computes. A resumed run starts from the newest checkpoint that reads back
 completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
 ``--resume`` refuses options of ``RUN_DEFINING`` that differ from the run's and
-applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run, naming the step, without
-checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
-stops cleanly.
+applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run,
+naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
+saves a checkpoint and stops cleanly.
 """
 
 from __future__ import annotations
@@ -329,9 +329,7 @@ def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState
     try:
         with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
             restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)))
-    except ckpt.NoReadableCheckpoint as e:
-        raise RunError(f"--resume: {e}") from None
-    except ValueError as e:  # another model: never a fallback
+    except ValueError as e:  # NoReadableCheckpoint, or another model (never a fallback)
         raise RunError(f"--resume: {e}") from None
     return restored, skipped
 
