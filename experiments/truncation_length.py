@@ -123,27 +123,22 @@ def train_one(s: Settings, model: jaxrnn.RNN, k: int, delay: int, step, optimize
 
     eval_steps, eval_loss, train_loss, running = [0], [held_out(params)], [], []
 
-    def on_row(row):  # every step is logged: the training loss is averaged between evaluations
-        running.append(row["loss"])
-        if "eval_loss" in row:
-            train_loss.append(float(np.mean(np.asarray(running, np.float32))))
-            running.clear()
-            eval_steps.append(row["step"])
-            eval_loss.append(row["eval_loss"])
+    def on_row(row):  # logged at the evaluations: the mean training loss since the last one
+        train_loss.append(float(np.mean(jax.device_get(running))))
+        running.clear()
+        eval_steps.append(row["step"])
+        eval_loss.append(row["eval_loss"])
 
     def batch(i):
         return delayed_recall(np.random.default_rng([s.seed, 0, i]), s.batch, s.seq_len, delay)
 
     t0 = time.perf_counter()
-    res = jaxrnn.train_loop(step, params, optimizer.init(params), batch, s.steps, log_every=1,
-                            eval_every=s.eval_every,
+    res = jaxrnn.train_loop(step, params, optimizer.init(params), batch, s.steps,
+                            log_every=s.eval_every, eval_every=s.eval_every,
                             evaluate=lambda p: {"eval_loss": held_out(p)}, on_row=on_row,
-                            progress=False)
+                            on_step=lambda i, m: running.append(m["loss"]), progress=False)
     if res.status == "nonfinite":  # diverged: the curve so far, then the broken state's score
-        running.append(float(res.metrics["loss"]))
-        train_loss.append(float(np.mean(np.asarray(running, np.float32))))
-        eval_steps.append(res.step)
-        eval_loss.append(held_out(res.params))
+        on_row({"step": res.step, "eval_loss": held_out(res.params)})
     wall = time.perf_counter() - t0
     final = eval_loss[-1]
     return {"k": k, "full_bptt": k == s.seq_len, "delay": delay,

@@ -119,6 +119,7 @@ def train_loop(step_fn: Callable, params, opt_state,
                target_loss: float | None = None,
                should_stop: Callable[[], bool] | None = None,
                on_row: Callable[[dict], None] | None = None,
+               on_step: Callable[[int, dict], None] | None = None,
                finite: Sequence[str] = ("loss",), progress: bool = True,
                desc: str = "train") -> LoopResult:
     """Runs ``step_fn`` from step ``start`` to step ``steps``, calling the hooks on cadences.
@@ -126,6 +127,8 @@ def train_loop(step_fn: Callable, params, opt_state,
     Steps are counted from 1: running step ``i`` takes the state after ``i - 1``
     steps to the state after ``i``. After step ``i`` the loop, in this order:
 
+    * calls ``on_step(i, metrics)`` with the step's metrics as the step returned
+      them (device arrays: keeping them costs nothing, reading them syncs);
     * at a cadence point (``i`` is logged, evaluated or checkpointed), stops with
       ``status="nonfinite"`` if a step so far had a non-finite guarded metric;
     * if ``i % log_every == 0``, or ``i % eval_every == 0`` (``eval_every > 0``),
@@ -176,6 +179,8 @@ def train_loop(step_fn: Callable, params, opt_state,
         target_loss: stop once a logged loss is at or below this.
         should_stop: checked before each step; true stops the loop.
         on_row: called with every logged row (after it joins ``history``).
+        on_step: called after every step with ``(step, metrics)``, e.g. to average
+            the training loss between evaluations without a sync per step.
         finite: the metrics the NaN guard watches (``()``: no guard on metrics; the
             parameters are still checked before ``checkpoint`` and at the end).
         progress: show a tqdm bar (steps, loss) labelled ``desc``.
@@ -229,6 +234,8 @@ def train_loop(step_fn: Callable, params, opt_state,
                 jax.block_until_ready(params)
                 t_steady = t_log = time.perf_counter()
                 compile_s, step_log = t_steady - t0, step  # the first step: compile + run
+            if on_step is not None:
+                on_step(step, metrics)
             if finite:  # the first non-finite step, tracked on the device (no sync)
                 bad = _first_bad(bad, tuple(metrics[k] for k in finite), step)
             logged = step % log_every == 0 or step == steps

@@ -16,7 +16,9 @@ Batches are a pure function of ``(seed, step)`` and dropout keys of
 ``(seed, step)``, so a resumed run computes exactly what an uninterrupted run
 computes. A NaN or infinite loss stops the run, naming the step, without
 checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
-stops cleanly.
+stops cleanly. The training itself is ``jaxrnn.loop.train_loop``: ``run`` gives it
+the step, the batches and hooks that write the rows, save the checkpoints and
+read the signals.
 """
 
 from __future__ import annotations

@@ -28,7 +28,10 @@ def zeros(nan_at=None):
 
 class Recorder:
     def __init__(self):
-        self.checkpoints, self.evaluated, self.rows = [], [], []
+        self.checkpoints, self.evaluated, self.rows, self.steps = [], [], [], []
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, float(metrics["loss"])))
 
     def checkpoint(self, step, params, opt_state):
         assert bool(jnp.isfinite(params))
@@ -43,8 +46,9 @@ def test_hooks_run_on_their_cadences():
     r = Recorder()
     res = train_loop(toy_step, P0, jnp.array(0), zeros(), 10, log_every=3, eval_every=4,
                      evaluate=r.evaluate, checkpoint_every=5, checkpoint=r.checkpoint,
-                     on_row=r.rows.append, progress=False)
+                     on_row=r.rows.append, on_step=r.on_step, progress=False)
     assert res.status == "finished" and res.step == 10 and res.first_bad is None
+    assert r.steps == [(i, (4 / 2 ** i) ** 2) for i in range(1, 11)]
     assert [row["step"] for row in res.history] == [3, 4, 6, 8, 9, 10]  # logs 3, 6, 9, 10; evals 4, 8, 10
     assert r.rows == res.history
     for row in res.history:
