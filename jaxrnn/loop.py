@@ -240,7 +240,8 @@ def train_loop(step_fn: Callable, params, opt_state,
                 bad = _first_bad(bad, tuple(metrics[k] for k in finite), step)
             logged = step % log_every == 0 or step == steps
             evaluated = bool(eval_every) and (step % eval_every == 0 or step == steps)
-            ckpt_due = bool(checkpoint_every) and step % checkpoint_every == 0
+            ckpt_due = (checkpoint is not None and bool(checkpoint_every)
+                        and step % checkpoint_every == 0)
             if (logged or evaluated or ckpt_due) and int(bad) >= 0:
                 first_bad = int(bad)
                 break
@@ -267,7 +268,7 @@ def train_loop(step_fn: Callable, params, opt_state,
                     bar.update(step - bar.n)
                     break
             bar.update(step - bar.n)
-            if ckpt_due and checkpoint is not None:
+            if ckpt_due:
                 if not all_finite(params):  # never checkpoint a broken state
                     first_bad = step
                     break
