@@ -19,7 +19,9 @@ completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
 ``--resume`` refuses options of ``RUN_DEFINING`` that differ from the run's and
 applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run,
 naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
-saves a checkpoint and stops cleanly.
+saves a checkpoint and stops cleanly. The training itself is
+``jaxrnn.loop.train_loop``: ``run`` gives it the step, the batches and hooks that
+write the rows, save the checkpoints and read the signals.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import optax
 
 from jaxrnn import checkpoint as ckpt
 from jaxrnn import rtrl, sharding
+from jaxrnn.loop import train_loop
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
 from jaxrnn.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
@@ -414,8 +416,6 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             has changed then.
         RunFailed: the loss became NaN or infinite (the message names the step).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     if not resume and out.exists() and any(out.iterdir()):
@@ -483,107 +483,45 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         if mesh is not None:
             params, opt_state = sharding.replicate((params, opt_state), mesh)
 
-        def save(step):
-            checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step, metadata))
+        def save(step, params, opt_state):
+            if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
+                checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
+                                                       metadata))
 
         eval_batch = task.eval_batch()
         eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
                                                   b.targets, None, b.lengths, None,
                                                   task.last_step_only))
-        history: list[dict] = []
-        metrics_file = open(out / "metrics.jsonl", "a")
-        status = "finished"
-        compile_s, t_steady, steady_steps = 0.0, None, 0
-        first_bad = None
-        bad = jnp.asarray(-1)
-        last_good_ckpt = checkpointer.latest_step()
-        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.task, disable=not progress,
-                   dynamic_ncols=True)
-        t_log = time.perf_counter()
-        step = start
-        with _Stop() as stop, metrics_file, bar:
-            while step < cfg.steps:
-                if stop.signal is not None:
-                    status = "interrupted"
-                    break
-                batch = place_batch(task.batch(step))
-                t0 = time.perf_counter()
-                step_key = jax.random.fold_in(key, step) if cfg.dropout > 0 else None
-                params, opt_state, m = step_fn(params, opt_state, batch, step_key)
-                step += 1
-                if step == start + 1:
-                    jax.block_until_ready(params)
-                    compile_s = time.perf_counter() - t0  # the first step: compile + run
-                    t_steady, t_log = time.perf_counter(), time.perf_counter()
-                else:
-                    steady_steps += 1
-                # The first step with a non-finite loss, tracked on the device (no sync).
-                bad = _first_bad(bad, m["loss"], step)
-                logged = step % cfg.log_every == 0 or step == cfg.steps
-                evaluated = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-                ckpt_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                if (logged or evaluated or ckpt_due) and int(bad) >= 0:
-                    first_bad = int(bad)
-                    break
-                if logged or evaluated:
-                    loss_f = float(m["loss"])
-                    now = time.perf_counter()
-                    row = {"step": step, "loss": loss_f, "grad_norm": float(m["grad_norm"]),
-                           "steps_per_s": (cfg.log_every / (now - t_log)) if step > start + 1
-                           else None}
-                    t_log = now
-                    for k in sorted(set(m) - {"loss", "grad_norm", "updates"}):
-                        v = float(m[k])  # the diagnostics' scalars
-                        row[k] = v if math.isfinite(v) else None  # NaN is not JSON
-                    if evaluated:
-                        ev = float(eval_loss(params, eval_batch))
-                        row["eval_loss"] = ev
-                        if task.loss == "xent":
-                            row["eval_bpc"] = ev / math.log(2)
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    history.append(row)
-                    bar.set_postfix(loss=f"{loss_f:.4g}", refresh=False)
-                    if cfg.target_loss is not None and loss_f <= cfg.target_loss:
-                        status = "target"
-                        bar.update(step - bar.n)
-                        break
-                bar.update(step - bar.n)
-                if ckpt_due:
-                    if not _all_finite(params):  # never checkpoint a broken state
-                        first_bad = step
-                        break
-                    save(step)
-                    last_good_ckpt = step
-        if first_bad is None and int(bad) >= 0:  # a non-finite loss since the last check
-            first_bad = int(bad)
-        if first_bad is None and not _all_finite(params):
-            first_bad = step
-        if first_bad is not None:
+
+        def evaluate(params):
+            ev = float(eval_loss(params, eval_batch))
+            return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
+                                        if task.loss == "xent" else {})}
+
+        with _Stop() as stop, open(out / "metrics.jsonl", "a") as metrics_file:
+            def write_row(row):
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+
+            res = train_loop(
+                step_fn, params, opt_state, lambda s: place_batch(task.batch(s)), cfg.steps,
+                start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
+                eval_every=cfg.eval_every, evaluate=evaluate,
+                checkpoint_every=cfg.checkpoint_every, checkpoint=save,
+                target_loss=cfg.target_loss, should_stop=lambda: stop.signal is not None,
+                on_row=write_row, progress=progress, desc=cfg.task)
+        if res.status == "nonfinite":
+            last = checkpointer.latest_step()
             raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
-                            f"{first_bad}; stopped "
+                            f"{res.first_bad}; stopped "
                             f"without saving; the last good checkpoint is "
-                            f"{'step ' + str(last_good_ckpt) if last_good_ckpt else 'none'} "
-                            f"in {ckpt_dir}")
-        if checkpointer.latest_step() != step:
-            save(step)
-        wall = (time.perf_counter() - t_steady) if t_steady else 0.0
-        steps_per_s = steady_steps / wall if wall > 0 and steady_steps else 0.0
-        result = RunResult(out, start, step, history, compile_s, steps_per_s, status)
-        _finish(cfg, task, model, params, out, result, log)
+                            f"{'step ' + str(last) if last else 'none'} in {ckpt_dir}")
+        result = RunResult(out, start, res.step, res.history, res.compile_s, res.steps_per_s,
+                           res.status)
+        _finish(cfg, task, model, res.params, out, result, log)
         return result
     finally:
         checkpointer.close()
-
-
-def _all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-
-
-@jax.jit
-def _first_bad(bad: jax.Array, loss: jax.Array, step) -> jax.Array:
-    """``step`` if ``loss`` is the first non-finite loss seen, else ``bad`` unchanged."""
-    return jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
 
 
 def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,
