@@ -17,38 +17,50 @@ Notation: ``T`` steps (``k2`` under truncated BPTT), ``B`` batch, ``L`` layers,
 ``cell.step`` keeps per example and step; ``O`` outputs, ``s`` the dtype's bytes.
 Counts below are elements; each is multiplied by ``s``.
 
-The step, at its peak (the start of the backward pass, when every layer's
-stored forward is live and the top layer's backward buffers are made):
+The step's peak, in elements:
 
 .. math::
     \text{step} = \underbrace{|\theta|}_{\text{parameters}}
       + \underbrace{|\text{opt}|}_{\text{optimizer}}
       + \underbrace{2|\theta|}_{\text{gradients, updates}}
-      + \underbrace{TB(D + O')}_{\text{batch}}
-      + \sum_{l,d} \text{stored}_{l,d} + \max_{l,d} \text{backward}_{l,d}
-      + \text{readout}
+      + \underbrace{T B D + |\text{targets}|}_{\text{batch}}
+      + \text{activations},
 
-* ``bptt`` (``scan.forward_scan`` with its residuals; ``scan.backward_scan``):
-  stored = ``T B (C + R)`` (the carries ``(T, B, C)`` and the residuals; a gated
-  cell's first residual ``(T, B, GH)`` is written over the input projection's
-  buffer, so it is that buffer), plus ``T B D_l`` where the layer's input is a new
-  array (the concatenated directions above the first layer; the reversed
-  sequence of the second direction), plus ``T B P`` for the second direction's
-  output reversed back. Backward = ``T B (P + GH [dgi, unless written over
-  dhs: GH = P] + GH [dgh, unless folded] + 2P [h_{t-1}, its transpose] + 2 D_l
-  [x's transpose, dx])``.
+    \text{activations} = \max\Big(\sum_l \text{stored}_l + \text{readout},\;
+      \max_l \big[\textstyle\sum_{l' < l} \text{stored}_{l'} + \text{kept}_l
+      + T B n P + \text{backward}_l\big]\Big)
+
+the larger of the readout's phase (every layer's stored forward, the outputs and
+their cotangents) and each layer's backward phase (the stored forward of the
+layers below, what this layer's backward keeps, the cotangent of its outputs
+``dhs (T, B, n P)``, its reverse scans' buffers). Per layer, both directions
+summed (their scans are independent; XLA may overlap them):
+
+* copies (every method): ``T B D_l`` for the concatenated directions feeding a
+  layer above the first (``n = 2``) and for the second direction's reversed
+  input (its output, reversed back, XLA writes into the concatenation).
+* ``bptt`` (``scan.forward_scan`` keeping residuals, ``scan.backward_scan``):
+  stored = kept = ``T B (C + R)`` + copies: the carries ``(T, B, C)`` and the
+  residuals (a gated cell's first residual, ``(T, B, GH)``, is written over the
+  input projection's buffer, so it *is* that buffer). backward = ``T B (GH [dgi;
+  0 when written over dhs, GH = P] + GH [dgh; 0 when folded] + P [h_{t-1}
+  transposed for dW_hh] + D_l [x transposed for dW_ih] + D_l [dx])``.
 * ``bptt`` with ``bptt_segment=k`` (``scan.lean_bptt_layer``, ``S = ceil(T/k)``):
-  stored = ``T B P + S B C`` (the outputs, the carry at each segment's start) plus
-  the same input copies; backward = ``T B (2 D_l + P) + S k B D_l`` (the padded
-  input and cotangent, the stacked ``dx`` and its unpadded slice) plus one
-  segment's recomputed forward and backward, the formulas above at ``T = k``.
-* ``autodiff`` (``jax.grad`` through ``lax.scan``): stored = ``T B (A + P)``,
-  backward as for ``bptt`` with ``dgh`` kept.
-* readout: ``T' B (2 O + n P)`` (outputs, their cotangent, the top layer's
-  concatenated outputs), ``T' = 1`` for a last-step loss (plus ``T B n P``, the
-  top cotangent padded back to every step), ``xent`` one more ``T' B O``.
+  stored = ``S B C`` (the carry at each segment's start) + copies, plus the
+  outputs ``T B P`` with one direction (with two, their concatenation holds
+  them); kept = ``S B C`` + copies; backward = ``S k B D_l`` (``dx`` stacked; with
+  padding, ``S k > T``: plus its unpadded slice ``T B D_l`` and the
+  padded ``x`` and ``dhs``, ``S k B (D_l + P)``) + ``k B (C + R + GH)`` (one
+  segment's recomputed forward) + the ``bptt`` backward at ``T = k``.
+* ``autodiff`` (``jax.grad`` through ``lax.scan``): stored = kept = ``T B A`` +
+  copies; backward = ``T B (GH + 2 D_l)`` (``d xp`` stacked, ``x`` transposed, ``dx``;
+  the scan's transpose sums ``dW_hh`` in the loop).
+* readout = ``T' B (2 O)`` (outputs and their cotangent; ``3 O`` for ``xent``) +
+  ``T B n P`` (``dhs``, padded back to every step for a last-step loss) +
+  ``T' B n P`` with two directions (their concatenation); ``T' = 1`` for a
+  last-step loss, else ``T``.
 * ``rtrl`` (``jaxrnn.rtrl``): no per-step storage; the sensitivities
-  ``rtrl.sensitivity_size`` and two temporaries of their size, plus
+  (``rtrl.sensitivity_size``) and two temporaries of their size, plus
   ``T B (D + 2 P)``.
 
 ``estimate_run`` adds the task's data that the run keeps (two training batches
@@ -188,8 +200,9 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
         s_l = k_l = b_l = 0
         for d, (D_l, GH, P_) in enumerate(dirs):
             # new arrays made for this direction: the concatenated directions below (once
-            # per layer), the reversed input and the output reversed back (second direction)
-            copies = T * B * (D_l * ((l > 0 and n == 2 and d == 0) + (d == 1)) + P_ * (d == 1))
+            # per layer) and the second direction's reversed input (its output, reversed
+            # back, XLA writes straight into the concatenation)
+            copies = T * B * D_l * ((l > 0 and n == 2 and d == 0) + (d == 1))
             over = GH == P_
             if method == "autodiff":  # jax.vjp's per-step values, stacked by lax.scan
                 s_l += T * B * R + copies
@@ -203,7 +216,9 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
                 k = segment
                 S = -(-T // k)
                 pad = S * k - T
-                s_l += T * B * P_ + S * B * C + copies
+                # the outputs are the next layer's input (or the readout's) as they are
+                # with one direction; with two, their concatenation holds them
+                s_l += (T * B * P_ if n == 1 else 0) + S * B * C + copies
                 k_l += S * B * C + copies
                 b_l += (S * k * B * D_l + (T * B * D_l if pad else 0)  # dx stacked (and sliced)
                         + (S * k * B * (D_l + P_) if pad else 0)  # the padded x and dhs
