@@ -258,8 +258,8 @@ def check_memory(cfg: RunConfig, task: Task, model: RNN, optimizer,
     Raises:
         RunError: one line with the estimate, what is available, and the option to change.
     """
-    def estimate(m):
-        return memory.estimate_run(m, optimizer, task, cfg.method, cfg.k1, cfg.k2,
+    def estimate(m, method=cfg.method):
+        return memory.estimate_run(m, optimizer, task, method, cfg.k1, cfg.k2,
                                    evaluate=cfg.eval_every > 0)
 
     est = estimate(model)
@@ -282,12 +282,12 @@ def _memory_advice(cfg: RunConfig, model: RNN, est: memory.MemoryEstimate,
         return "lower --hidden (or --layers)"
     if part == "data" and cfg.task == "charlm":
         return "lower --seq-len or --batch, or give a shorter --text"
-    advice = "lower --seq-len or --batch"
-    if cfg.method == "rtrl":
+    if cfg.method == "rtrl":  # its sensitivities grow as B H^2 (H + D), not with T
         return "lower --hidden or --batch, or use --method bptt"
+    advice = "lower --seq-len or --batch"
     if cfg.k1 is None and cfg.bptt_segment is None and cfg.method in ("bptt", "autodiff"):
         k = max(1, math.isqrt(cfg.seq_len))
-        lean = estimate(dataclasses.replace(model, bptt_segment=k))
+        lean = estimate(dataclasses.replace(model, bptt_segment=k), "bptt")
         if k > 1 and lean.total <= avail.bytes:  # suggest it only where it makes the run fit
             how = "pass" if cfg.method == "bptt" else "use --method bptt with"
             advice += (f", or {how} --bptt-segment {k} (memory-lean BPTT: about "

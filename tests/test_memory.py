@@ -116,16 +116,21 @@ def test_huge_seq_len_refused_before_a_batch_is_drawn(tmp_path, capsys, availabl
     assert "activations" in err and "--seq-len" in err and "20.0 GB are available" in err, err
 
 
-def test_long_sequences_are_pointed_to_the_lean_bptt(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("method, advice", [
+    ("bptt", "or pass --bptt-segment 100 (memory-lean BPTT"),
+    ("autodiff", "or use --method bptt with --bptt-segment 100 (memory-lean BPTT"),
+])
+def test_long_sequences_are_pointed_to_the_lean_bptt(tmp_path, capsys, monkeypatch, method,
+                                                     advice):
     # LSTM H=256, T=10,000, B=64: plain bptt stores the carries and gates, T B (2H + 4H)
-    # floats = 3.9 GB; with segments of sqrt(T) = 100 steps it keeps the outputs and
-    # their cotangent, about 2 T B H floats = 1.3 GB. 2.5 GB fits only the lean one.
+    # floats = 3.9 GB (autodiff more); with segments of sqrt(T) = 100 steps it keeps the
+    # outputs and their cotangent, about 2 T B H floats = 1.3 GB. 2.5 GB fits only that.
     monkeypatch.setattr(memory, "available_memory", lambda: memory.Available(25 * 10 ** 8, "t"))
     out = tmp_path / "run"
     err = _refused(["--task", "adding", "--seq-len", "10000", "--hidden", "256",
-                    "--eval-every", "0", "--out", str(out)], capsys)
+                    "--method", method, "--eval-every", "0", "--out", str(out)], capsys)
     assert not out.exists()
-    assert "--bptt-segment 100 (memory-lean BPTT" in err, err
+    assert "lower --seq-len or --batch, " + advice in err, err
 
 
 def test_refused_resume_leaves_the_run_unchanged(tmp_path, capsys, monkeypatch):
