@@ -85,6 +85,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrnn import rtrl
+
 GB = 1e9
 
 
@@ -132,26 +134,25 @@ def abstract_params(model, dtype="float32"):
     return jax.eval_shape(lambda key: model.init(key, jnp.dtype(dtype)), jax.random.key(0))
 
 
-def _per_example(tree, batch: int) -> int:
-    """Elements per example of a pytree whose leaves lead with the batch axis."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)) // batch
-
-
-def _step_residuals(cell, params, batch: int, state_sizes, dtype, autodiff: bool) -> int:
+def _step_residuals(cell, params, state_sizes, dtype, autodiff: bool) -> int:
     """``R`` (``cell.step``'s residuals) or ``A`` (``jax.vjp``'s), elements per example and step.
 
-    ``A`` is ``jax.vjp``'s saved values at batch 2 minus those at batch 1: the
-    terms that do not grow with the batch (the weights) are kept once, not per step.
+    Both are the elements at batch 2 minus those at batch 1: what does not grow with
+    the batch (``jax.vjp`` keeps the weights too) is kept once, not per step. ``A``
+    equals what ``lax.scan``'s own linearization stacks per step (checked for the
+    built-in cells on ``jax.vjp`` of ``scan.layer(..., method="autodiff")``).
     """
     gh = params.w_ih.shape[0]
 
     def count(b):
         carry = tuple(jax.ShapeDtypeStruct((b, w), dtype) for w in state_sizes)
         xp = jax.ShapeDtypeStruct((b, gh), dtype)
-        if not autodiff:
-            return _per_example(jax.eval_shape(cell.step, params, carry, xp)[1], b) * b
-        vjp = jax.eval_shape(lambda p, c, x: jax.vjp(cell.step, p, c, x)[1], params, carry, xp)
-        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(vjp))
+        if autodiff:
+            saved = jax.eval_shape(lambda p, c, x: jax.vjp(cell.step, p, c, x)[1], params,
+                                   carry, xp)
+        else:
+            saved = jax.eval_shape(cell.step, params, carry, xp)[1]
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(saved))
 
     return count(2) - count(1)
 
@@ -189,12 +190,9 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
     O = model.output_size
     folded = cell.fold_recurrent_bias
     if method == "rtrl":
-        from jaxrnn import rtrl
-
         D = model.input_size
         return 3 * rtrl.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
-    R = _step_residuals(cell, params.layers[0][0], B, sizes, dtype,
-                        autodiff=(method == "autodiff"))
+    R = _step_residuals(cell, params.layers[0][0], sizes, dtype, autodiff=(method == "autodiff"))
     stored, kept, backward = [], [], []  # per layer, both directions summed
     for l, dirs in enumerate(_layers(model, params)):
         s_l = k_l = b_l = 0
@@ -203,6 +201,8 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
             # per layer) and the second direction's reversed input (its output, reversed
             # back, XLA writes straight into the concatenation)
             copies = T * B * D_l * ((l > 0 and n == 2 and d == 0) + (d == 1))
+            # dgi written over dhs (one gate). scan.backward_scan does not where the loop
+            # sums per-example terms (IndRNN), but XLA then reuses a dead buffer instead
             over = GH == P_
             if method == "autodiff":  # jax.vjp's per-step values, stacked by lax.scan
                 s_l += T * B * R + copies
