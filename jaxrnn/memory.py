@@ -72,7 +72,10 @@ batch is sampled through.
 
 Checked against XLA's own buffer assignment of the compiled step
 (``Compiled.memory_analysis()``: argument + output - alias + temp) in
-``tests/test_memory.py``.
+``tests/test_memory.py``. Not counted: the compiled code and the compiler's own
+memory, the runtime already in use when the available memory is read, and data
+parallelism (the estimate is of one device holding the whole batch: with N
+devices each holds 1/N of the batch and a replica of the parameters).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class MemoryEstimate(NamedTuple):
     parameters: int  # the model's parameters
     optimizer: int  # the optimizer's state
     gradients: int  # the gradients and the optimizer's updates (2 x parameters)
-    activations: int  # the step's stored forward, backward buffers, readout (or the largest transient)
+    activations: int  # stored forward, backward buffers, readout (a run: its largest transient)
     data: int  # the batches and task data the run keeps
 
     @property
@@ -130,7 +133,7 @@ def tree_bytes(tree) -> int:
 
 
 def abstract_params(model, dtype="float32"):
-    """``model.init``'s parameters as ``jax.ShapeDtypeStruct`` (``jax.eval_shape``: nothing allocated)."""
+    """``model.init``'s parameters as ``jax.ShapeDtypeStruct`` (``jax.eval_shape``: none made)."""
     return jax.eval_shape(lambda key: model.init(key, jnp.dtype(dtype)), jax.random.key(0))
 
 

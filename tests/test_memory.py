@@ -199,7 +199,7 @@ MEMINFO = "MemTotal:       24683584 kB\nMemFree:  14287348 kB\nMemAvailable:    
       "memory/memory.usage_in_bytes": "7\n"}, 1000 * 1024),  # v1's "no limit"
     ({"memory/memory.limit_in_bytes": "300000\n",
       "memory/memory.usage_in_bytes": "100000\n"}, 200000),  # v1 limit - usage
-    ({"memory.max": "9000000\n", "memory.current": "0\n"}, 1000 * 1024),  # limit above: MemAvailable
+    ({"memory.max": "9000000\n", "memory.current": "0\n"}, 1000 * 1024),  # the lower: meminfo
 ])
 def test_host_available_reads_meminfo_and_the_cgroup(tmp_path, cgroup, expected):
     meminfo = _write(tmp_path, {"meminfo": MEMINFO}) / "meminfo"
