@@ -122,7 +122,7 @@ CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm
 
 RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
                "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
-               "seq_len", "k1", "k2", "steps", "seed", "devices", "log_every", "eval_every",
+               "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every", "eval_every",
                "checkpoint_every", "target_loss")
 
 
@@ -334,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncated BPTT: steps between updates")
     t.add_argument("--k2", type=_positive_int, default=None,
                    help="truncated BPTT: steps of backpropagation (default k1)")
+    t.add_argument("--bptt-segment", type=_positive_int, default=None, metavar="N",
+                   help="memory-lean BPTT: store the state every N steps and recompute "
+                        "in the backward pass (about sqrt(--seq-len) is best; same "
+                        "gradients); --method bptt, full BPTT only")
     t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches)")
     t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation")
     t.add_argument("--devices", type=_positive_int, default=None,

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from jaxrnn import checkpoint as ckpt
-from jaxrnn import rtrl, sharding
+from jaxrnn import memory, rtrl, sharding
 from jaxrnn.loop import train_loop
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
@@ -66,7 +66,7 @@ RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "l
                 "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
                 "reference_model")
 CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
-                        "diagnostics", "target_loss", "devices")
+                        "diagnostics", "target_loss", "devices", "bptt_segment")
 
 
 class RunError(ValueError):
@@ -101,6 +101,7 @@ class RunConfig:
     seq_len: int = 50
     k1: int | None = None  # truncated BPTT: steps between updates (None: full BPTT)
     k2: int | None = None  # truncated BPTT: steps of backpropagation (default k1)
+    bptt_segment: int | None = None  # memory-lean BPTT: store the state every N steps
     steps: int = 1000
     seed: int = 0
     devices: int | None = None  # None: choose automatically
@@ -191,6 +192,19 @@ def validate(cfg: RunConfig) -> None:
                            f"--method bptt, got --method {cfg.method}")
         if cfg.k1 is not None:
             raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
+    if cfg.bptt_segment is not None:
+        v = cfg.bptt_segment
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"--bptt-segment must be an integer >= 1, got {v!r}")
+        if cfg.method != "bptt":
+            raise RunError(f"--bptt-segment is memory-lean handwritten BPTT: it needs "
+                           f"--method bptt, got --method {cfg.method}")
+        if cfg.k1 is not None:
+            raise RunError("--bptt-segment needs full BPTT: it is not supported with "
+                           "truncated BPTT (--k1/--k2)")
+        if cfg.diagnostics:
+            raise RunError("--diagnostics reads the full reverse scan: it is not supported "
+                           "with --bptt-segment")
     if cfg.devices is not None and cfg.devices < 1:
         raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
     if cfg.reference_model and cfg.task != "example":
@@ -213,23 +227,89 @@ def build_task(cfg: RunConfig) -> Task:
                        .replace("text_path", "--text")) from None
 
 
-def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
-    """The model of ``cfg`` and its initial parameters."""
+def make_model(cfg: RunConfig, task: Task) -> RNN:
+    """The model of ``cfg`` (a static configuration: no parameters are made)."""
     if cfg.reference_model:
-        ex = task.example()
-        return ex.model, ex.params
+        return task.example().model
     try:
-        model = RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
-                    output_size=task.output_size, num_layers=cfg.layers,
-                    bidirectional=cfg.bidirectional, dropout=cfg.dropout,
-                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias)
+        return RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+                   output_size=task.output_size, num_layers=cfg.layers,
+                   bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                   proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
+                   bptt_segment=cfg.bptt_segment)
     except ValueError as e:
         msg = str(e)
         for name, flag in (("proj_size", "--proj-size"), ("forget_bias", "--forget-bias"),
                            ("hidden_size", "--hidden"), ("cell=", "--cell ")):
             msg = msg.replace(name, flag)
         raise RunError(msg) from None
+
+
+def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
+    """The model of ``cfg`` and its initial parameters."""
+    model = make_model(cfg, task)
+    if cfg.reference_model:
+        return model, task.example().params
     return model, model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+
+
+def check_memory(cfg: RunConfig, task: Task, model: RNN, optimizer,
+                 available: int | None = None) -> memory.MemoryEstimate:
+    """Refuses a run whose estimated peak memory exceeds what the machine has.
+
+    Nothing is allocated: the estimate (``jaxrnn.memory.estimate_run``) works on
+    shapes. Call it before the parameters are made and the batches drawn.
+
+    Args:
+        cfg: the run's configuration.
+        task: its task (built: ``charlm`` needs its text's vocabulary).
+        model: ``make_model(cfg, task)``.
+        optimizer: ``build_optimizer(cfg)``.
+        available: bytes the run may use; None reads the machine
+            (``jaxrnn.memory.available_memory``: an accelerator's free memory, else
+            ``MemAvailable`` capped by a cgroup limit); ``math.inf`` skips the check.
+
+    Returns:
+        The ``MemoryEstimate``.
+
+    Raises:
+        RunError: one line with the estimate, what is available, and the option to change.
+    """
+    def estimate(m, method=cfg.method):
+        return memory.estimate_run(m, optimizer, task, method, cfg.k1, cfg.k2,
+                                   evaluate=cfg.eval_every > 0)
+
+    est = estimate(model)
+    if available is None:
+        avail = memory.available_memory()
+    else:
+        avail = memory.Available(available, "given") if available != math.inf else None
+    try:
+        memory.check_fits(est, avail)
+    except MemoryError as e:
+        raise RunError(f"{e}: {_memory_advice(cfg, model, est, avail, estimate)}") from None
+    return est
+
+
+def _memory_advice(cfg: RunConfig, model: RNN, est: memory.MemoryEstimate,
+                   avail: memory.Available, estimate) -> str:
+    """The option to change, by the part of the estimate that dominates."""
+    part = est.dominant()
+    if part in ("parameters", "optimizer", "gradients"):
+        return "lower --hidden (or --layers)"
+    if part == "data" and cfg.task == "charlm":
+        return "lower --seq-len or --batch, or give a shorter --text"
+    if cfg.method == "rtrl":  # its sensitivities grow as B H^2 (H + D), not with T
+        return "lower --hidden or --batch, or use --method bptt"
+    advice = "lower --seq-len or --batch"
+    if cfg.k1 is None and cfg.bptt_segment is None and cfg.method in ("bptt", "autodiff"):
+        k = max(1, math.isqrt(cfg.seq_len))
+        lean = estimate(dataclasses.replace(model, bptt_segment=k), "bptt")
+        if k > 1 and lean.total <= avail.bytes:  # suggest it only where it makes the run fit
+            how = "pass" if cfg.method == "bptt" else "use --method bptt with"
+            advice += (f", or {how} --bptt-segment {k} (memory-lean BPTT: about "
+                       f"{memory.format_gb(lean.total)})")
+    return advice
 
 
 def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
@@ -393,7 +473,7 @@ def _warn(msg: str) -> None:
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-        log=print, warn=_warn) -> RunResult:
+        log=print, warn=_warn, memory_available: int | None = None) -> RunResult:
     """Runs (or resumes) a training run, writing into ``out``.
 
     Args:
@@ -406,14 +486,17 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         progress: show a tqdm progress bar.
         log: where to print one-line messages.
         warn: where to print warnings (default: stderr).
+        memory_available: bytes the run may use (``check_memory``); None reads the
+            machine, ``math.inf`` skips the check.
 
     Returns:
         A ``RunResult``.
 
     Raises:
         RunError: bad options, an existing run without ``resume``, no (readable)
-            checkpoint to resume, a checkpoint of another model. Nothing in ``out``
-            has changed then.
+            checkpoint to resume, a checkpoint of another model, a run that does not
+            fit in memory (refused before anything is allocated or written). Nothing
+            in ``out`` has changed then.
         RunFailed: the loss became NaN or infinite (the message names the step).
     """
     out = Path(out)
@@ -425,7 +508,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
 
     task = build_task(cfg)
-    model, params = build_model(cfg, task)
+    model = make_model(cfg, task)
     optimizer = build_optimizer(cfg)
     if task.last_step_only and cfg.k1 is not None:
         raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
@@ -438,6 +521,9 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         except ValueError as e:
             raise RunError(str(e).replace("hidden_size or batch", "--hidden or --batch")
                            .replace("method='bptt'", "--method bptt")) from None
+    # Before the parameters are made, a batch drawn or the run directory written.
+    check_memory(cfg, task, model, optimizer, memory_available)
+    _, params = build_model(cfg, task)
 
     sample_batch = task.batch(0)
     n_dev = sharding.choose_devices(cfg.devices, sample_batch.xs.shape[1])
