@@ -110,19 +110,24 @@ def train(s: Settings, model: jaxrnn.RNN, optimizer, step, eval_loss, seed: int)
     """One run; stops at the first non-finite loss, gradient or update norm (divergence)."""
     task = jaxrnn.make_task(s.task, seq_len=s.seq_len, batch_size=s.batch_size, seed=seed)
     params = init_params(model, seed, s.radius)
-    opt_state = optimizer.init(params)
-    losses, grad_norms, update_norms, diverged_at = [], [], [], None
-    for i in range(s.steps):
-        new_params, opt_state, metrics = step(params, opt_state, task.batch(i))
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        update_norm = float(tree_distance(new_params, params))
-        params = new_params
-        losses.append(loss)
-        grad_norms.append(grad_norm)
-        update_norms.append(update_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(update_norm)):
-            diverged_at = i + 1  # steps are counted from 1
-            break
+
+    def step_and_update_norm(params, opt_state, batch):
+        new_params, opt_state, metrics = step(params, opt_state, batch)
+        return new_params, opt_state, {**metrics,
+                                       "update_norm": tree_distance(new_params, params)}
+
+    ev = task.eval_batch()  # held-out, scored once at the end of a run that did not diverge
+    res = jaxrnn.train_loop(step_and_update_norm, params, optimizer.init(params), task.batch,
+                            s.steps, log_every=1, eval_every=s.steps,
+                            evaluate=lambda p: {"eval_loss": eval_loss(p, ev.xs, ev.targets)},
+                            finite=("loss", "grad_norm", "update_norm"), progress=False)
+    rows = res.history
+    if res.status == "nonfinite":  # the step that diverged is recorded too
+        rows = rows + [{k: float(res.metrics[k]) for k in ("loss", "grad_norm", "update_norm")}]
+    losses = [r["loss"] for r in rows]
+    grad_norms = [r["grad_norm"] for r in rows]
+    update_norms = [r["update_norm"] for r in rows]
+    diverged_at = res.first_bad  # steps are counted from 1
     finite = [g for g in grad_norms if math.isfinite(g)]
     finite_updates = [u for u in update_norms if math.isfinite(u)]
     run = {"seed": seed, "diverged_at": diverged_at, "steps_run": len(losses),
@@ -133,8 +138,7 @@ def train(s: Settings, model: jaxrnn.RNN, optimizer, step, eval_loss, seed: int)
            "final_loss": None, "eval_loss": None}
     if diverged_at is None:
         run["final_loss"] = float(np.mean(losses[-s.final_window:]))
-        ev = task.eval_batch()
-        run["eval_loss"] = float(eval_loss(params, ev.xs, ev.targets))  # held-out batch
+        run["eval_loss"] = rows[-1]["eval_loss"]  # held-out batch
     run["loss"] = [sig(v) for v in losses]  # per step (None where not finite)
     run["grad_norm"] = [sig(v) for v in grad_norms]  # per step, before clipping
     return run

@@ -43,7 +43,6 @@ held-out batch, the whole sequence run from the zero state.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from functools import partial
@@ -118,24 +117,28 @@ def train_one(s: Settings, model: jaxrnn.RNN, k: int, delay: int, step, optimize
     """Trains one network with BPTT(k, k) on delay ``delay``; returns its curves and numbers."""
     updates_per_batch = len(truncation_windows(s.seq_len, k, k))
     params = model.init(jax.random.key(s.seed))
-    opt_state = optimizer.init(params)
 
-    def held_out():
+    def held_out(params):
         return float(evaluate(params, eval_batch.xs, eval_batch.targets, delay=delay))
 
-    eval_steps, eval_loss, train_loss = [0], [held_out()], []
-    running, t0 = [], time.perf_counter()
-    for i in range(s.steps):
-        batch = delayed_recall(np.random.default_rng([s.seed, 0, i]), s.batch, s.seq_len, delay)
-        params, opt_state, metrics = step(params, opt_state, batch)
-        running.append(metrics["loss"])
-        if (i + 1) % s.eval_every == 0 or i + 1 == s.steps:
-            train_loss.append(float(np.mean(jax.device_get(running))))
-            running = []
-            eval_steps.append(i + 1)
-            eval_loss.append(held_out())
-            if not math.isfinite(eval_loss[-1]):
-                break  # diverged: keep the curve so far, the final loss is NaN
+    eval_steps, eval_loss, train_loss, running = [0], [held_out(params)], [], []
+
+    def on_row(row):  # logged at the evaluations: the mean training loss since the last one
+        train_loss.append(float(np.mean(jax.device_get(running))))
+        running.clear()
+        eval_steps.append(row["step"])
+        eval_loss.append(row["eval_loss"])
+
+    def batch(i):
+        return delayed_recall(np.random.default_rng([s.seed, 0, i]), s.batch, s.seq_len, delay)
+
+    t0 = time.perf_counter()
+    res = jaxrnn.train_loop(step, params, optimizer.init(params), batch, s.steps,
+                            log_every=s.eval_every, eval_every=s.eval_every,
+                            evaluate=lambda p: {"eval_loss": held_out(p)}, on_row=on_row,
+                            on_step=lambda i, m: running.append(m["loss"]), progress=False)
+    if res.status == "nonfinite":  # diverged: the curve so far, then the broken state's score
+        on_row({"step": res.step, "eval_loss": held_out(res.params)})
     wall = time.perf_counter() - t0
     final = eval_loss[-1]
     return {"k": k, "full_bptt": k == s.seq_len, "delay": delay,

@@ -19,7 +19,8 @@ from jaxrnn.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
 from jaxrnn.generate import sample
 from jaxrnn.rtrl import rtrl_loss_and_grad
 from jaxrnn.tasks import ADDING_BASELINE, TASKS, Batch, bits_per_char, make_task, reference_example
-from jaxrnn.train import fit, make_optimizer, make_tbptt_step, make_train_step
+from jaxrnn.loop import LoopResult, fit, train_loop
+from jaxrnn.train import make_optimizer, make_tbptt_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,8 @@ __all__ = [
     "make_train_step",
     "make_tbptt_step",
     "make_optimizer",
+    "train_loop",
+    "LoopResult",
     "fit",
     "Checkpointer",
     "CheckpointState",

@@ -12,6 +12,15 @@ complete, so a crash mid-save never leaves a half-written checkpoint as the late
   model configuration) and a manifest of every array (tree path, shape, dtype, key
   implementation), checked against the state to restore into before anything is read.
 
+A checkpoint is *readable* when orbax finalized it (``ocp.path.step.is_path_finalized``
+and its commit marker, ``commit_success.txt`` or a ``commit_timestamp_nsecs`` in
+``_CHECKPOINT_METADATA``), its ``meta`` item parses, every byte of its ``state`` item
+reads back (tensorstore checks the OCDBT nodes' CRC-32C and decompresses every chunk)
+and the restored arrays have the structure, shapes and dtypes of the manifest.
+``restore()`` with ``step=None`` falls back to the newest readable checkpoint, telling
+its ``on_skip`` callback about each newer one it skipped and why; a checkpoint of another
+model is an error, never a fallback.
+
 Typical use in a training loop::
 
     ckpt = Checkpointer(directory, keep=3)
@@ -28,13 +37,52 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1  # of the ``meta`` item's layout
+DAMAGED_SUFFIX = ".damaged"  # ``set_aside`` renames ``<step>`` to ``<step>.damaged``
+
+# What orbax and tensorstore raise for a checkpoint whose files are truncated, garbled
+# or missing: JSON (JSONDecodeError, UnicodeDecodeError) and tensorstore errors
+# (OUT_OF_RANGE, DATA_LOSS, NOT_FOUND) are ValueErrors, a missing file an OSError, a
+# missing item a KeyError. Only the reads are guarded by them; the model checks
+# (``check_metadata``, the manifest) are outside, so another model stays an error.
+_READ_ERRORS = (OSError, ValueError, KeyError)
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint that does not read back completely: truncated, garbled, missing files.
+
+    Attributes:
+        step: the checkpoint's step.
+        reason: what is wrong, e.g. ``"meta: 'utf-8' codec can't decode byte 0x97 ..."``.
+    """
+
+    def __init__(self, directory: Path, step: int, reason: str):
+        super().__init__(f"checkpoint {step} in {directory} is unreadable ({reason})")
+        self.step, self.reason = step, reason
+
+
+class NoReadableCheckpoint(ValueError):
+    """Every checkpoint of a directory is unreadable; ``skipped`` lists ``(step, reason)``."""
+
+    def __init__(self, directory: Path, skipped: list[tuple[int, str]]):
+        why = "; ".join(f"{step}: {_short(reason)}" for step, reason in skipped)
+        super().__init__(f"no readable checkpoint in {directory} ({why})")
+        self.skipped = skipped
+
+
+def _fmt(shape_dtype) -> str:
+    return "absent" if shape_dtype is None else f"{shape_dtype[1]}{shape_dtype[0]}"
+
+
+def _short(reason: str, n: int = 120) -> str:
+    reason = " ".join(reason.split())  # one line
+    return reason if len(reason) <= n else reason[:n - 3] + "..."
 
 
 class CheckpointState(NamedTuple):
@@ -287,22 +335,112 @@ class Checkpointer:
                              f"it has steps {steps}")
         return step
 
-    def _meta(self, step: int) -> dict:
+    def _unreadable(self, step: int, reason: str) -> CheckpointUnreadable:
+        return CheckpointUnreadable(self.directory, step, _short(reason, 300))
+
+    def _check_complete(self, step: int) -> None:
+        """Orbax's finalization: not a temporary directory, and its commit marker."""
+        path = self.directory / str(step)
         with _quiet():
-            meta = self._manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("format") != FORMAT_VERSION:
+            finalized = ocp.path.step.is_path_finalized(path)
+        if not finalized:
+            raise self._unreadable(step, "orbax did not finalize it")
+        if (path / "commit_success.txt").exists():
+            return
+        try:  # orbax versions that write no marker on a local disk: the commit time
+            committed = json.loads((path / "_CHECKPOINT_METADATA").read_text()).get(
+                "commit_timestamp_nsecs")
+        except (OSError, ValueError, AttributeError):
+            committed = None
+        if committed is None:
+            raise self._unreadable(step, "no commit marker: neither commit_success.txt nor a "
+                                         "commit time in _CHECKPOINT_METADATA")
+
+    def _meta(self, step: int) -> dict:
+        self._check_complete(step)
+        try:
+            with _quiet():
+                meta = self._manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+        except _READ_ERRORS as e:
+            raise self._unreadable(step, f"meta: {e}") from None
+        if not isinstance(meta, dict):
+            raise self._unreadable(step, f"meta: a JSON {type(meta).__name__}, not an object")
+        if meta.get("format") != FORMAT_VERSION:  # another jaxrnn's layout: not a fallback
             raise ValueError(f"checkpoint {self.directory / str(step)} has format "
                              f"{meta.get('format')!r}; this jaxrnn reads format {FORMAT_VERSION}")
+        for name, kind in (("step", int), ("data_step", int), ("metadata", dict),
+                           ("leaves", dict)):
+            if not isinstance(meta.get(name), kind):
+                raise self._unreadable(step, f"meta: {name!r} is missing or not a "
+                                             f"{kind.__name__}")
+        if meta["step"] != step:
+            raise self._unreadable(step, f"meta: it says step {meta['step']}")
         return meta
+
+    def _verify_state_files(self, step: int) -> None:
+        """Reads every byte of the ``state`` item once, one key at a time.
+
+        Orbax writes it as an OCDBT database; tensorstore checks each b-tree node's
+        CRC-32C and decompresses each chunk on reading. (Reading a damaged database
+        through orbax's concurrent restore also fails, but leaves tensorstore callbacks
+        that print "Event loop is closed" tracebacks on stderr afterwards.)
+        """
+        import tensorstore as ts  # orbax's own dependency
+
+        state = self.directory / str(step) / "state"
+        if not (state / "manifest.ocdbt").exists():
+            raise self._unreadable(step, "state: state/manifest.ocdbt is missing")
+        try:
+            kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+            keys = kv.list().result()
+            for k in keys:
+                kv.read(k).result()
+        except _READ_ERRORS as e:
+            raise self._unreadable(step, f"state: {e}") from None
+        if not keys:
+            raise self._unreadable(step, "state: its database holds no arrays")
 
     def read_metadata(self, step: int | None = None) -> dict:
         """The ``metadata`` saved with a checkpoint (the latest if ``step`` is None).
 
         Raises:
-            ValueError: no checkpoint (for ``step``) in the directory.
+            ValueError: no checkpoint (for ``step``) in the directory;
+                ``CheckpointUnreadable`` if its ``meta`` item does not read back.
         """
         return self._meta(self._resolve(step))["metadata"]
+
+    def reload(self) -> None:
+        """Re-lists the checkpoints, after another process changed the directory (e.g. a
+        ``set_aside`` by process 0 of a multi-process run)."""
+        with _quiet():
+            self._manager.reload()
+
+    def set_aside(self, step: int) -> Path:
+        """Renames checkpoint ``step`` to ``<step>.damaged`` (``.damaged-2``, ... if taken).
+
+        Orbax then no longer lists it, prunes it or refuses to save ``step`` again, and
+        nothing is deleted. For a writer only.
+
+        Returns:
+            The checkpoint's new path.
+
+        Raises:
+            ValueError: a read-only checkpointer, or no checkpoint ``step``.
+        """
+        if self.read_only:
+            raise ValueError(f"{self!r} is read-only: open it with read_only=False to set a "
+                             f"checkpoint aside")
+        step = self._resolve(step)
+        new = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while new.exists():
+            n += 1
+            new = self.directory / f"{step}{DAMAGED_SUFFIX}-{n}"
+        (self.directory / str(step)).rename(new)
+        with _quiet():
+            self._manager.reload()
+        return new
 
     # --- save / restore ------------------------------------------------------------
     def save(self, state: CheckpointState) -> Path:
@@ -349,7 +487,9 @@ class Checkpointer:
             raise RuntimeError(f"orbax did not save step {step} in {self.directory}")
         return self.directory / str(step)
 
-    def restore(self, like: CheckpointState, step: int | None = None) -> CheckpointState:
+    def restore(self, like: CheckpointState, step: int | None = None, *,
+                fallback: bool = True,
+                on_skip: Callable[[int, str], None] | None = None) -> CheckpointState:
         """Reads a checkpoint back into the structure of ``like``.
 
         Args:
@@ -359,20 +499,72 @@ class Checkpointer:
                 key implementation (arrays or ``jax.ShapeDtypeStruct``s); its
                 ``metadata``, if not None, must equal the saved one. ``step`` and
                 ``data_step`` are ignored.
-            step: the checkpoint to read; None for the latest.
+            step: the checkpoint to read; None for the newest readable one.
+            fallback: with ``step=None``, skip unreadable checkpoints (newest first)
+                until one reads back; False: the newest or an error.
+            on_skip: called as ``on_skip(step, reason)`` for each checkpoint skipped;
+                nothing is printed.
 
         Returns:
             The saved ``CheckpointState``: arrays exactly as saved, in ``like``'s
             structure, with the saved ``step``, ``data_step`` and ``metadata``.
 
         Raises:
+            CheckpointUnreadable: ``step`` given (or ``fallback=False``) and that
+                checkpoint does not read back completely (naming it and why).
+            NoReadableCheckpoint: ``step=None`` and no checkpoint reads back (each
+                one's reason in the message).
             ValueError: no checkpoint (for ``step``); the metadata differs ("of another
                 model", naming the keys); or a leaf is missing, extra, or has another
-                shape, dtype or key implementation (naming the leaf).
+                shape, dtype or key implementation (naming the leaf). These are never
+                skipped: a checkpoint of another model is not a fallback.
         """
         if not isinstance(like, CheckpointState):
             raise TypeError(f"like must be a CheckpointState, got {type(like).__name__}")
-        step = self._resolve(step)
+        if step is not None or not fallback:
+            return self._restore_step(like, self._resolve(step))
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoint in {self.directory}")
+        skipped = []
+        for s in reversed(steps):
+            try:
+                restored = self._restore_step(like, s)
+            except CheckpointUnreadable as e:
+                skipped.append((s, e.reason))
+                continue
+            for s_bad, reason in skipped:
+                if on_skip is not None:
+                    on_skip(s_bad, reason)
+            return restored
+        raise NoReadableCheckpoint(self.directory, skipped)
+
+    def _check_stored_arrays(self, step: int, target) -> None:
+        """The state item's own array metadata (shapes, dtypes) against ``target``, before
+        orbax reads it: orbax would cast a float32 array into a float64 target silently."""
+        def dotted(path):  # orbax's array names: "params.layers.0.0.w_ih"
+            return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                            for k in path)
+
+        want = {dotted(p): (tuple(x.shape), str(x.dtype))
+                for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+        try:
+            with _quiet():
+                tree = ocp.StandardCheckpointHandler().metadata(
+                    self.directory / str(step) / "state")
+            stored = {m.name: (tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree)}
+        except (*_READ_ERRORS, AttributeError, TypeError) as e:
+            raise self._unreadable(step, f"state: its array metadata: {e}") from None
+        if stored != want:
+            bad = sorted(set(stored) ^ set(want)) or sorted(
+                k for k in want if stored[k] != want[k])
+            k = bad[0]
+            raise self._unreadable(
+                step, f"state: its arrays do not match its manifest: {k} is "
+                      f"{_fmt(stored.get(k))} in the state but {_fmt(want.get(k))} in the "
+                      f"manifest" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+    def _restore_step(self, like: CheckpointState, step: int) -> CheckpointState:
         meta = self._meta(step)
         where = f"checkpoint {self.directory / str(step)}"
         if like.metadata is not None:
@@ -380,11 +572,24 @@ class Checkpointer:
         like_tree = {"params": like.params, "opt_state": like.opt_state, "key": like.key}
         _check_manifest(meta["leaves"], _manifest(like_tree), where)
         target = _target(like_tree)
-        with _quiet():
-            stored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))["state"]
-        if jax.tree.structure(stored) != jax.tree.structure(target):  # orbax's contract
-            raise RuntimeError(f"orbax restored {where} into another tree structure")
+        self._verify_state_files(step)
+        self._check_stored_arrays(step, target)
+        try:
+            with _quiet():
+                stored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+        except _READ_ERRORS as e:
+            raise self._unreadable(step, f"state: {e}") from None
+        # The arrays themselves, against the manifest the model was checked with.
+        if jax.tree.structure(stored) != jax.tree.structure(target):
+            raise self._unreadable(step, "state: its tree structure is not its manifest's")
+        for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(stored)[0],
+                                     jax.tree.leaves(target)):
+            if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                raise self._unreadable(
+                    step, f"state: {jax.tree_util.keystr(path)} reads back as "
+                          f"{got.dtype}{tuple(got.shape)}, its manifest says "
+                          f"{want.dtype}{tuple(want.shape)}")
         tree = _from_stored(like_tree, stored)
         return CheckpointState(tree["params"], tree["opt_state"], meta["step"], tree["key"],
                                meta["data_step"], meta["metadata"])
@@ -411,13 +616,15 @@ def latest_step(directory) -> int | None:
         return ckpt.latest_step()
 
 
-def restore(directory, like: CheckpointState, step: int | None = None) -> CheckpointState:
-    """Reads checkpoint ``step`` (default: the latest) of ``directory`` into ``like``'s
-    structure; see ``Checkpointer.restore``."""
+def restore(directory, like: CheckpointState, step: int | None = None, *,
+            fallback: bool = True,
+            on_skip: Callable[[int, str], None] | None = None) -> CheckpointState:
+    """Reads checkpoint ``step`` (default: the newest readable one) of ``directory`` into
+    ``like``'s structure; see ``Checkpointer.restore``."""
     if not Path(directory).expanduser().is_dir():
         raise ValueError(f"no checkpoint in {directory}: no such directory")
     with Checkpointer(directory, read_only=True) as ckpt:
-        return ckpt.restore(like, step)
+        return ckpt.restore(like, step, fallback=fallback, on_skip=on_skip)
 
 
 def read_metadata(directory, step: int | None = None) -> dict:

@@ -132,7 +132,7 @@ CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm
 
 RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
                "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
-               "seq_len", "k1", "k2", "steps", "seed", "devices", "log_every", "eval_every",
+               "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every", "eval_every",
                "checkpoint_every", "target_loss")
 
 
@@ -216,8 +216,11 @@ def cmd_sample(args) -> int:
         raise UsageError(f"no checkpoint in {ckpt_dir}")
     like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
                                 {"model": cfg.model_fields()})
+    def skipped(step, why):
+        print(f"warning: checkpoint {step} is unreadable ({why}): skipped", file=sys.stderr)
+
     with ckpt.Checkpointer(ckpt_dir, read_only=True) as c:
-        params = c.restore(like).params
+        params = c.restore(like, on_skip=skipped).params
     prompt = args.prompt
     unknown = sorted(set(prompt) - set(task.vocab))
     if unknown:
@@ -348,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncated BPTT: steps between updates")
     t.add_argument("--k2", type=_positive_int, default=None,
                    help="truncated BPTT: steps of backpropagation (default k1)")
+    t.add_argument("--bptt-segment", type=_positive_int, default=None, metavar="N",
+                   help="memory-lean BPTT: store the state every N steps and recompute "
+                        "in the backward pass (about sqrt(--seq-len) is best; same "
+                        "gradients); --method bptt, full BPTT only")
     t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches)")
     t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation")
     t.add_argument("--devices", type=_positive_int, default=None,

@@ -14,25 +14,30 @@
 
 Batches are a pure function of ``(seed, step)`` and dropout keys of
 ``(seed, step)``, so a resumed run computes exactly what an uninterrupted run
-computes. A NaN or infinite loss stops the run, naming the step, without
-checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and
-stops cleanly.
+computes. A resumed run starts from the newest checkpoint that reads back
+completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
+``--resume`` refuses options of ``RUN_DEFINING`` that differ from the run's and
+applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run,
+naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
+saves a checkpoint and stops cleanly. The training itself is
+``jaxrnn.loop.train_loop``: ``run`` gives it the step, the batches and hooks that
+write the rows, save the checkpoints and read the signals.
 
 Several processes (``jaxrnn.distributed.start`` before ``run``): the mesh spans
 every process's devices (``build_mesh``), each process builds only its rows of each
 batch (``batch_placer``), process 0 alone writes the files and messages
 (``distributed.is_writer``), every process takes part in each checkpoint, and a
-signal stops all of them at the same step (``stop_requested``).
+signal stops all of them at the same step (``stop_check``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,8 @@ import numpy as np
 import optax
 
 from jaxrnn import checkpoint as ckpt
-from jaxrnn import distributed, rtrl, sharding
+from jaxrnn import distributed, memory, rtrl, sharding
+from jaxrnn.loop import train_loop
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
 from jaxrnn.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
@@ -56,6 +62,18 @@ MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dr
                 "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias")
 # Cell options added later: recorded only when set, so that runs made before them resume.
 _OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
+
+# Every RunConfig field is in exactly one of these two (tests/test_runner.py checks it):
+# the fields that define the run, which ``--resume`` refuses to change (a value given
+# that differs from the stored one is an error), and those that may change between runs
+# of the same directory (given on ``--resume``, they apply). A new field must be added to
+# one of them.
+RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "layers",
+                "bidirectional", "dropout", "method", "optimizer", "lr", "schedule",
+                "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
+                "reference_model")
+CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
+                        "diagnostics", "target_loss", "devices", "bptt_segment")
 
 
 class RunError(ValueError):
@@ -90,6 +108,7 @@ class RunConfig:
     seq_len: int = 50
     k1: int | None = None  # truncated BPTT: steps between updates (None: full BPTT)
     k2: int | None = None  # truncated BPTT: steps of backpropagation (default k1)
+    bptt_segment: int | None = None  # memory-lean BPTT: store the state every N steps
     steps: int = 1000
     seed: int = 0
     devices: int | None = None  # None: choose automatically
@@ -180,6 +199,19 @@ def validate(cfg: RunConfig) -> None:
                            f"--method bptt, got --method {cfg.method}")
         if cfg.k1 is not None:
             raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
+    if cfg.bptt_segment is not None:
+        v = cfg.bptt_segment
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"--bptt-segment must be an integer >= 1, got {v!r}")
+        if cfg.method != "bptt":
+            raise RunError(f"--bptt-segment is memory-lean handwritten BPTT: it needs "
+                           f"--method bptt, got --method {cfg.method}")
+        if cfg.k1 is not None:
+            raise RunError("--bptt-segment needs full BPTT: it is not supported with "
+                           "truncated BPTT (--k1/--k2)")
+        if cfg.diagnostics:
+            raise RunError("--diagnostics reads the full reverse scan: it is not supported "
+                           "with --bptt-segment")
     if cfg.devices is not None and cfg.devices < 1:
         raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
     if cfg.reference_model and cfg.task != "example":
@@ -202,23 +234,89 @@ def build_task(cfg: RunConfig) -> Task:
                        .replace("text_path", "--text")) from None
 
 
-def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
-    """The model of ``cfg`` and its initial parameters."""
+def make_model(cfg: RunConfig, task: Task) -> RNN:
+    """The model of ``cfg`` (a static configuration: no parameters are made)."""
     if cfg.reference_model:
-        ex = task.example()
-        return ex.model, ex.params
+        return task.example().model
     try:
-        model = RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
-                    output_size=task.output_size, num_layers=cfg.layers,
-                    bidirectional=cfg.bidirectional, dropout=cfg.dropout,
-                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias)
+        return RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+                   output_size=task.output_size, num_layers=cfg.layers,
+                   bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                   proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
+                   bptt_segment=cfg.bptt_segment)
     except ValueError as e:
         msg = str(e)
         for name, flag in (("proj_size", "--proj-size"), ("forget_bias", "--forget-bias"),
                            ("hidden_size", "--hidden"), ("cell=", "--cell ")):
             msg = msg.replace(name, flag)
         raise RunError(msg) from None
+
+
+def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
+    """The model of ``cfg`` and its initial parameters."""
+    model = make_model(cfg, task)
+    if cfg.reference_model:
+        return model, task.example().params
     return model, model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+
+
+def check_memory(cfg: RunConfig, task: Task, model: RNN, optimizer,
+                 available: int | None = None) -> memory.MemoryEstimate:
+    """Refuses a run whose estimated peak memory exceeds what the machine has.
+
+    Nothing is allocated: the estimate (``jaxrnn.memory.estimate_run``) works on
+    shapes. Call it before the parameters are made and the batches drawn.
+
+    Args:
+        cfg: the run's configuration.
+        task: its task (built: ``charlm`` needs its text's vocabulary).
+        model: ``make_model(cfg, task)``.
+        optimizer: ``build_optimizer(cfg)``.
+        available: bytes the run may use; None reads the machine
+            (``jaxrnn.memory.available_memory``: an accelerator's free memory, else
+            ``MemAvailable`` capped by a cgroup limit); ``math.inf`` skips the check.
+
+    Returns:
+        The ``MemoryEstimate``.
+
+    Raises:
+        RunError: one line with the estimate, what is available, and the option to change.
+    """
+    def estimate(m, method=cfg.method):
+        return memory.estimate_run(m, optimizer, task, method, cfg.k1, cfg.k2,
+                                   evaluate=cfg.eval_every > 0)
+
+    est = estimate(model)
+    if available is None:
+        avail = memory.available_memory()
+    else:
+        avail = memory.Available(available, "given") if available != math.inf else None
+    try:
+        memory.check_fits(est, avail)
+    except MemoryError as e:
+        raise RunError(f"{e}: {_memory_advice(cfg, model, est, avail, estimate)}") from None
+    return est
+
+
+def _memory_advice(cfg: RunConfig, model: RNN, est: memory.MemoryEstimate,
+                   avail: memory.Available, estimate) -> str:
+    """The option to change, by the part of the estimate that dominates."""
+    part = est.dominant()
+    if part in ("parameters", "optimizer", "gradients"):
+        return "lower --hidden (or --layers)"
+    if part == "data" and cfg.task == "charlm":
+        return "lower --seq-len or --batch, or give a shorter --text"
+    if cfg.method == "rtrl":  # its sensitivities grow as B H^2 (H + D), not with T
+        return "lower --hidden or --batch, or use --method bptt"
+    advice = "lower --seq-len or --batch"
+    if cfg.k1 is None and cfg.bptt_segment is None and cfg.method in ("bptt", "autodiff"):
+        k = max(1, math.isqrt(cfg.seq_len))
+        lean = estimate(dataclasses.replace(model, bptt_segment=k), "bptt")
+        if k > 1 and lean.total <= avail.bytes:  # suggest it only where it makes the run fit
+            how = "pass" if cfg.method == "bptt" else "use --method bptt with"
+            advice += (f", or {how} --bptt-segment {k} (memory-lean BPTT: about "
+                       f"{memory.format_gb(lean.total)})")
+    return advice
 
 
 def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
@@ -254,26 +352,75 @@ def read_config(out: Path) -> RunConfig:
     return RunConfig(**{k: v for k, v in data.items() if k in names})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    """An option's value as the user would type it (None: "none")."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _same(name: str, given, stored) -> bool:
+    """Whether a given option equals the stored one: numbers by value (0.01 == 1e-2,
+    1 == 1.0), ``--text`` by the file it names."""
+    if given is None or stored is None or isinstance(given, bool) or isinstance(stored, bool):
+        return given == stored
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)):
+        return float(given) == float(stored)
+    if name == "text" and given != stored:
+        return Path(given).expanduser().resolve() == Path(stored).expanduser().resolve()
+    return given == stored
+
+
 def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
-    """The saved run's config, with ``steps`` and the logging cadence taken from ``given``.
+    """The saved run's config, with the options of ``CHANGEABLE_ON_RESUME`` from ``given``.
+
+    Args:
+        out: the run's directory (it holds ``config.json``).
+        given: option name -> value as the user gave it; None means not given.
 
     Raises:
-        RunError: no run in ``out``, or an option in ``given`` that contradicts the
-            saved model (a checkpoint of another model).
+        RunError: no run in ``out``; an unknown option; or options of
+            ``RUN_DEFINING`` given with values other than the run's (one message
+            naming each, with both values). Nothing is written.
     """
     saved = read_config(out)
-    conflicts = [f"--{k.replace('_', '-')} {given[k]!r} but the run has {getattr(saved, k)!r}"
-                 for k in MODEL_FIELDS
-                 if given.get(k) is not None and given[k] != getattr(saved, k)]
+    unknown = sorted(set(given) - set(RUN_DEFINING) - set(CHANGEABLE_ON_RESUME))
+    if unknown:
+        raise RunError(f"unknown run options {unknown}")
+    conflicts = [f"{_flag(k)} {_show(given[k])} (the run has {_show(getattr(saved, k))})"
+                 for k in RUN_DEFINING
+                 if given.get(k) is not None and not _same(k, given[k], getattr(saved, k))]
     if conflicts:
-        raise RunError(f"--resume: the checkpoint in {out} is of another model: "
+        raise RunError(f"--resume: these options differ from the run in {out}: "
                        + "; ".join(conflicts))
-    changes = {k: given[k] for k in ("steps", "log_every", "eval_every", "checkpoint_every",
-                                     "target_loss", "devices", "diagnostics")
-               if given.get(k) is not None}
+    changes = {k: given[k] for k in CHANGEABLE_ON_RESUME if given.get(k) is not None}
     cfg = dataclasses.replace(saved, **changes)
     validate(cfg)  # e.g. --diagnostics given to a run of another method
     return cfg
+
+
+def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState
+                        ) -> tuple[ckpt.CheckpointState, list[tuple[int, str]]]:
+    """The newest readable checkpoint of ``ckpt_dir`` and the newer ones skipped,
+    ``(step, reason)``; read-only: nothing in the directory changes.
+
+    Raises:
+        RunError: no readable checkpoint (naming the directory and each reason), or a
+            checkpoint of another model.
+    """
+    skipped: list[tuple[int, str]] = []
+    try:
+        with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
+            restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)))
+    except ValueError as e:  # NoReadableCheckpoint, or another model (never a fallback)
+        raise RunError(f"--resume: {e}") from None
+    return restored, skipped
 
 
 class _Stop:
@@ -326,32 +473,43 @@ def _write_jsonl_prefix(path: Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _warn(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-        log=print) -> RunResult:
+        log=print, warn=_warn, memory_available: int | None = None) -> RunResult:
     """Runs (or resumes) a training run, writing into ``out``.
 
     Args:
         cfg: the run's configuration (``build_config`` or ``prepare_resume``).
         out: the output directory. A new run refuses a directory that already holds
             a run; a resumed run requires one.
-        resume: continue from the latest checkpoint in ``out/checkpoints``.
+        resume: continue from the newest readable checkpoint in ``out/checkpoints``;
+            each newer, unreadable one is moved aside to ``<step>.damaged`` (never
+            deleted) with one ``warn`` line naming it and why.
         progress: show a tqdm progress bar.
         log: where to print one-line messages.
+        warn: where to print warnings (default: stderr).
+        memory_available: bytes the run may use (``check_memory``); None reads the
+            machine, ``math.inf`` skips the check.
 
     Returns:
         A ``RunResult``.
 
     Raises:
-        RunError: bad options, an existing run without ``resume``, no checkpoint to
-            resume, a checkpoint of another model.
+        RunError: bad options, an existing run without ``resume``, no (readable)
+            checkpoint to resume, a checkpoint of another model, a run that does not
+            fit in memory (refused before anything is allocated or written). Nothing
+            in ``out`` has changed then.
         RunFailed: the loss became NaN or infinite (the message names the step).
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     if not distributed.is_writer():  # process 0 alone shows progress and messages
-        progress, log = False, (lambda *args, **kwargs: None)
+        progress, log, warn = False, (lambda *a, **k: None), (lambda *a, **k: None)
     refusal = None
     if not resume and out.exists() and any(out.iterdir()):
         refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
@@ -364,7 +522,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
 
     task = build_task(cfg)
-    model, params = build_model(cfg, task)
+    model = make_model(cfg, task)
     optimizer = build_optimizer(cfg)
     if task.last_step_only and cfg.k1 is not None:
         raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
@@ -377,6 +535,9 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         except ValueError as e:
             raise RunError(str(e).replace("hidden_size or batch", "--hidden or --batch")
                            .replace("method='bptt'", "--method bptt")) from None
+    # Before the parameters are made, a batch drawn or the run directory written.
+    check_memory(cfg, task, model, optimizer, memory_available)
+    _, params = build_model(cfg, task)
 
     sample_batch = task.batch(0)
     n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
@@ -400,6 +561,11 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         params, opt_state, key = sharding.replicate((params, opt_state, key), mesh)
     metadata = {"model": cfg.model_fields()}
     start = 0
+    if resume:  # read first: a refused resume changes nothing in ``out``
+        restored, skipped = _restore_for_resume(
+            ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
+        params, opt_state, key = restored.params, restored.opt_state, restored.key
+        start = int(restored.step)
     if distributed.is_writer():
         out.mkdir(parents=True, exist_ok=True)
         ckpt_dir.mkdir(exist_ok=True)
@@ -407,14 +573,15 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
     try:
         if resume:
-            ckpt.check_metadata(checkpointer.read_metadata(), metadata,
-                                where=f"the checkpoint in {ckpt_dir}")
-            like = ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata)
-            restored = checkpointer.restore(like)
-            params, opt_state, key = restored.params, restored.opt_state, restored.key
-            start = int(restored.step)
             if distributed.is_writer():
+                for bad_step, why in skipped:  # never deleted, never in the way of a save
+                    moved = checkpointer.set_aside(bad_step)
+                    warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
+                         f"from checkpoint {start}; moved it aside to {moved}")
                 _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
+                distributed.barrier("set-aside")
+                checkpointer.reload()
             if start >= cfg.steps:
                 log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
                     f"pass a larger --steps to continue it")
@@ -424,8 +591,10 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         if distributed.is_writer():
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-        def save(step):
-            checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step, metadata))
+        def save(step, params, opt_state):
+            if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
+                checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
+                                                       metadata))
 
         # The eval batch is whole in every process (it is computed once per run): each
         # device scores all of it, as in a one-process run, so the eval loss is the same.
@@ -435,89 +604,35 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
                                                   b.targets, None, b.lengths, None,
                                                   task.last_step_only))
-        history: list[dict] = []
-        metrics_file = open(out / "metrics.jsonl" if distributed.is_writer() else os.devnull,
-                            "a")
-        status = "finished"
-        compile_s, t_steady, steady_steps = 0.0, None, 0
-        first_bad = None
-        bad = jnp.asarray(-1)
-        last_good_ckpt = checkpointer.latest_step()
-        bar = tqdm(total=cfg.steps, initial=start, desc=cfg.task, disable=not progress,
-                   dynamic_ncols=True)
-        t_log = time.perf_counter()
-        step = start
-        with _Stop() as stop, metrics_file, bar:
-            while step < cfg.steps:
-                if stop_requested(stop, step, cfg.log_every):
-                    status = "interrupted"
-                    break
-                batch = place_batch(step)
-                t0 = time.perf_counter()
-                step_key = jax.random.fold_in(key, step) if cfg.dropout > 0 else None
-                params, opt_state, m = step_fn(params, opt_state, batch, step_key)
-                step += 1
-                if step == start + 1:
-                    jax.block_until_ready(params)
-                    compile_s = time.perf_counter() - t0  # the first step: compile + run
-                    t_steady, t_log = time.perf_counter(), time.perf_counter()
-                else:
-                    steady_steps += 1
-                # The first step with a non-finite loss, tracked on the device (no sync).
-                bad = _first_bad(bad, m["loss"], step)
-                logged = step % cfg.log_every == 0 or step == cfg.steps
-                evaluated = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-                ckpt_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                if (logged or evaluated or ckpt_due) and int(bad) >= 0:
-                    first_bad = int(bad)
-                    break
-                if logged or evaluated:
-                    loss_f = float(m["loss"])
-                    now = time.perf_counter()
-                    row = {"step": step, "loss": loss_f, "grad_norm": float(m["grad_norm"]),
-                           "steps_per_s": (cfg.log_every / (now - t_log)) if step > start + 1
-                           else None}
-                    t_log = now
-                    for k in sorted(set(m) - {"loss", "grad_norm", "updates"}):
-                        v = float(m[k])  # the diagnostics' scalars
-                        row[k] = v if math.isfinite(v) else None  # NaN is not JSON
-                    if evaluated:
-                        ev = float(eval_loss(params, eval_batch))
-                        row["eval_loss"] = ev
-                        if task.loss == "xent":
-                            row["eval_bpc"] = ev / math.log(2)
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    history.append(row)
-                    bar.set_postfix(loss=f"{loss_f:.4g}", refresh=False)
-                    if cfg.target_loss is not None and loss_f <= cfg.target_loss:
-                        status = "target"
-                        bar.update(step - bar.n)
-                        break
-                bar.update(step - bar.n)
-                if ckpt_due:
-                    if not _all_finite(params):  # never checkpoint a broken state
-                        first_bad = step
-                        break
-                    save(step)
-                    last_good_ckpt = step
-        if first_bad is None and int(bad) >= 0:  # a non-finite loss since the last check
-            first_bad = int(bad)
-        if first_bad is None and not _all_finite(params):
-            first_bad = step
-        if first_bad is not None:
+
+        def evaluate(params):
+            ev = float(eval_loss(params, eval_batch))
+            return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
+                                        if task.loss == "xent" else {})}
+
+        rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
+        with _Stop() as stop, open(rows_to, "a") as metrics_file:
+            def write_row(row):
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+
+            res = train_loop(
+                step_fn, params, opt_state, place_batch, cfg.steps,
+                start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
+                eval_every=cfg.eval_every, evaluate=evaluate,
+                checkpoint_every=cfg.checkpoint_every, checkpoint=save,
+                target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
+                on_row=write_row, progress=progress, desc=cfg.task)
+        if res.status == "nonfinite":
+            last = checkpointer.latest_step()
             raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
-                            f"{first_bad}; stopped "
+                            f"{res.first_bad}; stopped "
                             f"without saving; the last good checkpoint is "
-                            f"{'step ' + str(last_good_ckpt) if last_good_ckpt else 'none'} "
-                            f"in {ckpt_dir}")
-        if checkpointer.latest_step() != step:
-            save(step)
-        wall = (time.perf_counter() - t_steady) if t_steady else 0.0
-        steps_per_s = steady_steps / wall if wall > 0 and steady_steps else 0.0
-        result = RunResult(out, start, step, history, compile_s, steps_per_s, status)
+                            f"{'step ' + str(last) if last else 'none'} in {ckpt_dir}")
+        result = RunResult(out, start, res.step, res.history, res.compile_s, res.steps_per_s,
+                           res.status)
         if distributed.is_writer():
-            _finish(cfg, task, model, host_local(params), out, result, log)
+            _finish(cfg, task, model, host_local(res.params), out, result, log)
         return result
     finally:
         checkpointer.close()
@@ -571,32 +686,24 @@ def batch_placer(task: Task, mesh: sharding.Mesh | None, batch_size: int):
                                              process_local=True)
 
 
-def stop_requested(stop: _Stop, step: int, every: int) -> bool:
-    """Whether to stop before ``step`` after SIGINT/SIGTERM (``stop.signal``).
+def stop_check(stop: _Stop, every: int):
+    """``should_stop()`` for the loop, after SIGINT/SIGTERM (``stop.signal``).
 
     Several processes must stop at the same step (a step or a checkpoint is a
-    collective of all of them), so they agree every ``every`` steps (a small
-    collective) on whether any of them was signalled; one process: at once.
+    collective of all of them): the loop asks before every step, in step with the
+    other processes, and every ``every``-th time they agree (a small collective)
+    on whether any of them was signalled. One process: at once.
     """
     if not distributed.is_multiprocess():
-        return stop.signal is not None
-    return step % every == 0 and distributed.any_process(stop.signal is not None)
+        return lambda: stop.signal is not None
+    calls = itertools.count()
+    return lambda: next(calls) % every == 0 and distributed.any_process(stop.signal is not None)
 
 
 def host_local(tree):
     """A pytree of replicated arrays as host numpy arrays in a multi-process run (process 0
     alone then computes with them, e.g. samples text); unchanged with one process."""
     return jax.device_get(tree) if distributed.is_multiprocess() else tree
-
-
-def _all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-
-
-@jax.jit
-def _first_bad(bad: jax.Array, loss: jax.Array, step) -> jax.Array:
-    """``step`` if ``loss`` is the first non-finite loss seen, else ``bad`` unchanged."""
-    return jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
 
 
 def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,

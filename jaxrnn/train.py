@@ -1,4 +1,4 @@
-"""Training: a pure, jit-compiled optax train step and a small loop around it.
+"""Training steps: a pure, jit-compiled optax train step and truncated BPTT.
 
 The step is ``(params, opt_state, batch) -> (params, opt_state, metrics)``; the
 gradient comes from ``method="bptt"`` (handwritten reverse scan),
@@ -7,18 +7,17 @@ learning, forward in time; single-layer one-direction Elman models only). With
 ``diagnostics=True`` the ``bptt`` step reads per-step gradient norms off the same
 reverse scan (``jaxrnn.diagnostics``) and logs their summary. Clipping,
 schedules and the like belong in the optax chain (``make_optimizer``), never
-inside the gradient.
+inside the gradient. The loop that runs a step (hooks, NaN guard, progress bar)
+is ``jaxrnn.loop.train_loop``; ``fit`` lives there too.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
 
 from jaxrnn import losses as losses_lib
 from jaxrnn import rtrl
@@ -248,74 +247,3 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
         return params, opt_state, metrics
 
     return step
-
-
-class FitResult(NamedTuple):
-    """What ``fit`` returns."""
-
-    params: RNNParams
-    opt_state: optax.OptState
-    history: list  # one dict per logged step: step, loss, grad_norm, elapsed_s
-    compile_s: float  # time to compile the step
-    steps_per_s: float  # step throughput after compilation
-    stopped_early: bool  # reached ``target_loss`` before ``steps``
-
-
-def fit(step_fn: StepFn, params: RNNParams, opt_state: optax.OptState,
-        batches: Batch | Iterable[Batch], steps: int, *, target_loss: float | None = None,
-        log_every: int = 1, progress: bool = True, desc: str = "train") -> FitResult:
-    """Runs ``step_fn`` for up to ``steps`` steps with a progress bar.
-
-    Args:
-        step_fn: from ``make_train_step``.
-        params, opt_state: the starting point (donated to the step).
-        batches: one ``Batch`` used at every step, or an iterable of batches.
-        steps: the number of steps.
-        target_loss: stop once a logged loss is at or below this.
-        log_every: record metrics (and sync with the device) every this many steps.
-        progress: show a tqdm bar with the loss and steps/s.
-        desc: the bar's label.
-
-    Returns:
-        A ``FitResult``.
-
-    Raises:
-        FloatingPointError: the loss became NaN or infinite (the message names the step).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    it = None if isinstance(batches, Batch) else iter(batches)
-    next_batch = (lambda: batches) if it is None else (lambda: next(it))
-
-    batch = next_batch()
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
-
-    history, stopped = [], False
-    t_start = time.perf_counter()
-    done = 0
-    with tqdm(total=steps, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for i in range(1, steps + 1):
-            if i > 1:
-                batch = next_batch()
-            params, opt_state, metrics = compiled(params, opt_state, batch)
-            done = i
-            if i % log_every == 0 or i == steps:
-                loss = float(metrics["loss"])
-                elapsed = time.perf_counter() - t_start
-                history.append({"step": i, "loss": loss,
-                                "grad_norm": float(metrics["grad_norm"]),
-                                "elapsed_s": elapsed})
-                bar.set_postfix(loss=f"{loss:.3e}", refresh=False)
-                bar.update(i - bar.n)
-                if not jnp.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at step {i}")
-                if target_loss is not None and loss <= target_loss:
-                    stopped = True
-                    break
-    jax.block_until_ready(params)
-    wall = time.perf_counter() - t_start
-    return FitResult(params, opt_state, history, compile_s, done / max(wall, 1e-9), stopped)

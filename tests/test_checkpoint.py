@@ -1,6 +1,8 @@
 """Checkpoints: exact round trips, resuming, pruning, atomicity, metadata and structure checks."""
 
 import logging
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +259,145 @@ def test_argument_errors(tmp_path, trained):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="directory must be a directory, got a file"):
         Checkpointer(tmp_path / "file")
+
+
+# --- damaged checkpoints: fallback ---------------------------------------------
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _largest_data_file(step_dir):
+    """The largest file of the state's OCDBT database (``state/d/``): the arrays."""
+    return max((step_dir / "state" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+# damage -> what the skip reason says (each found by trying it; see _READ_ERRORS)
+DAMAGE = {
+    "truncated array data": (lambda d: _truncate(_largest_data_file(d)),
+                             r"^state: OUT_OF_RANGE: .* is not valid for value of size"),
+    "array data bytes flipped": (lambda d: (lambda p, b: p.write_bytes(
+        b[:40] + bytes(x ^ 0xFF for x in b[40:48]) + b[48:]))(
+            _largest_data_file(d), _largest_data_file(d).read_bytes()),
+        r"^state: .*(checksum|ZSTD|corrupt|DATA_LOSS)"),
+    "garbled meta JSON": (lambda d: (d / "meta" / "metadata").write_bytes(
+        b'{"\x97' + (d / "meta" / "metadata").read_bytes()[3:]),
+        r"^meta: 'utf-8' codec can't decode byte 0x97"),
+    "truncated meta JSON": (lambda d: _truncate(d / "meta" / "metadata"),
+                            r"^meta: Unterminated string|^meta: Expecting"),
+    "deleted meta file": (lambda d: (d / "meta" / "metadata").unlink(), r"^meta: .*not found"),
+    "deleted state manifest": (lambda d: (d / "state" / "manifest.ocdbt").unlink(),
+                               r"^state: state/manifest\.ocdbt is missing"),
+    "no commit marker": (lambda d: [(d / n).unlink() for n in ("commit_success.txt",
+                                                                "_CHECKPOINT_METADATA")],
+                         r"^no commit marker"),
+}
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, trained) -> "Path":
+    """Checkpoints 1, 2, 3 of ``trained`` (distinct data_steps), to copy and damage."""
+    d = tmp_path_factory.mktemp("three")
+    with Checkpointer(d, keep=None) as c:
+        for step in (1, 2, 3):
+            c.save(trained._replace(step=step, data_step=10 * step))
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped(tmp_path, three_steps, trained, damage):
+    d = _copy(three_steps, tmp_path / "c")
+    hurt, reason = DAMAGE[damage]
+    hurt(d / "3")
+    before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    skipped = []
+    with Checkpointer(d, read_only=True) as c:
+        assert c.all_steps() == [1, 2, 3]  # orbax itself still lists it
+        r = c.restore(fresh(seed=5), on_skip=lambda s, why: skipped.append((s, why)))
+        assert (r.step, r.data_step) == (2, 20)
+        assert_exactly_equal(r.params, trained.params)
+        assert [s for s, _ in skipped] == [3]
+        assert re.search(reason, skipped[0][1]), skipped[0][1]
+        # an explicit step is never a fallback; nor is fallback=False
+        for kw in ({"step": 3}, {"fallback": False}):
+            with pytest.raises(checkpoint.CheckpointUnreadable,
+                               match=rf"checkpoint 3 in {re.escape(str(d))} is unreadable "
+                                     rf"\((meta|state|no commit)") as e:
+                c.restore(fresh(), **kw)
+            assert e.value.step == 3 and re.search(reason, e.value.reason)
+        assert c.restore(fresh(), step=1).data_step == 10
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == before  # reading deletes nothing
+
+
+def test_no_readable_checkpoint_names_the_directory_and_each_reason(tmp_path, three_steps):
+    d = _copy(three_steps, tmp_path / "c")
+    DAMAGE["truncated array data"][0](d / "3")
+    DAMAGE["garbled meta JSON"][0](d / "2")
+    DAMAGE["deleted state manifest"][0](d / "1")
+    with pytest.raises(checkpoint.NoReadableCheckpoint,
+                       match=rf"^no readable checkpoint in {re.escape(str(d))} \(3: state: "
+                             rf"OUT_OF_RANGE.*; 2: meta: 'utf-8' codec.*; 1: state: "
+                             rf"state/manifest\.ocdbt is missing\)$") as e:
+        checkpoint.restore(d, fresh())
+    assert [s for s, _ in e.value.skipped] == [3, 2, 1]
+
+
+def test_another_model_is_an_error_not_a_fallback(tmp_path, three_steps):
+    d = _copy(three_steps, tmp_path / "c")
+    skipped = []
+    with pytest.raises(ValueError, match=r"checkpoint .*/3 is of another model: hidden_size"):
+        checkpoint.restore(d, fresh(metadata={**CONFIG, "hidden_size": 8}),
+                           on_skip=lambda *a: skipped.append(a))
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), fresh().params)
+    with pytest.raises(ValueError, match=r"checkpoint .*/3 does not match .*float64\(16, 1\) "
+                                         r"in the checkpoint but float32\(16, 1\) here"):
+        checkpoint.restore(d, fresh()._replace(params=f32), on_skip=lambda *a: skipped.append(a))
+    assert skipped == []
+
+
+def test_arrays_that_contradict_their_manifest_are_unreadable(tmp_path, three_steps, trained):
+    """The state item of a float32 copy (5 weight arrays: 2 layers x w_ih, w_hh, and the
+    readout; no biases) under checkpoint 3's float64 meta: the manifest
+    check passes, but the arrays stored do not match it (orbax alone would cast them)."""
+    import shutil
+
+    d = _copy(three_steps, tmp_path / "c")
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), trained.params)
+    checkpoint.save(tmp_path / "w", trained._replace(params=f32, step=3))
+    shutil.rmtree(d / "3" / "state")
+    shutil.copytree(tmp_path / "w" / "3" / "state", d / "3" / "state")
+    skipped = []
+    r = checkpoint.restore(d, fresh(), on_skip=lambda s, why: skipped.append((s, why)))
+    assert r.step == 2 and [s for s, _ in skipped] == [3]
+    assert re.fullmatch(r"state: its arrays do not match its manifest: params\.layers\.0\.0\."
+                        r"w_hh is float32\(16, 4\) in the state but float64\(16, 4\) in the "
+                        r"manifest \(and 4 more\)", skipped[0][1]), skipped[0][1]
+
+
+def test_set_aside_moves_a_checkpoint_out_of_orbax_s_way(tmp_path, three_steps, trained):
+    d = _copy(three_steps, tmp_path / "c")
+    files = sorted(p.relative_to(d / "3") for p in (d / "3").rglob("*"))
+    with Checkpointer(d, keep=2) as c:
+        assert c.set_aside(3) == d / "3.damaged"
+        assert c.all_steps() == [1, 2] and c.latest_step() == 2
+        c.save(trained._replace(step=3))  # the step can be saved again
+        assert c.set_aside(3) == d / "3.damaged-2"  # a second one does not overwrite
+        c.save(trained._replace(step=3))
+        c.save(trained._replace(step=4))  # pruning (keep=2) leaves the damaged ones alone
+        assert c.all_steps() == [3, 4]
+    assert sorted(p.name for p in d.iterdir()) == ["3", "3.damaged", "3.damaged-2", "4"]
+    assert sorted(p.relative_to(d / "3.damaged") for p in (d / "3.damaged").rglob("*")) == files
+    with Checkpointer(d, read_only=True) as c:
+        with pytest.raises(ValueError, match="is read-only"):
+            c.set_aside(3)
+    with Checkpointer(d) as c:  # a new writer does not take them for unfinished saves
+        assert c.all_steps() == [3, 4]
+    assert (d / "3.damaged").is_dir() and (d / "3.damaged-2").is_dir()

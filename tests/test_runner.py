@@ -1,6 +1,7 @@
 """Training runs: outputs, resume (also after SIGKILL), NaN handling, Ctrl-C, bad input."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -167,7 +168,7 @@ def test_never_overwrites_a_run(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(tmp_path / "r"), "--hidden", "16",
                  "--steps", "9"]) == 2
-    assert "of another model" in capsys.readouterr().err
+    assert "--hidden 16 (the run has 8)" in capsys.readouterr().err
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
     assert ckpt.latest_step(tmp_path / "r" / "checkpoints") == 5
 
@@ -193,3 +194,145 @@ def test_charlm_run_and_sample(tmp_path, capsys):
     assert s.startswith("the ") and len(s.rstrip("\n")) == 44
     assert main(["sample", "--out", str(out), "--prompt", "ZZZ"]) == 2
     assert "outside the model's vocabulary" in capsys.readouterr().err
+
+
+# --- resume: damaged checkpoints, contradicting options -------------------------
+
+TINY = ["--task", "sine", "--cell", "gru", "--hidden", "4", "--batch", "2", "--seq-len", "5",
+        "--lr", "0.01", "--eval-every", "0", "--no-progress"]
+
+
+def snapshot(d: Path) -> dict[str, bytes | None]:
+    """Everything under ``d``: relative path -> the file's bytes (None for a directory)."""
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None
+            for p in sorted(d.rglob("*"))}
+
+
+def truncate_arrays(step_dir: Path) -> None:
+    """Halves every file of the state's OCDBT data (``state/d/``): a crash mid-copy."""
+    for p in (step_dir / "state" / "d").iterdir():
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def test_resume_skips_damaged_checkpoints_and_applies_changeable_options(tmp_path, capsys):
+    """An uninterrupted 9-step run (checkpoints 6, 8, 9 kept), copied; in the copy 9's
+    arrays are truncated and 8's meta garbled. The resume falls back to 6 with one warning
+    per skipped checkpoint, moves them aside, logs every 2nd step, saves 9 again: its rows
+    are the uninterrupted run's, bit for bit."""
+    import shutil
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(["train", *TINY, "--log-every", "1", "--checkpoint-every", "2", "--steps", "9",
+                 "--out", str(ref)]) == 0
+    shutil.copytree(ref, run)
+    truncate_arrays(run / "checkpoints" / "9")
+    meta = run / "checkpoints" / "8" / "meta" / "metadata"
+    meta.write_bytes(b'{"\x97' + meta.read_bytes()[3:])
+    damaged = {s: snapshot(run / "checkpoints" / str(s)) for s in (8, 9)}
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--log-every", "2",
+                 "--checkpoint-every", "3", "--no-progress", "--lr", "1e-2"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 2, err
+    moved = run / "checkpoints"
+    assert re.fullmatch(rf"warning: checkpoint 9 is unreadable \(state: OUT_OF_RANGE: .*\): "
+                        rf"resuming from checkpoint 6; moved it aside to "
+                        rf"{re.escape(str(moved / '9.damaged'))}", warnings[0]), warnings[0]
+    assert warnings[1] == (f"warning: checkpoint 8 is unreadable (meta: 'utf-8' codec can't "
+                           f"decode byte 0x97 in position 2: invalid start byte): resuming "
+                           f"from checkpoint 6; moved it aside to {moved / '8.damaged'}")
+    for s in (8, 9):  # kept, byte for byte
+        assert snapshot(moved / f"{s}.damaged") == damaged[s]
+    with ckpt.Checkpointer(moved, read_only=True) as c:
+        assert c.all_steps() == [6, 9]  # 9 saved again (--checkpoint-every 3)
+    ref_rows = {r["step"]: (r["loss"], r["grad_norm"]) for r in rows(ref)}
+    got = {r["step"]: (r["loss"], r["grad_norm"]) for r in rows(run)}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6, 8, 9]  # rows to 6 kept, then every 2nd, the end
+    assert got == {s: ref_rows[s] for s in got}  # bit for bit
+    assert json.loads((run / "config.json").read_text())["log_every"] == 2
+
+
+def test_refused_resumes_change_nothing(tmp_path, capsys):
+    """Contradicting options, then no readable checkpoint: exit 2, one line, same bytes."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--log-every", "1", "--checkpoint-every", "2", "--steps", "4",
+                 "--out", str(run)]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    code = main(["train", "--resume", "--out", str(run), "--method", "autodiff", "--lr", "0.1",
+                 "--clip", "1", "--bidirectional", "--seq-len", "5", "--hidden", "4",
+                 "--steps", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err == (f"jaxrnn train: error: --resume: these options differ from the run in {run}: "
+                   f"--bidirectional on (the run has off); --method autodiff (the run has bptt); "
+                   f"--lr 0.1 (the run has 0.01); --clip 1.0 (the run has none)\n")
+    assert snapshot(run) == before
+    for step in (2, 4):
+        truncate_arrays(run / "checkpoints" / str(step))
+    before = snapshot(run)
+    code = main(["train", "--resume", "--out", str(run), "--steps", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert re.fullmatch(rf"jaxrnn train: error: --resume: no readable checkpoint in "
+                        rf"{re.escape(str(run / 'checkpoints'))} \(4: state: OUT_OF_RANGE.*; "
+                        rf"2: state: OUT_OF_RANGE.*\)\n", err), err
+    assert snapshot(run) == before
+
+
+def test_every_run_option_is_run_defining_or_changeable():
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(runner.RunConfig)]
+    defining, changeable = set(runner.RUN_DEFINING), set(runner.CHANGEABLE_ON_RESUME)
+    assert not defining & changeable
+    assert sorted(defining | changeable) == sorted(fields)
+    assert len(runner.RUN_DEFINING) + len(runner.CHANGEABLE_ON_RESUME) == len(fields)
+    assert set(runner.MODEL_FIELDS) <= defining
+
+
+# Pairwise (tests/conftest.py's all_pairs), not a grid: each option absent, given equal
+# to the run's value (spelled another way where it can be), or given different.
+RUN = dict(task="sine", cell="gru", hidden=8, lr=0.01, clip=None, k1=None, batch=4, seq_len=12)
+SPELLINGS = {  # option -> (equal to the run's, different, how the different one reads)
+    "lr": (1e-2, 0.1, "--lr 0.1 (the run has 0.01)"),
+    "method": ("bptt", "autodiff", "--method autodiff (the run has bptt)"),
+    "clip": (None, 1.0, "--clip 1.0 (the run has none)"),
+    "hidden": (8, 16, "--hidden 16 (the run has 8)"),
+    "seed": (0, 3, "--seed 3 (the run has 0)"),  # 0: the default, stored by build_config
+    "k1": (None, 4, "--k1 4 (the run has none)"),
+}
+
+
+@pytest.mark.parametrize("case", __import__("conftest").all_pairs(
+    {k: ("absent", "equal", "different") for k in SPELLINGS}))
+def test_resume_refuses_exactly_the_contradicting_options(tmp_path, case):
+    out = tmp_path / "r"
+    out.mkdir()
+    cfg = runner.build_config(**RUN, steps=10, log_every=1)
+    (out / "config.json").write_text(json.dumps(runner.dataclasses.asdict(cfg)))
+    given = {k: (SPELLINGS[k][0] if v == "equal" else SPELLINGS[k][1])
+             for k, v in case.items() if v != "absent"}
+    given |= {"steps": 20, "log_every": 5, "task": None, "cell": None}  # changeable; not given
+    expected = [SPELLINGS[k][2] for k in runner.RUN_DEFINING if case.get(k) == "different"]
+    if expected:
+        with pytest.raises(runner.RunError) as e:
+            runner.prepare_resume(out, given)
+        assert str(e.value) == (f"--resume: these options differ from the run in {out}: "
+                                + "; ".join(expected))
+    else:
+        got = runner.prepare_resume(out, given)
+        assert got == runner.dataclasses.replace(cfg, steps=20, log_every=5)
+
+
+def test_resume_of_a_run_older_than_a_field(tmp_path):
+    """config.json written before --forget-bias existed: read_config fills its default."""
+    out = tmp_path / "r"
+    out.mkdir()
+    config = runner.dataclasses.asdict(runner.build_config(**RUN, steps=10))
+    del config["forget_bias"], config["proj_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert runner.prepare_resume(out, {"forget_bias": 0.0, "proj_size": 0}).forget_bias == 0.0
+    with pytest.raises(runner.RunError, match=r"--forget-bias 1\.0 \(the run has 0\.0\)$"):
+        runner.prepare_resume(out, {"forget_bias": 1.0})
