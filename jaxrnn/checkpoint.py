@@ -259,7 +259,11 @@ class Checkpointer:
 
     A writer (``read_only=False``) creates the directory and removes the temporary
     directories of saves that never finished (a crash mid-save); it assumes it is the
-    only writer. A reader creates, prunes and removes nothing.
+    only writer. A reader creates, prunes and removes nothing. With several processes
+    (``jax.distributed``), every process opens the same directory and takes part in
+    every ``save`` and ``restore`` (orbax writes each array's shards once, the primary
+    process 0 the metadata and the final rename); process 0 alone creates the
+    directory and removes unfinished saves, so make it first and wait for it.
 
     Args:
         directory: the checkpoint directory (one sub-directory per step).
@@ -279,7 +283,7 @@ class Checkpointer:
             raise ValueError(f"directory must be a directory, got a file: {self.directory}")
         self.keep = keep
         self.read_only = read_only
-        if not read_only:
+        if not read_only and jax.process_index() == 0:  # of several processes, the primary
             self.directory.mkdir(parents=True, exist_ok=True)
             for name in ocp.path.step.tmp_checkpoints(self.directory):
                 shutil.rmtree(self.directory / name)  # a save that never finished
@@ -405,6 +409,12 @@ class Checkpointer:
                 ``CheckpointUnreadable`` if its ``meta`` item does not read back.
         """
         return self._meta(self._resolve(step))["metadata"]
+
+    def reload(self) -> None:
+        """Re-lists the checkpoints, after another process changed the directory (e.g. a
+        ``set_aside`` by process 0 of a multi-process run)."""
+        with _quiet():
+            self._manager.reload()
 
     def set_aside(self, step: int) -> Path:
         """Renames checkpoint ``step`` to ``<step>.damaged`` (``.damaged-2``, ... if taken).

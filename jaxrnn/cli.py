@@ -83,6 +83,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -137,6 +147,10 @@ def _default_out(task: str) -> Path:
 
 
 def cmd_train(args) -> int:
+    from jaxrnn import distributed
+
+    # Before anything touches a JAX backend: the process flags, then the runtime.
+    distributed.check_flags(args.num_processes, args.process_id, args.coordinator)
     from jaxrnn import runner
 
     given = {k: getattr(args, k) for k in RUN_OPTIONS}
@@ -144,13 +158,16 @@ def cmd_train(args) -> int:
         if args.out is None:
             raise UsageError("--resume needs --out DIR, the run to continue")
         cfg = runner.prepare_resume(Path(args.out), given)
-        out = Path(args.out)
     else:
         cfg = runner.build_config(**given)
-        out = Path(args.out) if args.out is not None else _default_out(cfg.task)
+    distributed.start(args.num_processes, args.process_id, args.coordinator)
+    if args.out is not None:
+        out = Path(args.out)
+    else:  # one name for every process: process 0's (the clock differs between them)
+        out = Path(distributed.from_writer("default-out", str(_default_out(cfg.task))))
     result = runner.run(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if result.status == "already-finished":
-        return 0
+    if result.status == "already-finished" or not distributed.is_writer():
+        return 130 if result.status == "interrupted" else 0
     rows = result.history
     if rows:
         first, last = rows[0], rows[-1]
@@ -351,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mp = t.add_argument_group(
+        "several processes (jax.distributed)",
+        "Give all three on every process, or none: then a cluster JAX detects (SLURM, "
+        "Open MPI, Cloud TPU, Kubernetes) is used if there is one. Process 0 writes the "
+        "files; every process takes part in the checkpoints.")
+    mp.add_argument("--num-processes", type=_positive_int, default=None,
+                    help="how many processes the run spans (1: an ordinary run)")
+    mp.add_argument("--process-id", type=_nonnegative_int, default=None,
+                    help="this process's index, in [0, --num-processes)")
+    mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="where process 0 runs the coordination service; the same on "
+                         "every process")
     t.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("sample", help="sample text from a trained charlm run",
@@ -424,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, NotImplementedError) as e:
         print(f"jaxrnn {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except FloatingPointError as e:
+    except (FloatingPointError, ConnectionError) as e:  # a NaN loss; processes that never met
         print(f"jaxrnn {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,11 +22,18 @@ naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
 saves a checkpoint and stops cleanly. The training itself is
 ``jaxrnn.loop.train_loop``: ``run`` gives it the step, the batches and hooks that
 write the rows, save the checkpoints and read the signals.
+
+Several processes (``jaxrnn.distributed.start`` before ``run``): the mesh spans
+every process's devices (``build_mesh``), each process builds only its rows of each
+batch (``batch_placer``), process 0 alone writes the files and messages
+(``distributed.is_writer``), every process takes part in each checkpoint, and a
+signal stops all of them at the same step (``stop_check``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -40,7 +47,7 @@ import numpy as np
 import optax
 
 from jaxrnn import checkpoint as ckpt
-from jaxrnn import memory, rtrl, sharding
+from jaxrnn import distributed, memory, rtrl, sharding
 from jaxrnn.loop import train_loop
 from jaxrnn.model import RNN, loss_fn
 from jaxrnn.tasks import Task, make_task
@@ -501,9 +508,16 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     """
     out = Path(out)
     ckpt_dir = out / "checkpoints"
+    if not distributed.is_writer():  # process 0 alone shows progress and messages
+        progress, log, warn = False, (lambda *a, **k: None), (lambda *a, **k: None)
+    refusal = None
     if not resume and out.exists() and any(out.iterdir()):
-        raise RunError(f"--out {out} already holds a run; pass --resume to continue it, or "
-                       f"choose another directory")
+        refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
+                   f"choose another directory")
+    # Process 0 decides (before anything is written: it makes the directory next).
+    refusal = distributed.from_writer("out-holds-a-run", refusal)
+    if refusal:
+        raise RunError(refusal)
     if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
         raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
 
@@ -526,8 +540,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     _, params = build_model(cfg, task)
 
     sample_batch = task.batch(0)
-    n_dev = sharding.choose_devices(cfg.devices, sample_batch.xs.shape[1])
-    mesh = sharding.make_mesh(n_dev) if n_dev > 1 else None
+    n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
     if cfg.k1 is None:
         if mesh is None:
             step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
@@ -540,10 +553,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     else:
         step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
                                   method=cfg.method)
-    place_batch = (lambda b: b) if mesh is None else (lambda b: sharding.shard_batch(b, mesh))
+    place_batch = batch_placer(task, mesh, sample_batch.xs.shape[1])
 
     key = jax.random.key(cfg.seed)
     opt_state = optimizer.init(params)
+    if mesh is not None:  # before a restore: it restores onto the same (global) layout
+        params, opt_state, key = sharding.replicate((params, opt_state, key), mesh)
     metadata = {"model": cfg.model_fields()}
     start = 0
     if resume:  # read first: a refused resume changes nothing in ``out``
@@ -551,30 +566,41 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
         params, opt_state, key = restored.params, restored.opt_state, restored.key
         start = int(restored.step)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+    distributed.barrier("run-directory")  # every process has read what it needed; made
     checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
     try:
         if resume:
-            for bad_step, why in skipped:  # never deleted, and never in the way of a save
-                moved = checkpointer.set_aside(bad_step)
-                warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming from "
-                     f"checkpoint {start}; moved it aside to {moved}")
-            _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if distributed.is_writer():
+                for bad_step, why in skipped:  # never deleted, never in the way of a save
+                    moved = checkpointer.set_aside(bad_step)
+                    warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
+                         f"from checkpoint {start}; moved it aside to {moved}")
+                _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
+                distributed.barrier("set-aside")
+                checkpointer.reload()
             if start >= cfg.steps:
                 log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
                     f"pass a larger --steps to continue it")
                 return RunResult(out, start, start, [], 0.0, 0.0, "already-finished")
-        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev}
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if mesh is not None:
-            params, opt_state = sharding.replicate((params, opt_state), mesh)
+        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev,
+                                            "processes_used": jax.process_count()}
+        if distributed.is_writer():
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
         def save(step, params, opt_state):
             if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
                 checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
                                                        metadata))
 
+        # The eval batch is whole in every process (it is computed once per run): each
+        # device scores all of it, as in a one-process run, so the eval loss is the same.
         eval_batch = task.eval_batch()
+        if mesh is not None:
+            eval_batch = sharding.replicate(eval_batch, mesh)
         eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
                                                   b.targets, None, b.lengths, None,
                                                   task.last_step_only))
@@ -584,17 +610,18 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
                                         if task.loss == "xent" else {})}
 
-        with _Stop() as stop, open(out / "metrics.jsonl", "a") as metrics_file:
+        rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
+        with _Stop() as stop, open(rows_to, "a") as metrics_file:
             def write_row(row):
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
 
             res = train_loop(
-                step_fn, params, opt_state, lambda s: place_batch(task.batch(s)), cfg.steps,
+                step_fn, params, opt_state, place_batch, cfg.steps,
                 start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
                 eval_every=cfg.eval_every, evaluate=evaluate,
                 checkpoint_every=cfg.checkpoint_every, checkpoint=save,
-                target_loss=cfg.target_loss, should_stop=lambda: stop.signal is not None,
+                target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
                 on_row=write_row, progress=progress, desc=cfg.task)
         if res.status == "nonfinite":
             last = checkpointer.latest_step()
@@ -604,10 +631,79 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                             f"{'step ' + str(last) if last else 'none'} in {ckpt_dir}")
         result = RunResult(out, start, res.step, res.history, res.compile_s, res.steps_per_s,
                            res.status)
-        _finish(cfg, task, model, res.params, out, result, log)
+        if distributed.is_writer():
+            _finish(cfg, task, model, host_local(res.params), out, result, log)
         return result
     finally:
         checkpointer.close()
+
+
+# --- the process layout (small helpers, so that the training loop needs no more) ----
+
+def build_mesh(cfg: RunConfig, batch_size: int) -> tuple[int, sharding.Mesh | None]:
+    """The number of devices and the mesh of a run (None: one device, no mesh).
+
+    One process: ``--devices`` or as many local devices as divide the batch. Several
+    processes (``jax.distributed``): every device of every process, which must
+    divide the batch; ``--devices``, if given, must be that number.
+
+    Raises:
+        RunError: a ``--devices`` or ``--batch`` that does not fit.
+    """
+    if not distributed.is_multiprocess():
+        try:
+            n_dev = sharding.choose_devices(cfg.devices, batch_size)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return n_dev, sharding.make_mesh(n_dev) if n_dev > 1 else None
+    total, procs = jax.device_count(), jax.process_count()
+    if cfg.devices is not None and cfg.devices != total:
+        raise RunError(f"--devices {cfg.devices}: a run of {procs} processes uses all their "
+                       f"{total} devices; leave --devices out or give {total}")
+    if batch_size % total:
+        raise RunError(f"--batch {batch_size} must be divisible by the {total} devices of the "
+                       f"{procs} processes")
+    return total, sharding.make_mesh(total)
+
+
+def batch_placer(task: Task, mesh: sharding.Mesh | None, batch_size: int):
+    """``place(step) -> Batch``: training batch ``step`` laid out on ``mesh``.
+
+    Several processes: each produces only its own rows (``task.batch(step,
+    part=...)``, the rows of its devices) and they are assembled into the global
+    batch (``shard_batch(..., process_local=True)``), equal to the whole
+    ``task.batch(step)`` of a one-process run.
+    """
+    if mesh is None:
+        return task.batch
+    if not distributed.is_multiprocess():
+        return lambda step: sharding.shard_batch(task.batch(step), mesh)
+    try:
+        part = sharding.process_part(mesh, batch_size)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return lambda step: sharding.shard_batch(task.batch(step, part=part), mesh,
+                                             process_local=True)
+
+
+def stop_check(stop: _Stop, every: int):
+    """``should_stop()`` for the loop, after SIGINT/SIGTERM (``stop.signal``).
+
+    Several processes must stop at the same step (a step or a checkpoint is a
+    collective of all of them): the loop asks before every step, in step with the
+    other processes, and every ``every``-th time they agree (a small collective)
+    on whether any of them was signalled. One process: at once.
+    """
+    if not distributed.is_multiprocess():
+        return lambda: stop.signal is not None
+    calls = itertools.count()
+    return lambda: next(calls) % every == 0 and distributed.any_process(stop.signal is not None)
+
+
+def host_local(tree):
+    """A pytree of replicated arrays as host numpy arrays in a multi-process run (process 0
+    alone then computes with them, e.g. samples text); unchanged with one process."""
+    return jax.device_get(tree) if distributed.is_multiprocess() else tree
 
 
 def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,

@@ -26,15 +26,18 @@ the order of float additions::
 On one CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before
 JAX is imported) gives four CPU devices to try this with.
 
-Across hosts: call ``jax.distributed.initialize()`` at the start of the program,
-before any other JAX call, on every process (give ``coordinator_address``,
+Across processes: start JAX's runtime at the start of the program, before any
+other JAX call, on every process (``jaxrnn.distributed.start`` from the command
+line's three flags, or ``jax.distributed.initialize()`` with ``coordinator_address``,
 ``num_processes`` and ``process_id``, or nothing on TPU pods, SLURM and other
-clusters JAX detects). Then ``jax.devices()`` lists the devices of all hosts,
+clusters JAX detects; ``jaxrnn train --num-processes`` does it). Then ``jax.devices()`` lists the devices of all hosts,
 ``make_mesh`` spans them and the same step runs unchanged, one program per process.
 Each process then feeds only its own part of the global batch:
 ``shard_batch(local_batch, mesh, process_local=True)`` builds the global arrays with
 ``jax.make_array_from_process_local_data`` from each process's ``B / num_processes``
-sequences (which must split evenly over that process's devices). Without
+sequences (which must split evenly over that process's devices); ``process_part``
+says which rows of the global batch those are, and ``replicate`` places a value
+that every process holds on the devices of all of them. Without
 ``process_local``, ``shard_batch`` expects every process to hold the same, whole batch.
 """
 
@@ -185,6 +188,45 @@ def shard_batch(batch: Batch, mesh: Mesh, *, process_local: bool = False) -> Bat
     return jax.device_put(batch, batch_sharding(mesh, batch))
 
 
+def process_part(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """Which rows of a global batch this process feeds to ``shard_batch(..., process_local=True)``.
+
+    The rows are those of this process's devices in the mesh (in the mesh's device
+    order), so a process that produces exactly them (``Task.batch(step, part=...)``)
+    places the same global batch as one process holding it whole.
+
+    Args:
+        mesh: from ``make_mesh``, over the devices of every process.
+        batch_size: B of the global batch; the mesh's size must divide it.
+
+    Returns:
+        ``(i, n)``: this process holds rows ``[i*B/n, (i+1)*B/n)``.
+
+    Raises:
+        ValueError: the mesh's size does not divide B, this process has no device in
+            the mesh, or its rows are not one block of ``B/n`` rows (processes with
+            different numbers of devices in the mesh).
+    """
+    size = _mesh_size(mesh)
+    if not _is_int(batch_size) or batch_size < 1 or batch_size % size:
+        raise ValueError(f"the batch size {batch_size!r} must be a positive multiple of the "
+                         f"{size} devices of the mesh")
+    index = NamedSharding(mesh, PartitionSpec(DATA_AXIS)).addressable_devices_indices_map(
+        (batch_size,))
+    if not index:
+        raise ValueError(f"process {jax.process_index()} has no devices in the mesh")
+    blocks = sorted((s.start or 0, batch_size if s.stop is None else s.stop)
+                    for (s,) in index.values())
+    start, stop = blocks[0][0], blocks[-1][1]
+    rows = stop - start
+    contiguous = all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    if not contiguous or batch_size % rows or start % rows:
+        raise ValueError(f"process {jax.process_index()} holds rows {blocks} of the batch of "
+                         f"{batch_size}: every process needs one block of the same size "
+                         f"(the same number of devices in the mesh)")
+    return start // rows, batch_size // rows
+
+
 def replicate(tree, mesh: Mesh):
     """Places a pytree (params, optimizer state, a PRNG key) fully on every device.
 
@@ -199,10 +241,22 @@ def replicate(tree, mesh: Mesh):
         to the step leaves ``tree`` intact.
     """
     _mesh_size(mesh)
+    sharding = replicated_sharding(mesh)
+    if not sharding.is_fully_addressable:  # a mesh over several processes' devices
+        return jax.tree.map(lambda x: _replicate_across_processes(x, sharding), tree)
     # Copy first: device_put reuses the buffer of an array already on one of the mesh's
     # devices (even with may_alias=False in jax 0.10), and a donating step would then
     # delete the caller's array.
-    return jax.device_put(jax.tree.map(jnp.copy, tree), replicated_sharding(mesh))
+    return jax.device_put(jax.tree.map(jnp.copy, tree), sharding)
+
+
+def _replicate_across_processes(x, sharding: NamedSharding):
+    """One leaf, the same value in every process, as a global array replicated over
+    ``sharding``'s devices (``device_put`` takes only this process's devices)."""
+    is_key = jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    data = np.asarray(jax.random.key_data(x) if is_key else x)  # a host copy
+    out = jax.make_array_from_callback(data.shape, sharding, lambda index: data[index])
+    return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if is_key else out
 
 
 def make_sharded_train_step(model: RNN, optimizer: optax.GradientTransformation, mesh: Mesh,

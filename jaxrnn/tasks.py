@@ -3,9 +3,11 @@
 Every task is a frozen dataclass (hashable static configuration) with the same
 small interface:
 
-* ``batch(step) -> Batch``: training batch number ``step``, a pure function of
-  ``(seed, step)``, so that a resumed run regenerates exactly the batches it
-  would have seen;
+* ``batch(step, part=None) -> Batch``: training batch number ``step``, a pure
+  function of ``(seed, step)``, so that a resumed run regenerates exactly the
+  batches it would have seen; ``part=(i, n)`` gives only its rows ``[i*B/n,
+  (i+1)*B/n)`` (process ``i`` of ``n`` in a multi-process run), equal to slicing
+  the whole batch;
 * ``eval_batch() -> Batch``: a fixed held-out batch, drawn from a stream that no
   training step uses;
 * ``batches(start)``: the training batches ``start, start + 1, ...``;
@@ -109,6 +111,38 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_part(part, batch_size: int) -> slice:
+    """The rows of a batch that ``part = (i, n)`` names: ``[i*B/n, (i+1)*B/n)``.
+
+    Args:
+        part: ``(i, n)``, integers with ``n >= 1`` and ``0 <= i < n``, or None (all rows).
+        batch_size: B; ``n`` must divide it.
+
+    Returns:
+        The ``slice`` of the batch axis.
+
+    Raises:
+        ValueError: a malformed ``part``, or ``n`` does not divide B.
+    """
+    if part is None:
+        return slice(0, batch_size)
+    ok = (isinstance(part, tuple) and len(part) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in part))
+    if not ok or not part[1] >= 1 or not 0 <= part[0] < part[1]:
+        raise ValueError(f"part must be a pair (i, n) of integers with 0 <= i < n, got {part!r}")
+    i, n = int(part[0]), int(part[1])
+    if batch_size % n:
+        raise ValueError(f"part={part!r}: n={n} must divide the batch size {batch_size}")
+    rows = batch_size // n
+    return slice(i * rows, (i + 1) * rows)
+
+
+def take_rows(batch: Batch, rows: slice) -> Batch:
+    """The sequences ``rows`` of a batch (axis 1 of ``xs``/``targets``, axis 0 of ``lengths``)."""
+    return Batch(batch.xs[:, rows], batch.targets[:, rows],
+                 None if batch.lengths is None else batch.lengths[rows])
+
+
 def _check_real(name: str, value, *, minimum: float, strict: bool = False,
                 maximum: float | None = None) -> None:
     ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
@@ -146,8 +180,15 @@ class Task:
             raise TypeError(f"dtype must be a floating dtype, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dtype.name)  # a name: hashable and printable
 
-    def batch(self, step: int) -> Batch:
-        """Training batch number ``step`` (an integer >= 0), a pure function of the task."""
+    def batch(self, step: int, part: tuple[int, int] | None = None) -> Batch:
+        """Training batch number ``step`` (an integer >= 0), a pure function of the task.
+
+        Args:
+            step: an integer >= 0.
+            part: ``(i, n)``: only rows ``[i*B/n, (i+1)*B/n)`` of the batch (``n`` must
+                divide B), exactly ``take_rows(batch(step), check_part(part, B))``;
+                None: the whole batch.
+        """
         raise NotImplementedError
 
     def eval_batch(self) -> Batch:
@@ -185,9 +226,10 @@ class ExampleTask(Task):
         """``reference_example(dtype=self.dtype)``."""
         return reference_example(dtype=self.dtype)
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, part: tuple[int, int] | None = None) -> Batch:
         _check_int("step", step, 0)
-        return self.example().batch
+        batch = self.example().batch
+        return take_rows(batch, check_part(part, 1)) if part is not None else batch
 
     def eval_batch(self) -> Batch:
         return self.example().batch
@@ -222,20 +264,31 @@ class _SampledTask(Task):
     def _rng(self, stream: int, step: int = 0) -> np.random.Generator:
         return np.random.default_rng([int(self.seed), stream, int(step)])
 
-    def _sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+    def _sample(self, rng: np.random.Generator, batch_size: int,
+                rows: slice | None = None) -> Batch:
+        """``batch_size`` sequences drawn from ``rng``; only the sequences ``rows`` are
+        built (all if None). The random draw is always the whole batch's, so that the
+        rows equal those of the whole batch."""
         raise NotImplementedError
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, part: tuple[int, int] | None = None) -> Batch:
         """Training batch number ``step``: a pure function of ``(seed, step)``.
 
         Args:
             step: an integer >= 0.
+            part: ``(i, n)``: only the rows ``[i*B/n, (i+1)*B/n)`` (``n`` must divide
+                ``batch_size``), equal to those rows of the whole batch; None: all.
+                The random numbers of the whole batch are still drawn (a numpy
+                generator draws in sequence), so a part saves the building of the
+                other rows (sines, markers, one-hot windows), not the draw.
 
         Returns:
-            A ``Batch`` of ``batch_size`` sequences of ``seq_len`` steps.
+            A ``Batch`` of ``batch_size`` (or ``batch_size / n``) sequences of
+            ``seq_len`` steps.
         """
         _check_int("step", step, 0)
-        return self._sample(self._rng(_TRAIN_STREAM, step), self.batch_size)
+        rows = None if part is None else check_part(part, self.batch_size)
+        return self._sample(self._rng(_TRAIN_STREAM, step), self.batch_size, rows)
 
     def eval_batch(self) -> Batch:
         """The held-out batch of ``eval_size`` sequences, from a stream no training step uses."""
@@ -286,12 +339,15 @@ class SineTask(_SampledTask):
         """0.5: predicting 0 scores E[sin^2] = 1/2 over a uniform phase."""
         return 0.5
 
-    def _sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        T = self.seq_len
-        omega = rng.uniform(self.min_freq, self.max_freq, size=batch_size)  # (B,)
-        phase = rng.uniform(0.0, 2.0 * np.pi, size=batch_size)  # (B,)
+    def _sample(self, rng: np.random.Generator, batch_size: int,
+                rows: slice | None = None) -> Batch:
+        # The draw is most of the cost (T*B normals) and is the whole batch's for any rows.
+        T, rows = self.seq_len, slice(None) if rows is None else rows
+        omega = rng.uniform(self.min_freq, self.max_freq, size=batch_size)[rows]  # (B,)
+        phase = rng.uniform(0.0, 2.0 * np.pi, size=batch_size)[rows]  # (B,)
+        noise = rng.standard_normal((T, batch_size))[:, rows]  # (T, B)
         clean = np.sin(omega * np.arange(T + 1)[:, None] + phase)  # (T+1, B)
-        xs = clean[:-1] + self.noise * rng.standard_normal((T, batch_size))
+        xs = clean[:-1] + self.noise * noise
         return Batch(jnp.asarray(xs[:, :, None], self.dtype),
                      jnp.asarray(clean[1:, :, None], self.dtype))
 
@@ -325,11 +381,14 @@ class AddingTask(_SampledTask):
         """``ADDING_BASELINE`` = 1/6, the MSE of always answering 1."""
         return ADDING_BASELINE
 
-    def _sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
-        T, B = self.seq_len, batch_size
-        values = rng.uniform(0.0, 1.0, size=(T, B))
-        first = rng.integers(0, T // 2, size=B)  # a step in the first half
-        second = rng.integers(T // 2, T, size=B)  # a step in the second half
+    def _sample(self, rng: np.random.Generator, batch_size: int,
+                rows: slice | None = None) -> Batch:
+        # The draw (T*B uniforms) is the whole batch's for any rows; only they are built.
+        T, rows = self.seq_len, slice(None) if rows is None else rows
+        values = rng.uniform(0.0, 1.0, size=(T, batch_size))[:, rows]
+        first = rng.integers(0, T // 2, size=batch_size)[rows]  # a step in the first half
+        second = rng.integers(T // 2, T, size=batch_size)[rows]  # a step in the second half
+        B = values.shape[1]
         cols = np.arange(B)
         marker = np.zeros((T, B))
         marker[first, cols] = 1.0
@@ -530,10 +589,13 @@ class CharLMTask(_SampledTask):
         xs = jax.nn.one_hot(jnp.asarray(ids[:-1]), self.vocab_size, dtype=self.dtype)
         return Batch(xs, jnp.asarray(ids[1:], jnp.int32))
 
-    def _sample(self, rng: np.random.Generator, batch_size: int) -> Batch:
+    def _sample(self, rng: np.random.Generator, batch_size: int,
+                rows: slice | None = None) -> Batch:
         T = self.seq_len
-        # window [s, s + T] lies inside the training part for s in [0, N_train - T - 1]
+        # window [s, s + T] lies inside the training part for s in [0, N_train - T - 1];
+        # the draw is B integers, the one-hot windows (T, B, V) the cost: built for rows only
         starts = rng.integers(0, len(self.train_ids) - T, size=batch_size)  # (B,)
+        starts = starts if rows is None else starts[rows]
         return self._windows(self.train_ids[np.arange(T + 1)[:, None] + starts])
 
     def eval_batch(self) -> Batch:
