@@ -77,7 +77,7 @@ class Settings:
     # u of the first layer ~ U(0, 2^(1/T)) and of the last ~ U(2^(-1/T), 2^(1/T)),
     # input weights ~ N(0, 0.001^2), zero biases, the readout from the last step.
     li_lengths: tuple[int, ...] = (100, 500, 1000)  # T of the indrnn_li rows
-    li_steps: tuple[int, ...] = (3000, 5000, 5000)  # their training steps
+    li_steps: tuple[int, ...] = (1000, 1000, 1000)  # their training steps (the time budget)
     li_hidden: int = 128  # units per layer
     li_layers: int = 2  # stacked IndRNN layers
     li_lr: float = 2e-4  # Adam's learning rate (constant: Li et al. divide it by 10
