@@ -1,4 +1,4 @@
-"""The adding problem: Elman (tanh) vs LSTM vs GRU vs IndRNN as the sequence grows (issue #6).
+"""The adding problem: Elman (tanh) vs LSTM vs GRU vs IndRNN as the sequence grows (issues #6, #11).
 
 Reproduces the classic long-time-lag result of Hochreiter & Schmidhuber (1997,
 "Long short-term memory", experiment 4) and Le, Jaitly & Hinton (2015, "A simple
@@ -29,9 +29,20 @@ machine. Measured training steps (B=32, H=32, T=1000, jit-compiled, CPU pressure
 ~45%): LSTM 57 ms, IndRNN 5 ms (T=500: about half). 5000 steps at each of T=500
 and T=1000 then cost about 5000 x (57 + 28 + 5 + 2.5) ms = 8 min, plus evaluations.
 
+The ``indrnn_li`` rows train the IndRNN as Li et al. (2018) do on this task
+(their reference code, github.com/Sunnydreamrain/IndRNN_Theano_Lasagne,
+``adding/adding.py``): two relu layers of 128 units, Adam at 2e-4, the recurrent
+weights bounded by ``|u| <= 2^(1/T)`` (``jaxrnn.IndRNN(recurrent_max=...)`` for the
+initial range, ``jaxrnn.train.clip_recurrent`` at the end of the optax chain after
+every update), input weights ~ N(0, 0.001^2), zero biases, the readout from the
+last step; see ``li_setup`` for what differs (global-norm clipping instead of
+their per-step clipping inside the gradient, jaxrnn's readout initialisation,
+and far fewer steps: ``li_steps``, chosen from the measured step time).
+
     python experiments/adding_problem.py --quick --out /tmp/adding   # seconds (the tests)
-    python experiments/adding_problem.py    # 20 runs (about 13 min on 2 CPU cores)
-                                            # -> docs/experiments/adding_problem/
+    python experiments/adding_problem.py    # 23 runs -> docs/experiments/adding_problem/
+    python experiments/adding_problem.py --only indrnn_li   # rerun the indrnn_li rows
+                                            # only, keeping the other rows of the JSON
 """
 
 from __future__ import annotations
@@ -340,5 +351,10 @@ OPTIONS = (common.Option("--only", {"choices": [LI], "default": None, "help": (
     f"(made with the same settings); the JSON's row_sources says which run made which row")}),)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line (``common.main`` with ``--only``); returns the exit status."""
+    return common.main("adding_problem", __doc__, FULL, QUICK, run, argv, options=OPTIONS)
+
+
 if __name__ == "__main__":
-    sys.exit(common.main("adding_problem", __doc__, FULL, QUICK, run, options=OPTIONS))
+    sys.exit(main())
