@@ -78,8 +78,8 @@ class Settings:
     batch_size: int = 32  # windows per Adam step
     eval_size: int = 256  # test windows: the first of the held-out text (256 x 64 = 16,384 chars)
     val_size: int = 256  # validation windows: the next ones (choose the rate on these only)
-    steps: int = 400  # Adam steps per run (chosen from the measured step times: see the README)
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # the peak learning rates swept per cell
+    steps: int = 1000  # Adam steps per run (chosen from the measured step times: see the README)
+    lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # the peak learning rates swept per cell
     seeds: tuple[int, ...] = (0, 1, 2)  # the sweep runs seeds[0]; the rest run the chosen rate
     schedule: str = "cosine"  # "cosine": decay from the peak rate to 0 over the steps; "constant"
     clip: float = 1.0  # global gradient-norm clipping (an optax chain)
