@@ -233,10 +233,12 @@ def previous_runs(s: Settings, out: Path, only: str) -> tuple[list[dict], dict]:
         raise common.UsageError(f"--only {only}: {path} was made with other settings for "
                                 f"the rows it keeps ({', '.join(differ)} differ)")
     rows_kept = sorted({r["cell"] for r in kept}, key=list(rows(s)).index)
-    sources = {row: (f"kept from the earlier run in {path.name} (its wall_s "
-                     f"{record.get('wall_s', float('nan')):.0f}, quick={record.get('quick')})")
+    earlier = record["results"].get("row_sources", {})  # a row kept twice keeps its first note
+    note = (f"kept from the earlier run in {path.name} (its wall_s "
+            f"{record.get('wall_s', float('nan')):.0f}, quick={record.get('quick')})")
+    sources = {row: earlier[row] if earlier.get(row, "this run") != "this run" else note
                for row in rows_kept}
-    return [dict(r, source=r.get("source", "previous")) for r in kept], sources
+    return [dict(r, source="previous") for r in kept], sources
 
 
 def run(s: Settings, out: Path, progress: bool, only: str | None = None) -> dict:
