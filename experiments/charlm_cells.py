@@ -52,17 +52,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+import optax
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import common  # noqa: E402
-import jaxrnn  # noqa: E402
-from jaxrnn.tasks import Batch  # noqa: E402
+import common
+import jaxrnn
+from jaxrnn.tasks import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +273,7 @@ COLORS = {"elman": "tab:red", "lstm": "tab:blue", "gru": "tab:green", "indrnn": 
 def plot(s: Settings, results: dict, path: Path) -> None:
     """Left: the mean test curve per cell at its chosen rate, a band from the lowest to
     the highest seed. Right: the sweep's final validation bpc against the rate."""
+    plt = common.pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=120,
                                   gridspec_kw={"width_ratios": [2.3, 1]})
     runs, summary = results["runs"], results["summary"]

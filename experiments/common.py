@@ -5,8 +5,11 @@ and a ``QUICK`` instance (seconds, run by the tests); ``main(argv)`` here parses
 
     python experiments/NAME.py [--quick] [--out DIR] [--no-progress]
 
-runs ``run(settings, out, progress) -> dict`` and writes ``DIR/NAME.json`` (the
-settings, the environment and the results). Figures are written by the script
+(plus a script's own options, ``Option``, whose values ``run`` gets as keyword
+arguments), runs ``run(settings, out, progress) -> dict`` and writes
+``DIR/NAME.json`` (the settings, the environment and the results). A
+``UsageError`` raised by ``run`` before it writes anything is a refused command
+line: one line on stderr, exit status 2. Figures are written by the script
 itself as ``DIR/*.png``. Scripts import this module as ``common`` (Python puts the
 script's folder first on ``sys.path``).
 """

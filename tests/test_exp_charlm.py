@@ -86,14 +86,13 @@ def test_parameter_counts_are_equal_within_the_tolerance(record):
 
 def test_every_built_in_cell_is_counted_with_its_own_parameters(cl):
     # the full mode's six cells, counted from the pytree (IndRNN's u, the peepholes,
-    # the layer-norm gains and biases) against the hand counts, at two sizes each
+    # the layer-norm gains and biases) against the hand counts
     assert cl.FULL.cells == ("elman", "lstm", "gru", "indrnn", "peephole_lstm",
                              "layernorm_lstm")
     assert dict(cl.FULL.forget_bias) == {"lstm": 1.0, "peephole_lstm": 1.0,
                                          "layernorm_lstm": 1.0}
     for cell in cl.FULL.cells:
-        for H in (5, 8):
-            assert cl.count_for(cl.FULL, cell, H, 11) == hand_count(cell, H, 11), (cell, H)
+        assert cl.count_for(cl.FULL, cell, 7, 11) == hand_count(cell, 7, 11), cell
     assert cl.model_for(cl.FULL, "lstm", 4, 11).forget_bias == 1.0
     assert cl.model_for(cl.FULL, "gru", 4, 11).forget_bias == 0.0
 
@@ -161,17 +160,23 @@ def test_the_rate_in_the_state_is_adam_on_the_schedule(cl):
     s = cl.dataclasses.replace(cl.QUICK, steps=10)
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
     grads = [jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1)) * 3, params) for k in range(3)]
-    for lr in (3e-3,):
-        ours, ref = cl.optimizer_for(s), optax.chain(
-            optax.clip_by_global_norm(s.clip), optax.adam(optax.cosine_decay_schedule(lr, 10)))
-        st_a, st_b = cl.with_lr(ours.init(params), lr), ref.init(params)
+    lr = 3e-3
+    ours, ref = cl.optimizer_for(s), optax.chain(
+        optax.clip_by_global_norm(s.clip), optax.adam(optax.cosine_decay_schedule(lr, 10)))
+
+    @jax.jit
+    def both(params):  # three steps of each, one compile
         pa = pb = params
+        st_a, st_b = cl.with_lr(ours.init(params), lr), ref.init(params)
         for g in grads:
             ua, st_a = ours.update(g, st_a, pa)
             ub, st_b = ref.update(g, st_b, pb)
             pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), pa, pb)
-        assert not np.allclose(pa["w"], params["w"])
+        return pa, pb
+
+    pa, pb = both(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), pa, pb)
+    assert not np.allclose(pa["w"], params["w"])
 
 
 def test_samples_and_figure(record):
