@@ -308,6 +308,9 @@ def plot(s: Settings, results: dict, path: Path) -> None:
     ax.set_title(f"mean over seeds {list(s.seeds)} at each cell's chosen rate "
                  f"(band: min to max)", fontsize=9)
     ax2.set_xscale("log")
+    ax2.set_xticks(list(s.lrs))
+    ax2.set_xticklabels([f"{lr:g}" for lr in s.lrs])
+    ax2.minorticks_off()
     ax2.set_xlabel("peak learning rate")
     ax2.set_ylabel(f"final validation bits/char (seed {s.seeds[0]})")
     ax2.grid(True, alpha=0.3)
