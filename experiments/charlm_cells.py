@@ -35,7 +35,7 @@ from each cell's first-seed run at its chosen rate. ``--quick`` trains three of
 the cells (LSTM, GRU, IndRNN: compiling is most of its time).
 
     python experiments/charlm_cells.py --quick --out /tmp/cl   # seconds
-    python experiments/charlm_cells.py     # full: docs/experiments/charlm_cells/ (~60 min, 2 cores)
+    python experiments/charlm_cells.py     # full: docs/experiments/charlm_cells/ (20 min, 2 shared cores)
 
 Writes ``charlm_cells.json`` (every run: cell, seed, rate, curves, final and best
 bits per character), ``charlm_cells.png`` and ``samples.txt`` under ``--out``.
