@@ -367,4 +367,3 @@ def fit(step_fn: StepFn, params: RNNParams, opt_state: optax.OptState,
     jax.block_until_ready(params)
     wall = time.perf_counter() - t_start
     return FitResult(params, opt_state, history, compile_s, done / max(wall, 1e-9), stopped)
-
