@@ -5,8 +5,11 @@ and a ``QUICK`` instance (seconds, run by the tests); ``main(argv)`` here parses
 
     python experiments/NAME.py [--quick] [--out DIR] [--no-progress]
 
-runs ``run(settings, out, progress) -> dict`` and writes ``DIR/NAME.json`` (the
-settings, the environment and the results). Figures are written by the script
+(plus a script's own options, ``Option``, whose values ``run`` gets as keyword
+arguments), runs ``run(settings, out, progress) -> dict`` and writes
+``DIR/NAME.json`` (the settings, the environment and the results). A
+``UsageError`` raised by ``run`` before it writes anything is a refused command
+line: one line on stderr, exit status 2. Figures are written by the script
 itself as ``DIR/*.png``. Scripts import this module as ``common`` (Python puts the
 script's folder first on ``sys.path``).
 """
@@ -23,7 +26,22 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
+
+
+class Option(NamedTuple):
+    """An extra command-line option of one script: ``parser.add_argument(flag, **kwargs)``.
+
+    Its value reaches ``run`` as a keyword argument (``--only`` -> ``only=``).
+    """
+
+    flag: str
+    kwargs: dict
+
+
+class UsageError(ValueError):
+    """A refused command line found by ``run`` before it writes anything: ``main``
+    prints its message as one line and exits with status 2."""
 
 
 def pyplot():
@@ -95,7 +113,8 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
-def parse_args(name: str, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(name: str, doc: str | None, argv: list[str] | None,
+               options: tuple[Option, ...] = ()) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"experiments/{name}.py", description=(doc or "").strip().split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -103,6 +122,8 @@ def parse_args(name: str, doc: str | None, argv: list[str] | None) -> argparse.N
     parser.add_argument("--out", default=None,
                         help=f"output directory (default: runs/{name}-quick or docs/experiments/{name})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for opt in options:
+        parser.add_argument(opt.flag, **opt.kwargs)
     return parser.parse_args(argv)
 
 
@@ -130,7 +151,8 @@ def run_with_xla_flags(worker: str, arg: Any, flags: str) -> dict:
 
 
 def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,
-         run: Callable[[Any, Path, bool], dict], argv: list[str] | None = None) -> int:
+         run: Callable[..., dict], argv: list[str] | None = None,
+         options: tuple[Option, ...] = ()) -> int:
     """The command line of an experiment script: parse, run, write ``OUT/NAME.json``.
 
     Args:
@@ -140,11 +162,16 @@ def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,
         run: ``run(settings, out_dir, progress) -> results`` (JSON-ready), writing
             its own figures under ``out_dir``.
         argv: the arguments (default: ``sys.argv[1:]``).
+        options: the script's extra options; ``run`` gets their values as keyword
+            arguments.
 
     Returns:
-        The exit status: 0, or 2 for a bad ``--out`` (a file, not a folder).
+        The exit status: 0, or 2 for a bad ``--out`` (a file, not a folder) or a
+        ``UsageError`` from ``run`` (then a folder this call made is removed again).
     """
-    args = parse_args(name, doc, argv)
+    args = parse_args(name, doc, argv, options)
+    extras = {opt.flag.lstrip("-").replace("-", "_"): None for opt in options}
+    extras = {k: getattr(args, k) for k in extras}
     settings = settings_quick if args.quick else settings_full
     out = Path(args.out if args.out else
                (f"runs/{name}-quick" if args.quick else f"docs/experiments/{name}"))
@@ -152,9 +179,16 @@ def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,
         print(f"experiments/{name}.py: error: --out {out} is a file, not a directory",
               file=sys.stderr)
         return 2
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = run(settings, out, not args.no_progress)
+    try:
+        results = run(settings, out, not args.no_progress, **extras)
+    except UsageError as e:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        print(f"experiments/{name}.py: error: {e}", file=sys.stderr)
+        return 2
     record = {"experiment": name, "quick": bool(args.quick), "settings": settings,
               "environment": versions(), "wall_s": time.perf_counter() - t0,
               "results": results}

@@ -797,10 +797,20 @@ class IndRNN(Cell):
 
     (the last summed by the generic reverse scan from the per-example terms that
     ``backward_step`` returns). Initialisation: ``w_ih`` and the biases as PyTorch's
-    ``nn.RNN``, ``u ~ U(0, 1)`` (Li et al.'s choice for their long-sequence tasks, with relu).
+    ``nn.RNN``, ``u ~ U(0, recurrent_max)``: ``U(0, 1)`` by default (Li et al.'s choice
+    for their long-sequence tasks, with relu). Li et al. bound
+    :math:`|u| \le 2^{1/T}` for sequences of length T (a unit's state can then grow
+    at most 2-fold over the sequence): ``IndRNN("relu", recurrent_max=2 ** (1 / T))``
+    draws ``u`` in that range, and ``jaxrnn.train.clip_recurrent(2 ** (1 / T))`` at the
+    end of the optimizer chain keeps it there during training.
+
+    Args:
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        recurrent_max: the upper end of ``u``'s initial range, > 0; None for 1.
     """
 
     nonlinearity: str = "tanh"
+    recurrent_max: float | None = None
 
     name: ClassVar[str] = "indrnn"
     num_gates: ClassVar[int] = 1
@@ -810,11 +820,17 @@ class IndRNN(Cell):
         if self.nonlinearity not in ("tanh", "relu"):
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        r = self.recurrent_max
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0 < r < math.inf):
+            raise ValueError(f"recurrent_max must be a finite number > 0 or None, got {r!r}")
 
     def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        """PyTorch's ``nn.RNN`` initialisation for ``w_ih`` and the biases; ``u ~ U(0, recurrent_max)``."""
         k1, k2 = jax.random.split(key)
         p = super().init(k1, input_size, hidden_size, bias, dtype)
-        return p._replace(w_hh=jax.random.uniform(k2, (hidden_size,), dtype, 0.0, 1.0))  # u (H,)
+        top = 1.0 if self.recurrent_max is None else float(self.recurrent_max)
+        return p._replace(w_hh=jax.random.uniform(k2, (hidden_size,), dtype, 0.0, top))  # u (H,)
 
     def recurrent_preactivation(self, params, h_prev):
         return params.w_hh * h_prev  # u * h_{t-1}: elementwise, no product (b_hh is folded)

@@ -65,6 +65,54 @@ def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = No
     return opt
 
 
+def clip_recurrent(max_abs: float) -> optax.GradientTransformation:
+    r"""A projection that keeps every layer's recurrent weight ``w_hh`` within ``[-max_abs, max_abs]``.
+
+    Li et al. (2018) train the IndRNN with :math:`|u| \le 2^{1/T}` enforced by
+    clipping ``u`` after each update: ``optax.chain(..., optax.adam(lr),
+    clip_recurrent(2 ** (1 / T)))``. Place it last in the chain: it turns the
+    updates the chain has computed into ``clip(w_hh + update) - w_hh``, so that
+    ``optax.apply_updates`` lands on the clipped weight (to within one rounding of
+    the subtraction, one ulp). The gradient itself is untouched (the gradient
+    equivalence of ``method="bptt"`` and ``"autodiff"`` still holds); the readout
+    and the input weights are not clipped. For an IndRNN ``w_hh`` is the vector
+    ``u`` (H,); for a matrix cell every entry of ``W_hh`` (G*H, H) is clipped.
+
+    Args:
+        max_abs: the bound, a finite number > 0.
+
+    Returns:
+        An ``optax.GradientTransformation`` whose ``update`` needs ``params`` (an
+        ``RNNParams``).
+
+    Raises:
+        ValueError: ``max_abs`` not a finite number > 0 (at construction), or
+            ``update`` called without ``params``.
+    """
+    if isinstance(max_abs, bool) or not isinstance(max_abs, (int, float)) or not (
+            0 < max_abs < float("inf")):
+        raise ValueError(f"max_abs must be a finite number > 0, got {max_abs!r}")
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("clip_recurrent needs params: call optimizer.update(grads, "
+                             "opt_state, params)")
+
+        def project(u, p):  # one layer and direction: CellParams (or a cell's own NamedTuple)
+            w = jnp.clip(p.w_hh + u.w_hh, -max_abs, max_abs)  # the projected weight
+            return u._replace(w_hh=w - p.w_hh)  # the update that lands on it
+
+        layers = tuple(tuple(project(u, p) for u, p in zip(ul, pl))
+                       for ul, pl in zip(updates.layers, params.layers))
+        return updates._replace(layers=layers), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
                     loss: str = "half_sse", method: str = "bptt",
                     donate: bool = True, last_only: bool = False,

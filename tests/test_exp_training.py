@@ -84,13 +84,18 @@ def test_adding_runs_every_cell_and_length_with_consistent_summary(adding):
     assert res["solved_threshold"] == pytest.approx(s["solved_fraction"] * BASELINE)
     runs = res["runs"]
     assert sorted((r["cell"], r["seq_len"]) for r in runs) == sorted(
-        (c, T) for c in s["cells"] for T in s["lengths"])  # the quick length is below long_from
+        [(c, T) for c in s["cells"] for T in s["lengths"]]  # the quick length is below long_from
+        + [("indrnn_li", T) for T in s["li_lengths"]])
     assert all(T < s["long_from"] for T in s["lengths"])
     assert s["cells"] == ["elman", "lstm", "gru", "indrnn"]
     assert dict(s["nonlinearity"]) == {"indrnn": "relu"}
-    assert set(res["final_mse"]) == set(res["solved"]) == set(s["cells"])
+    rows = set(s["cells"]) | {"indrnn_li"}
+    assert set(res["final_mse"]) == set(res["solved"]) == rows
+    assert res["row_sources"] == {row: "this run" for row in rows}
     for r in runs:
-        steps = s["steps"][s["lengths"].index(r["seq_len"])]
+        assert r["source"] == "this run"
+        steps = (s["li_steps"][s["li_lengths"].index(r["seq_len"])] if r["cell"] == "indrnn_li"
+                 else s["steps"][s["lengths"].index(r["seq_len"])])
         assert r["eval_steps"][0] == 0 and r["eval_steps"][-1] == steps
         assert len(r["eval_mse"]) == len(r["eval_steps"]) == len(r["train_loss"]) + 1
         assert _finite(r["eval_mse"]) and _finite(r["train_loss"]) and not r["diverged"]
@@ -105,16 +110,58 @@ def test_adding_runs_every_cell_and_length_with_consistent_summary(adding):
 
 
 def test_adding_full_layout_runs_long_lengths_for_long_cells_only(adding_module):
-    # the full mode's runs: every cell up to T = 200, LSTM and IndRNN only at 500 and 1000
-    s = adding_module.FULL
+    # the full mode's runs: every cell up to T = 200, LSTM and IndRNN only at 500 and 1000,
+    # and Li et al.'s IndRNN at 100, 500 and 1000
+    s, li = adding_module.FULL, adding_module.LI
     planned = adding_module.plan(s)
     assert [T for T, _, _ in planned] == sorted(T for T, _, _ in planned)
     assert adding_module.cells_at(s, 200) == ["elman", "lstm", "gru", "indrnn"]
-    assert adding_module.cells_at(s, 500) == adding_module.cells_at(s, 1000) == ["lstm", "indrnn"]
-    assert len(planned) == len(set(planned)) == 4 * 4 + 2 * 2
-    assert all(n == s.steps[s.lengths.index(T)] for T, n, _ in planned)
+    assert adding_module.cells_at(s, 100) == ["elman", "lstm", "gru", "indrnn", li]
+    assert adding_module.cells_at(s, 500) == adding_module.cells_at(s, 1000) == [
+        "lstm", "indrnn", li]
+    assert len(planned) == len(set(planned)) == 4 * 4 + 2 * 2 + 3
+    assert all(n == (s.li_steps[s.li_lengths.index(T)] if c == li else
+                     s.steps[s.lengths.index(T)]) for T, n, c in planned)
+    assert adding_module.plan(s, only=li) == [(T, n, li) for T, n in zip(s.li_lengths, s.li_steps)]
     with pytest.raises(ValueError, match="one count per length"):
         adding_module.plan(dataclasses.replace(s, steps=s.steps[:-1]))
+    with pytest.raises(ValueError, match="li_steps"):
+        adding_module.plan(dataclasses.replace(s, li_lengths=(100, 300), li_steps=(10, 10)))
+
+
+def _tree_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_adding_only_keeps_the_other_rows_and_refuses_what_it_cannot_merge(
+        adding, adding_module, tmp_path, capsys):
+    out, record = adding
+    li = adding_module.LI
+    kept, sources = adding_module.previous_runs(adding_module.QUICK, out, li)
+    want = [r for r in record["results"]["runs"] if r["cell"] != li]
+    assert len(kept) == len(want) == 4
+    assert [dict(r, source="this run") for r in kept] == want  # the same runs, re-marked
+    assert all(r["source"] == "previous" for r in kept)
+    assert sorted(sources) == sorted(record["settings"]["cells"])
+    assert all("kept from the earlier run" in v for v in sources.values())
+    # refused, one line on stderr, exit 2, nothing written: no results to merge with ...
+    missing = tmp_path / "nothing_here"
+    assert adding_module.main(["--quick", "--only", li, "--out", str(missing),
+                               "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only indrnn_li" in err[0] and "cannot be read" in err[0]
+    assert not missing.exists()
+    # ... or results made with other settings (the quick JSON, merged into a full run)
+    before = _tree_bytes(out)
+    assert adding_module.main(["--only", li, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "lengths" in err[0]
+    assert _tree_bytes(out) == before
+    with pytest.raises(SystemExit) as e:
+        adding_module.main(["--quick", "--only", "lstm", "--out", str(out)])
+    assert e.value.code == 2 and "--only" in capsys.readouterr().err
+    assert _tree_bytes(out) == before
 
 
 def test_adding_some_cell_learns_the_short_problem(adding):

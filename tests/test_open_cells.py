@@ -317,14 +317,19 @@ def test_cli_cell_names_are_the_built_in_cells():
 
 # --- IndRNN ------------------------------------------------------------------------
 
-INDRNN = [("tanh", 1, False, None, "given"), ("relu", 2, True, [6, 1, 4], "zero"),
-          ("relu", 1, False, [2, 6, 6], "given"), ("tanh", 3, True, [5, 6, 3], "given")]
+# (nonlinearity, layers, bidirectional, lengths, state, recurrent_max); recurrent_max at
+# one point: Li et al.'s 2^(1/T) range for u, through a Cell instance
+INDRNN = [("tanh", 1, False, None, "given", None), ("relu", 2, True, [6, 1, 4], "zero", None),
+          ("relu", 1, False, [2, 6, 6], "given", 2 ** (1 / 6)),
+          ("tanh", 3, True, [5, 6, 3], "given", None)]
 
 
 @pytest.mark.parametrize("case", INDRNN, ids=[f"i{i}" for i in range(len(INDRNN))])
 def test_indrnn_bptt_equals_autodiff(case):
-    nonlin, layers, bidir, lengths, state = case
-    model = RNN(cell="indrnn", nonlinearity=nonlin, input_size=3, hidden_size=5,
+    nonlin, layers, bidir, lengths, state, rmax = case
+    cell = dict(cell="indrnn", nonlinearity=nonlin) if rmax is None else dict(
+        cell=IndRNN(nonlin, recurrent_max=rmax))
+    model = RNN(**cell, input_size=3, hidden_size=5,
                 output_size=2, num_layers=layers, bidirectional=bidir)
     params, xs, targets, st, lens = _inputs(model, 100 + INDRNN.index(case), lengths=lengths,
                                             state=state)
@@ -349,6 +354,21 @@ def test_indrnn_has_a_recurrent_vector_not_a_matrix():
     h2 = np.maximum(np.asarray(xs[1] @ q.w_ih.T + q.b_ih + q.b_hh) + np.asarray(q.w_hh) * h1, 0)
     np.testing.assert_allclose(np.asarray(hs[1]), h2, rtol=1e-14)
     assert isinstance(IndRNN(), Cell)
+
+
+def test_indrnn_recurrent_max_sets_the_range_of_u():
+    r = 2 ** (1 / 1000)  # Li et al.'s bound for T = 1000
+    kw = dict(input_size=3, hidden_size=400, output_size=1)
+    base = RNN(cell="indrnn", **kw).init(jax.random.key(0)).layers[0][0]
+    same = RNN(cell=IndRNN(recurrent_max=None), **kw).init(jax.random.key(0)).layers[0][0]
+    np.testing.assert_array_equal(same.w_hh, base.w_hh)  # None keeps U(0, 1)
+    p = RNN(cell=IndRNN("relu", recurrent_max=r), **kw).init(jax.random.key(0)).layers[0][0]
+    u = np.asarray(p.w_hh)
+    assert 0.0 <= u.min() < 0.01 * r and 0.99 * r < u.max() <= r  # U(0, r): it fills the range
+    np.testing.assert_array_equal(p.w_ih, base.w_ih)  # only u's range changed
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="recurrent_max must be a finite number > 0"):
+            IndRNN(recurrent_max=bad)
 
 
 # --- forget_bias -------------------------------------------------------------------

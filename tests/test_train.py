@@ -136,3 +136,39 @@ def test_every_cell_trains_with_every_option(cell):
         params, s, m = step(params, s, batch, jax.random.fold_in(k[2], i))
         losses.append(float(m["loss"]))
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
+
+
+# --- clip_recurrent: the IndRNN's |u| <= r as a projection in the optax chain --------
+
+def test_clip_recurrent_projects_w_hh_and_leaves_the_rest_to_the_optimizer():
+    from jaxrnn import IndRNN
+    from jaxrnn.train import clip_recurrent
+
+    r = 2.0 ** (1 / 10)
+    model = RNN(cell=IndRNN("relu", recurrent_max=r), input_size=2, hidden_size=6,
+                output_size=1, num_layers=2)
+    params = model.init(jax.random.key(0), jnp.float64)
+    grads = jax.tree.map(lambda p: jnp.linspace(-3.0, 3.0, p.size).reshape(p.shape), params)
+    plain = optax.sgd(0.5)  # steps of up to 1.5: most of u leaves [-r, r]
+    chained = optax.chain(plain, clip_recurrent(r))
+
+    @jax.jit
+    def both(params, grads):  # one compile for the two optimizers
+        want = optax.apply_updates(params, plain.update(grads, plain.init(params), params)[0])
+        updates, _ = chained.update(grads, chained.init(params), params)
+        return want, optax.apply_updates(params, updates)
+
+    want, got = both(params, grads)
+    for lw, lg in zip(want.layers, got.layers):
+        (pw,), (pg,) = lw, lg
+        u = np.asarray(pw.w_hh)
+        assert np.any(np.abs(u) > r), "the test needs updates that leave the bound"
+        np.testing.assert_allclose(np.asarray(pg.w_hh), np.clip(u, -r, r), rtol=0, atol=4e-16)
+        for name in ("w_ih", "b_ih", "b_hh"):  # untouched by the projection
+            np.testing.assert_array_equal(getattr(pg, name), getattr(pw, name))
+    np.testing.assert_array_equal(got.readout.weight, want.readout.weight)
+    with pytest.raises(ValueError, match="needs params"):
+        chained.update(grads, chained.init(params))
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="max_abs must be a finite number > 0"):
+            clip_recurrent(bad)
