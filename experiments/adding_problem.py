@@ -180,26 +180,31 @@ def train_one(s: Settings, cell: str, seq_len: int, steps: int) -> dict:
         ys, _ = model.apply(params, xs)
         return jnp.mean((ys[-1] - targets[-1]) ** 2)  # the last step is the only one scored
 
-    def held_out():
-        return float(evaluate(params, eval_batch.xs, eval_batch.targets))
+    def held_out(p) -> float:
+        return float(evaluate(p, eval_batch.xs, eval_batch.targets))
 
-    eval_steps, eval_mse, train_loss = [0], [held_out()], []
-    running, diverged = [], False
+    eval_steps, eval_mse, train_loss = [0], [held_out(params)], []
+    running = []  # the training losses since the previous evaluation (device arrays)
+
+    def on_eval(p) -> dict:
+        train_loss.append(float(np.mean(jax.device_get(running))))
+        running.clear()
+        return {"eval_mse": held_out(p)}
+
     t0 = time.perf_counter()
-    for i in range(steps):
-        params, opt_state, metrics = step(params, opt_state, task.batch(i))
-        running.append(metrics["loss"])
-        if (i + 1) % s.eval_every == 0 or i + 1 == steps:
-            train_loss.append(float(np.mean(jax.device_get(running))))
-            running = []
-            eval_steps.append(i + 1)
-            eval_mse.append(held_out())
-            if not (math.isfinite(eval_mse[-1]) and math.isfinite(train_loss[-1])):
-                diverged = True  # keep the curve so far; the final MSE is NaN
-                break
+    # The loop's guard stops at the first evaluation after a non-finite loss: the
+    # curve so far is kept and the final MSE is NaN.
+    res = jaxrnn.train_loop(step, params, opt_state, task.batch, steps,
+                            log_every=s.eval_every, eval_every=s.eval_every,
+                            evaluate=on_eval,
+                            on_step=lambda i, m: running.append(m["loss"]),
+                            progress=False)
+    eval_steps += [row["step"] for row in res.history]
+    eval_mse += [row["eval_mse"] for row in res.history]
+    diverged = res.status == "nonfinite" or not all(map(math.isfinite, eval_mse))
     wall = time.perf_counter() - t0
     threshold = s.solved_fraction * ADDING_BASELINE
-    final = eval_mse[-1]
+    final = math.nan if diverged else eval_mse[-1]
     solved_at = next((st for st, v in zip(eval_steps, eval_mse) if v < threshold), None)
     return {"cell": cell, "seq_len": seq_len, "steps": steps, "final_mse": final,
             "best_mse": min(eval_mse), "solved": bool(final < threshold),

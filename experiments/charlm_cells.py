@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import common
 import jaxrnn
@@ -204,24 +203,24 @@ def train_one(s: Settings, cell: str, hidden: int, lr: float, seed: int,
 
     curve = [(0, scores(params))]  # (step, {"test": bits/char, "val": bits/char})
     train_curve = []  # (step, mean training bits/char since the previous evaluation)
-    window, diverged = [], False
+    window = []  # the training losses since the previous evaluation (device arrays)
+
+    def evaluate(p) -> dict:
+        train_curve.append(jaxrnn.bits_per_char(float(np.mean(jax.device_get(window)))))
+        window.clear()
+        return scores(p)
+
     t0 = time.perf_counter()
-    with tqdm(total=s.steps, desc=f"{cell} H={hidden} lr={lr:g} seed={seed}",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for i in range(1, s.steps + 1):
-            params, opt_state, metrics = step(params, opt_state, task.batch(i - 1))
-            window.append(metrics["loss"])
-            if i % s.eval_every == 0 or i == s.steps:
-                train_bpc = jaxrnn.bits_per_char(float(np.mean(jax.device_get(window))))
-                window = []
-                if not math.isfinite(train_bpc):
-                    diverged = True  # keep the curve so far
-                    break
-                train_curve.append((i, train_bpc))
-                curve.append((i, scores(params)))
-                bar.set_postfix(train=f"{train_bpc:.3f}", val=f"{curve[-1][1]['val']:.3f}",
-                                refresh=False)
-            bar.update(1)
+    # The loop's guard stops at the first evaluation after a non-finite loss, before
+    # evaluating: the curve so far is kept and the run counts as diverged.
+    res = jaxrnn.train_loop(step, params, opt_state, task.batch, s.steps,
+                            log_every=s.eval_every, eval_every=s.eval_every,
+                            evaluate=evaluate,
+                            on_step=lambda i, m: window.append(m["loss"]),
+                            progress=progress, desc=f"{cell} H={hidden} lr={lr:g} seed={seed}")
+    params, diverged = res.params, res.status == "nonfinite"
+    curve += [(row["step"], {"test": row["test"], "val": row["val"]}) for row in res.history]
+    train_curve = [(row["step"], t) for row, t in zip(res.history, train_curve)]
     wall = time.perf_counter() - t0
     last = None if diverged else curve[-1][1]
     out = {
