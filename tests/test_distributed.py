@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from jaxrnn import cli, distributed
 from jaxrnn.sharding import make_mesh, process_part
 from jaxrnn.tasks import check_part, make_task, take_rows
@@ -42,7 +43,7 @@ def _env(devices: int) -> dict:
     # The persistent compilation cache lets the later processes load what the first
     # ones compiled (the model's init ops, the step): the same executables, less time.
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
             "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
             **_CACHE}
 

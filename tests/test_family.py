@@ -186,7 +186,7 @@ def test_elman_relu_and_lstm_gru_outputs_shapes(cell):
     assert all(p.shape == (6, 2, H) for p in parts)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cell=st.sampled_from(CELLS), T=st.integers(1, 40), B=st.integers(1, 3),
        D=st.integers(1, 4), H=st.integers(1, 6), O=st.integers(1, 3),

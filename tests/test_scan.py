@@ -45,7 +45,7 @@ def grads_of(method, model, params, xs, targets, state, lengths, loss):
     return jax.jit(jax.grad(f, argnums=argnums))(params, xs, state)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True,
+@settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(
     T=st.one_of(st.integers(1, 8), st.integers(9, 300)),

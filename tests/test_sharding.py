@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_trees_rel_close
+from conftest import assert_trees_rel_close, xla_flags
 from jaxrnn import RNN, Batch, fit, make_train_step
 from jaxrnn.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
                              shard_batch)
@@ -125,7 +125,7 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def four():
     """Results of the 4-device subprocess."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
            "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES], env=env, cwd=ROOT,
