@@ -335,9 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
                    help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
                         "learning (rtrl: one-layer elman only) (default bptt)")
-    t.add_argument("--diagnostics", action="store_true", default=None,
+    t.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                    help="log per-step gradient norms (dh_first/dh_last/dh_ratio per layer) "
-                        "in metrics.jsonl; --method bptt, full BPTT only")
+                        "in metrics.jsonl; --method bptt, full BPTT only (--no-diagnostics "
+                        "turns it off when resuming a run made with it)")
     t.add_argument("--optimizer", default=None, help="any optax optimizer name (default adam)")
     t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup-cosine"], default=None,

@@ -151,8 +151,9 @@ def test_cli_train_rtrl(tmp_path, capsys):
 
 
 def test_cli_train_diagnostics_then_resume(tmp_path):
-    """--diagnostics puts the summary in every row; it may be switched on when resuming
-    (it is not a model field, so the checkpoint still matches)."""
+    """--diagnostics puts the summary in every row; it may be switched on (and off, with
+    --no-diagnostics) when resuming (it is not a model field, so the checkpoint still
+    matches)."""
     out = tmp_path / "d"
     args = [*SINE, "--layers", "2", "--out", str(out)]
     assert main(["train", *args, "--diagnostics", "--steps", "2"]) == 0
@@ -163,6 +164,12 @@ def test_cli_train_diagnostics_then_resume(tmp_path):
         assert r["dh_first_l0"] > 0 and r["dh_last_l1"] > 0
         assert r["dh_ratio_l0"] == pytest.approx(r["dh_first_l0"] / r["dh_last_l0"], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["diagnostics"] is True
+    assert main(["train", "--resume", "--out", str(out), "--steps", "3", "--no-diagnostics",
+                 "--no-progress"]) == 0  # and switched off again
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert keys <= set(rows[1]) and "dh_first_l0" not in rows[2]
+    assert json.loads((out / "config.json").read_text())["diagnostics"] is False
 
     plain = tmp_path / "p"
     assert main(["train", *SINE, "--layers", "2", "--steps", "2", "--out", str(plain)]) == 0
