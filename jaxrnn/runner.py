@@ -252,12 +252,17 @@ def make_model(cfg: RunConfig, task: Task) -> RNN:
         raise RunError(msg) from None
 
 
+def init_params(cfg: RunConfig, task: Task, model: RNN) -> Any:
+    """The initial parameters of ``model = make_model(cfg, task)``."""
+    if cfg.reference_model:
+        return task.example().params
+    return model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+
+
 def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
     """The model of ``cfg`` and its initial parameters."""
     model = make_model(cfg, task)
-    if cfg.reference_model:
-        return model, task.example().params
-    return model, model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+    return model, init_params(cfg, task, model)
 
 
 def check_memory(cfg: RunConfig, task: Task, model: RNN, optimizer,
@@ -537,7 +542,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                            .replace("method='bptt'", "--method bptt")) from None
     # Before the parameters are made, a batch drawn or the run directory written.
     check_memory(cfg, task, model, optimizer, memory_available)
-    _, params = build_model(cfg, task)
+    params = init_params(cfg, task, model)
 
     sample_batch = task.batch(0)
     n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
