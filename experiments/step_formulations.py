@@ -31,9 +31,12 @@ before issue #10):
   transposed at every step instead of a row-major ``(H, G*H)`` copy made once),
   ``stacked_residuals`` (the residual is a stacked ``lax.scan`` output, zero-filled
   before the loop, instead of written over the input projection's buffer),
-  ``stacked_dgi`` (Elman: ``dgi`` stacked instead of written over ``dhs``),
+  ``stacked_dgi`` (``dgi`` a zero-filled stacked output of the reverse scan instead
+  of written over ``dhs`` (Elman) or over the gates' residual buffer (LSTM, GRU)),
   ``folded_sum_outer`` (the weight-gradient products with their transposes left to
-  XLA, which folds them into a product its fast kernel does not take).
+  XLA, which folds them into a product its fast kernel does not take),
+  ``bias_by_reduce`` (each bias gradient a reduction over ``(T, B)`` of its own
+  instead of a column of the weight-gradient product).
 
 Every variant's gradient is checked against ``chosen``'s before it is timed
 (``max_rel_diff``, float32), and the compiled HLO of every ``bptt`` variant gives
@@ -232,11 +235,18 @@ def _folded_sum_outer(dg, a):
     return jax.lax.dot_general(a, dg, (((0, 1), (0, 1)), ((), ()))).T
 
 
+def _bias_by_reduce(dg, a):
+    """``sum_outer_and_sum`` before this change: the bias gradient a reduction of its own."""
+    return scan_lib.sum_outer(dg, a), dg.sum(axis=(0, 1))
+
+
 SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
     "w_hh_in_loop": {"_loop_params": lambda params: (lambda: params)},
     "stacked_residuals": {"_inplace_index": lambda *args: None},
-    "stacked_dgi": {"_dgi_over_dhs": lambda *args: False},
+    "stacked_dgi": {"_dgi_over_dhs": lambda *args: False,
+                    "_dgi_over_residual": lambda *args: None},
     "folded_sum_outer": {"sum_outer": _folded_sum_outer},
+    "bias_by_reduce": {"sum_outer_and_sum": _bias_by_reduce},
 }
 
 CELL_VARIANTS = {
@@ -254,8 +264,6 @@ def variants_of(cell: str) -> dict[str, tuple[type, dict]]:
     out = {"chosen": (base, {})}
     out.update({name: (cls, {}) for name, cls in CELL_VARIANTS[cell].items()})
     for name, undo in SCAN_UNDO.items():
-        if name == "stacked_dgi" and cell != "elman":
-            continue  # only one gate writes dgi over dhs
         if name == "stacked_residuals" and cell == "elman":
             continue  # Elman stores no residual
         out[name] = (base, undo)

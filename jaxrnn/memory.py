@@ -43,7 +43,8 @@ summed (their scans are independent; XLA may overlap them):
   stored = kept = ``T B (C + R)`` + copies: the carries ``(T, B, C)`` and the
   residuals (a gated cell's first residual, ``(T, B, GH)``, is written over the
   input projection's buffer, so it *is* that buffer). backward = ``T B (GH [dgi;
-  0 when written over dhs, GH = P] + GH [dgh; 0 when folded] + P [h_{t-1}
+  0 when written over dhs, GH = P, or over that residual] + GH [dgh; 0 when
+  folded] + P [h_{t-1}
   transposed for dW_hh] + D_l [x transposed for dW_ih] + D_l [dx])``.
 * ``bptt`` with ``bptt_segment=k`` (``scan.lean_bptt_layer``, ``S = ceil(T/k)``):
   stored = ``S B C`` (the carry at each segment's start) + copies, plus the
@@ -160,6 +161,17 @@ def _step_residuals(cell, params, state_sizes, dtype, autodiff: bool) -> int:
     return count(2) - count(1)
 
 
+def _has_gate_residual(cell, params, state_sizes, dtype) -> bool:
+    """Whether ``cell.step`` keeps a residual leaf shaped like its input projection, (B, G*H).
+
+    ``scan.backward_scan`` writes ``dgi`` over that leaf's (T, B, G*H) buffer.
+    """
+    gh = params.w_ih.shape[0]
+    carry = tuple(jax.ShapeDtypeStruct((2, w), dtype) for w in state_sizes)
+    saved = jax.eval_shape(cell.step, params, carry, jax.ShapeDtypeStruct((2, gh), dtype))[1]
+    return any(tuple(leaf.shape) == (2, gh) for leaf in jax.tree.leaves(saved))
+
+
 def _layers(model, params):
     """Per (layer, direction): ``(D_l, GH, P)``, input width, projection width, output width."""
     P = model.layer_output_size
@@ -196,6 +208,7 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
         D = model.input_size
         return 3 * rtrl.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
     R = _step_residuals(cell, params.layers[0][0], sizes, dtype, autodiff=(method == "autodiff"))
+    over_res = _has_gate_residual(cell, params.layers[0][0], sizes, dtype)
     stored, kept, backward = [], [], []  # per layer, both directions summed
     for l, dirs in enumerate(_layers(model, params)):
         s_l = k_l = b_l = 0
@@ -204,9 +217,10 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
             # per layer) and the second direction's reversed input (its output, reversed
             # back, XLA writes straight into the concatenation)
             copies = T * B * D_l * ((l > 0 and n == 2 and d == 0) + (d == 1))
-            # dgi written over dhs (one gate). scan.backward_scan does not where the loop
-            # sums per-example terms (IndRNN), but XLA then reuses a dead buffer instead
-            over = GH == P_
+            # dgi written over dhs (one gate) or over the gates' residual buffer.
+            # scan.backward_scan does neither where the loop sums per-example terms
+            # (IndRNN), but XLA then reuses a dead buffer instead
+            over = GH == P_ or over_res
             if method == "autodiff":  # jax.vjp's per-step values, stacked by lax.scan
                 s_l += T * B * R + copies
                 k_l += T * B * R + copies

@@ -305,9 +305,42 @@ def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(prod).T
 
 
+def sum_outer_and_sum(dg: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum_t dg_t^T a_t, sum_t sum_b dg_t)`` for ``dg (T, B, G)``, ``a (T, B, K)``: one product.
+
+    ``sum_outer`` with a row of ones appended to the transposed ``a`` (inside the
+    transpose it makes anyway): the product's last column is the bias gradient, so
+    ``dg`` is read once, by the product, instead of once more by a reduction.
+
+    Returns:
+        ``((G, K), (G,))``.
+    """
+    a_t = jnp.transpose(a, (2, 0, 1))  # (K, T, B)
+    ones = jnp.ones((1,) + a_t.shape[1:], a.dtype)
+    a_t = jax.lax.optimization_barrier(jnp.concatenate([a_t, ones]))  # (K+1, T, B), row-major
+    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K+1, G)
+    prod = jax.lax.optimization_barrier(prod).T  # (G, K+1)
+    return prod[:, :-1], prod[:, -1]
+
+
+def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None):
+    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None)."""
+    if bias is None:
+        return sum_outer(dg, a), None
+    return sum_outer_and_sum(dg, a)
+
+
 def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
     """Whether the reverse scan writes ``dgi`` over ``dhs``: when they have one shape."""
     return dhs.shape[-1] == params.w_ih.shape[0]
+
+
+def _dgi_over_residual(res_leaves, shape, dtype) -> int | None:
+    """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None."""
+    for k, leaf in enumerate(res_leaves):
+        if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
+            return k
+    return None
 
 
 def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
@@ -362,15 +395,27 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     # read: no second (T, B, H) buffer is allocated and zero-filled. Not when the loop
     # also sums per-example parameter terms (IndRNN's u): XLA then copies the whole
     # buffer at every step, quadratic in T (IndRNN, T=1000, B=32, H=32: 956 ms per
-    # gradient in place, 11 ms without). (Writing a gated cell's dgi over its
-    # residuals' buffer the same way also makes XLA copy the buffer at every step.)
+    # gradient in place, 11 ms without).
     in_place = _dgi_over_dhs(dhs, params) and not summed
+    # With more gates, dgi (T, B, G*H) is written over the residual leaf of that shape
+    # (the built-in gated cells' gates, themselves over the input projection's
+    # buffer), its step t dead once read: no zero-filled (T, B, G*H) output and one
+    # such buffer less (measured: LSTM T=1000, B=16, H=64 bptt 71 -> 50 ms).
+    res_leaves, res_def = jax.tree.flatten(fwd.residuals)
+    kr = None
+    if not in_place and not summed:
+        kr = _dgi_over_residual(res_leaves, (T,) + xp_shape.shape, dhs.dtype)
+    res_in = res_leaves if kr is None else res_leaves[:kr] + res_leaves[kr + 1:]
 
     def body(state, inputs):
-        dcarry, dhs_buf, acc = state
+        dcarry, dhs_buf, res_buf, acc = state
         t, carry, res, dh_t, m_t = inputs
         if in_place:
             dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
+        if kr is not None:
+            res_buf, res_t = res_buf  # res_t: read from the buffer by the last iteration
+            res = res[:kr] + [res_t] + res[kr:]
+        res = jax.tree.unflatten(res_def, res)
         dcarry_in = dcarry
         dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
         out = cell_backward(t, carry, res, dcarry)
@@ -388,6 +433,13 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         outs = ()
         if in_place:
             dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
+        elif kr is not None:
+            # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
+            # next iteration: every reader of the buffer follows the write, so XLA
+            # updates it in place (reading res_t from the buffer here made it copy the
+            # whole buffer at every step). At t = 0 the read is clamped and unused.
+            res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
+            res_buf = (res_buf, res_buf[jnp.maximum(t - 1, 0)])
         else:
             outs = (dgi,)
         if not same:
@@ -396,15 +448,18 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
         if with_trace:
             outs = outs + (dcarry[0], dcarry_prev[0], terms)
-        return (dcarry_prev, dhs_buf, acc), outs
+        return (dcarry_prev, dhs_buf, res_buf, acc), outs
 
     acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
-    (dcarry0, dhs_buf, acc), outs = jax.lax.scan(
-        body, (tuple(dcarry_T), dhs if in_place else None, acc0),
-        (jnp.arange(T), fwd.carries, fwd.residuals, None if in_place else dhs, mask),
+    (dcarry0, dhs_buf, res_buf, acc), outs = jax.lax.scan(
+        body, (tuple(dcarry_T), dhs if in_place else None,
+               None if kr is None else (res_leaves[kr], res_leaves[kr][T - 1]), acc0),
+        (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
         reverse=True)
     if in_place:
         dgi = dhs_buf
+    elif kr is not None:
+        dgi = res_buf[0]
     else:
         dgi, outs = outs[0], outs[1:]
     if same:
@@ -417,15 +472,20 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     hs = fwd.carries[0]  # (T, B, H): h_t
     hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
     grads = {}
-    grads["w_ih"] = sum_outer(dgi, xs)  # sum_t dgi_t^T x_t
+    # sum_t dgi_t^T x_t, and b_ih's sum_t dgi_t from the same product
+    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
+    db_hh = None
     if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
-        grads["w_hh"] = sum_outer(dgh, hs_prev)  # sum_t dgh_t^T h_{t-1}
+        # sum_t dgh_t^T h_{t-1}, and b_hh's sum_t dgh_t from the same product unless
+        # b_hh is folded into b_ih (then dgh is dgi and its sum is b_ih's)
+        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, None if same else params.b_hh)
     dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
     if params.b_ih is not None:
-        grads["b_ih"] = dgi.sum(axis=(0, 1))  # sum_t dgi_t
+        grads["b_ih"] = db_ih
     if params.b_hh is not None:
-        # b_hh folded: it entered the same pre-activation as b_ih (dgh is dgi)
-        grads["b_hh"] = dgh.sum(axis=(0, 1))  # sum_t dgh_t
+        if db_hh is None:
+            db_hh = db_ih if same and db_ih is not None else dgh.sum(axis=(0, 1))
+        grads["b_hh"] = db_hh  # sum_t dgh_t
     grads.update({f: acc[f].sum(axis=0) for f in summed})  # sum_b of sum_t, from the loop
     grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
     missing = [f for f in params._fields
