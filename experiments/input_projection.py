@@ -12,7 +12,10 @@ benchmark's input-projection shapes, interleaved round-robin in one process per
 * ``per_step``: one ``(B, D) x (D, 4H)`` product per step inside a ``lax.scan``
   (what computing the projection inside the recurrence would cost);
 * ``chunks``: ``lax.map`` over chunks of ``chunk`` steps, one product each;
-* ``numpy``: ``np.matmul(x, wT, out=...)`` (OpenBLAS); ``torch``: ``F.linear``.
+* ``numpy``: ``np.matmul(x, wT, out=...)`` (OpenBLAS); ``torch``: ``F.linear``;
+* ``callback``: numpy's product called from inside a jitted function through
+  ``jax.pure_callback`` (the one way to put OpenBLAS into jaxrnn's compiled step:
+  it pays for handing the arrays to Python and back).
 
 Commands::
 
@@ -38,7 +41,7 @@ FLAG_SETS = (
     "--xla_cpu_experimental_xnn_fusion_type=dot",
     "--xla_cpu_multi_thread_eigen=false",
 )
-VARIANTS = ("x@w.T", "x@wT", "flat@wT", "per_step", "chunks", "numpy", "torch")
+VARIANTS = ("x@w.T", "x@wT", "flat@wT", "per_step", "chunks", "numpy", "torch", "callback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,9 @@ for T, B, D, GH in shapes:
         "chunks": (jax.jit(lambda x, wt: jax.lax.map(lambda c: c @ wt,
                                                      x.reshape(T // k, k * B, D)).reshape(T, B, GH)),
                    (xj, wtj)),
+        "callback": (jax.jit(lambda x, wt: jax.pure_callback(
+            lambda x, wt: (np.asarray(x).reshape(-1, D) @ np.asarray(wt)).reshape(T, B, GH),
+            jax.ShapeDtypeStruct((T, B, GH), jnp.float32), x, wt)), (xj, wtj)),
     }
     run = {name: (lambda f=f, a=a: f(*a).block_until_ready()) for name, (f, a) in fns.items()}
     x2, wt, out = x.reshape(-1, D), np.ascontiguousarray(w.T), np.empty((T * B, GH), np.float32)
