@@ -20,6 +20,10 @@ matrix product over all ``T*B`` rows:
     \frac{\partial L}{\partial W_{hh}} = \sum_t \delta gh_t^\top h_{t-1}, \quad
     \frac{\partial L}{\partial x_t} = \delta gi_t W_{ih}.
 
+The bias gradients :math:`\sum_t \delta gi_t` (and :math:`\sum_t \delta gh_t` where
+``b_hh`` is not folded) come out of the same products, as the column a row of ones
+appended to :math:`x^\top` (:math:`h^\top`) gives.
+
 ``layer(..., method="bptt")`` wires this backward pass into JAX with
 ``jax.custom_vjp``, so ``jax.grad`` of any loss built on the layer uses it;
 ``method="autodiff"`` lets ``jax.grad`` differentiate the very same forward scan.
