@@ -35,8 +35,9 @@ before issue #10):
   of written over ``dhs`` (Elman) or over the gates' residual buffer (LSTM, GRU)),
   ``folded_sum_outer`` (the weight-gradient products with their transposes left to
   XLA, which folds them into a product its fast kernel does not take),
-  ``bias_by_reduce`` (each bias gradient a reduction over ``(T, B)`` of its own
-  instead of a column of the weight-gradient product).
+  and one alternative measured but not chosen: ``bias_in_product`` (each bias
+  gradient the last column of its weight-gradient product, a row of ones appended
+  to the transposed input, instead of a reduction over ``(T, B)`` of its own).
 
 Every variant's gradient is checked against ``chosen``'s before it is timed
 (``max_rel_diff``, float32), and the compiled HLO of every ``bptt`` variant gives
@@ -235,9 +236,20 @@ def _folded_sum_outer(dg, a):
     return jax.lax.dot_general(a, dg, (((0, 1), (0, 1)), ((), ()))).T
 
 
-def _bias_by_reduce(dg, a):
-    """``sum_outer_and_sum`` before this change: the bias gradient a reduction of its own."""
-    return scan_lib.sum_outer(dg, a), dg.sum(axis=(0, 1))
+def _bias_in_product(dg, a, bias):
+    """The bias gradient as the last column of the weight-gradient product (not chosen).
+
+    ``scan.sum_outer`` with a row of ones appended to the transposed ``a`` inside the
+    transpose it makes anyway, so ``dg`` is read by the product alone.
+    """
+    if bias is None:
+        return scan_lib.sum_outer(dg, a), None
+    a_t = jnp.transpose(a, (2, 0, 1))  # (K, T, B)
+    a_t = jnp.concatenate([a_t, jnp.ones((1,) + a_t.shape[1:], a.dtype)])  # (K+1, T, B)
+    a_t = jax.lax.optimization_barrier(a_t)
+    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K+1, G)
+    prod = jax.lax.optimization_barrier(prod).T
+    return prod[:, :-1], prod[:, -1]
 
 
 SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
@@ -246,7 +258,9 @@ SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
     "stacked_dgi": {"_dgi_over_dhs": lambda *args: False,
                     "_dgi_over_residual": lambda *args: None},
     "folded_sum_outer": {"sum_outer": _folded_sum_outer},
-    "bias_by_reduce": {"sum_outer_and_sum": _bias_by_reduce},
+}
+SCAN_ALTERNATIVES = {  # measured, not chosen (not part of ``head``): variant -> swaps
+    "bias_in_product": {"_weight_and_bias": _bias_in_product},
 }
 
 CELL_VARIANTS = {
@@ -267,6 +281,7 @@ def variants_of(cell: str) -> dict[str, tuple[type, dict]]:
         if name == "stacked_residuals" and cell == "elman":
             continue  # Elman stores no residual
         out[name] = (base, undo)
+    out.update({name: (base, swaps) for name, swaps in SCAN_ALTERNATIVES.items()})
     out["head"] = (HEAD_CELL[cell], {k: v for u in SCAN_UNDO.values() for k, v in u.items()})
     return out
 

@@ -20,10 +20,6 @@ matrix product over all ``T*B`` rows:
     \frac{\partial L}{\partial W_{hh}} = \sum_t \delta gh_t^\top h_{t-1}, \quad
     \frac{\partial L}{\partial x_t} = \delta gi_t W_{ih}.
 
-The bias gradients :math:`\sum_t \delta gi_t` (and :math:`\sum_t \delta gh_t` where
-``b_hh`` is not folded) come out of the same products, as the column a row of ones
-appended to :math:`x^\top` (:math:`h^\top`) gives.
-
 ``layer(..., method="bptt")`` wires this backward pass into JAX with
 ``jax.custom_vjp``, so ``jax.grad`` of any loss built on the layer uses it;
 ``method="autodiff"`` lets ``jax.grad`` differentiate the very same forward scan.
@@ -309,29 +305,15 @@ def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(prod).T
 
 
-def sum_outer_and_sum(dg: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(sum_t dg_t^T a_t, sum_t sum_b dg_t)`` for ``dg (T, B, G)``, ``a (T, B, K)``: one product.
-
-    ``sum_outer`` with a row of ones appended to the transposed ``a`` (inside the
-    transpose it makes anyway): the product's last column is the bias gradient, so
-    ``dg`` is read once, by the product, instead of once more by a reduction.
-
-    Returns:
-        ``((G, K), (G,))``.
-    """
-    a_t = jnp.transpose(a, (2, 0, 1))  # (K, T, B)
-    ones = jnp.ones((1,) + a_t.shape[1:], a.dtype)
-    a_t = jax.lax.optimization_barrier(jnp.concatenate([a_t, ones]))  # (K+1, T, B), row-major
-    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K+1, G)
-    prod = jax.lax.optimization_barrier(prod).T  # (G, K+1)
-    return prod[:, :-1], prod[:, -1]
-
-
 def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None):
-    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None)."""
-    if bias is None:
-        return sum_outer(dg, a), None
-    return sum_outer_and_sum(dg, a)
+    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None).
+
+    The bias gradient is a reduction of its own. Taking it as the last column of the
+    product instead, with a row of ones appended to the transposed ``a``, measured
+    a tie and costs that row (docs/experiments/step_formulations, variant
+    ``bias_in_product``).
+    """
+    return sum_outer(dg, a), (None if bias is None else dg.sum(axis=(0, 1)))
 
 
 def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
@@ -476,12 +458,12 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     hs = fwd.carries[0]  # (T, B, H): h_t
     hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
     grads = {}
-    # sum_t dgi_t^T x_t, and b_ih's sum_t dgi_t from the same product
+    # sum_t dgi_t^T x_t, and b_ih's sum_t dgi_t
     grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
     db_hh = None
     if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
-        # sum_t dgh_t^T h_{t-1}, and b_hh's sum_t dgh_t from the same product unless
-        # b_hh is folded into b_ih (then dgh is dgi and its sum is b_ih's)
+        # sum_t dgh_t^T h_{t-1}, and b_hh's sum_t dgh_t unless b_hh is folded into
+        # b_ih (then dgh is dgi and its sum is b_ih's)
         grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, None if same else params.b_hh)
     dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
     if params.b_ih is not None:

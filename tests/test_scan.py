@@ -220,15 +220,3 @@ def test_in_place_buffers_need_less_memory(monkeypatch, cell, undo):
     buffer = 50 * 8 * G * 16 * 4  # one (T, B, G*H) float32 buffer
     assert stacked - reused >= 0.5 * buffer, (reused, stacked, buffer)
 
-
-def test_sum_outer_and_sum_is_the_weight_and_bias_gradient():
-    """One product with a row of ones: sum_t dg_t^T a_t and sum_t sum_b dg_t, float64."""
-    import jaxrnn.scan as scan_mod
-
-    k = jax.random.split(jax.random.key(3), 2)
-    dg = jax.random.normal(k[0], (5, 3, 7), jnp.float64)
-    a = jax.random.normal(k[1], (5, 3, 4), jnp.float64)
-    w, b = jax.jit(scan_mod.sum_outer_and_sum)(dg, a)
-    assert w.shape == (7, 4) and b.shape == (7,)
-    np.testing.assert_allclose(w, np.einsum("tbg,tbk->gk", dg, a), rtol=1e-13)
-    np.testing.assert_allclose(b, np.asarray(dg).sum(axis=(0, 1)), rtol=1e-13)
