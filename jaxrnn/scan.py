@@ -422,8 +422,11 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         elif kr is not None:
             # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
             # next iteration: every reader of the buffer follows the write, so XLA
-            # updates it in place (reading res_t from the buffer here made it copy the
-            # whole buffer at every step). At t = 0 the read is clamped and unused.
+            # updates it in place. Reading res_t from the buffer in this iteration made
+            # XLA copy the whole buffer at every step: dc_prev also reads res_t, off
+            # dgi's path, so not every reader precedes the write (an
+            # optimization_barrier does not order them: XLA:CPU drops barriers before
+            # copy insertion). At t = 0 the read is clamped and unused.
             res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
             res_buf = (res_buf, res_buf[jnp.maximum(t - 1, 0)])
         else:
