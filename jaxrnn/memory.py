@@ -218,8 +218,8 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
             # back, XLA writes straight into the concatenation)
             copies = T * B * D_l * ((l > 0 and n == 2 and d == 0) + (d == 1))
             # dgi written over dhs (one gate) or over the gates' residual buffer.
-            # scan.backward_scan does neither where the loop sums per-example terms
-            # (IndRNN), but XLA then reuses a dead buffer instead
+            # scan.backward_scan does not write over dhs where the loop sums
+            # per-example terms (IndRNN), but XLA then reuses a dead buffer instead
             over = GH == P_ or over_res
             if method == "autodiff":  # jax.vjp's per-step values, stacked by lax.scan
                 s_l += T * B * R + copies
