@@ -89,7 +89,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn import rtrl
+from jaxrnn import rtrl, scan
 
 GB = 1e9
 
@@ -169,7 +169,7 @@ def _has_gate_residual(cell, params, state_sizes, dtype) -> bool:
     gh = params.w_ih.shape[0]
     carry = tuple(jax.ShapeDtypeStruct((2, w), dtype) for w in state_sizes)
     saved = jax.eval_shape(cell.step, params, carry, jax.ShapeDtypeStruct((2, gh), dtype))[1]
-    return any(tuple(leaf.shape) == (2, gh) for leaf in jax.tree.leaves(saved))
+    return scan._dgi_over_residual(saved, (2, gh), jnp.dtype(dtype)) is not None
 
 
 def _layers(model, params):

@@ -126,7 +126,12 @@ def _inplace_index(residuals, shape, dtype) -> int | None:
     but quadratic in T), which is why a cell opts in with ``Cell.residual_over_input``.
     ``residuals`` holds shapes (from ``jax.eval_shape``).
     """
-    for k, leaf in enumerate(jax.tree.leaves(residuals)):
+    return _first_leaf_like(residuals, shape, dtype)
+
+
+def _first_leaf_like(tree, shape, dtype) -> int | None:
+    """Index of the first leaf of ``tree`` with ``shape`` and ``dtype``, or None."""
+    for k, leaf in enumerate(jax.tree.leaves(tree)):
         if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
             return k
     return None
@@ -321,12 +326,9 @@ def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
     return dhs.shape[-1] == params.w_ih.shape[0]
 
 
-def _dgi_over_residual(res_leaves, shape, dtype) -> int | None:
+def _dgi_over_residual(residuals, shape, dtype) -> int | None:
     """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None."""
-    for k, leaf in enumerate(res_leaves):
-        if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
-            return k
-    return None
+    return _first_leaf_like(residuals, shape, dtype)
 
 
 def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
@@ -395,12 +397,12 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     res_in = res_leaves if kr is None else res_leaves[:kr] + res_leaves[kr + 1:]
 
     def body(state, inputs):
-        dcarry, dhs_buf, res_buf, acc = state
+        # res_t: step t of res_buf, read from it by the last iteration (the read-ahead)
+        dcarry, dhs_buf, (res_buf, res_t), acc = state
         t, carry, res, dh_t, m_t = inputs
         if in_place:
             dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
         if kr is not None:
-            res_buf, res_t = res_buf  # res_t: read from the buffer by the last iteration
             res = res[:kr] + [res_t] + res[kr:]
         res = jax.tree.unflatten(res_def, res)
         dcarry_in = dcarry
@@ -429,7 +431,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             # optimization_barrier does not order them: XLA:CPU drops barriers before
             # copy insertion). At t = 0 the read is clamped and unused.
             res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
-            res_buf = (res_buf, res_buf[jnp.maximum(t - 1, 0)])
+            res_t = res_buf[jnp.maximum(t - 1, 0)]
         else:
             outs = (dgi,)
         if not same:
@@ -438,18 +440,18 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
         if with_trace:
             outs = outs + (dcarry[0], dcarry_prev[0], terms)
-        return (dcarry_prev, dhs_buf, res_buf, acc), outs
+        return (dcarry_prev, dhs_buf, (res_buf, res_t), acc), outs
 
     acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
-    (dcarry0, dhs_buf, res_buf, acc), outs = jax.lax.scan(
-        body, (tuple(dcarry_T), dhs if in_place else None,
-               None if kr is None else (res_leaves[kr], res_leaves[kr][T - 1]), acc0),
+    ahead0 = (None, None) if kr is None else (res_leaves[kr], res_leaves[kr][T - 1])
+    (dcarry0, dhs_buf, (res_buf, _), acc), outs = jax.lax.scan(
+        body, (tuple(dcarry_T), dhs if in_place else None, ahead0, acc0),
         (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
         reverse=True)
     if in_place:
         dgi = dhs_buf
     elif kr is not None:
-        dgi = res_buf[0]
+        dgi = res_buf
     else:
         dgi, outs = outs[0], outs[1:]
     if same:
@@ -462,20 +464,19 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     hs = fwd.carries[0]  # (T, B, H): h_t
     hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
     grads = {}
-    # sum_t dgi_t^T x_t, and b_ih's sum_t dgi_t
+    # sum_t dgi_t^T x_t, and sum_t dgi_t for b_ih
     grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
-    db_hh = None
     if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
-        # sum_t dgh_t^T h_{t-1}, and b_hh's sum_t dgh_t unless b_hh is folded into
-        # b_ih (then dgh is dgi and its sum is b_ih's)
-        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, None if same else params.b_hh)
+        # sum_t dgh_t^T h_{t-1}, and sum_t dgh_t for b_hh (folded: dgh is dgi, and XLA
+        # computes the one sum once)
+        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh)
+    else:
+        db_hh = None if params.b_hh is None else dgh.sum(axis=(0, 1))  # sum_t dgh_t
     dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
-    if params.b_ih is not None:
+    if db_ih is not None:
         grads["b_ih"] = db_ih
-    if params.b_hh is not None:
-        if db_hh is None:
-            db_hh = db_ih if same and db_ih is not None else dgh.sum(axis=(0, 1))
-        grads["b_hh"] = db_hh  # sum_t dgh_t
+    if db_hh is not None:
+        grads["b_hh"] = db_hh
     grads.update({f: acc[f].sum(axis=0) for f in summed})  # sum_b of sum_t, from the loop
     grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
     missing = [f for f in params._fields
