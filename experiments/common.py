@@ -127,27 +127,31 @@ def parse_args(name: str, doc: str | None, argv: list[str] | None,
     return parser.parse_args(argv)
 
 
-def run_with_xla_flags(worker: str, arg: Any, flags: str) -> dict:
-    """Runs the Python source ``worker`` in a fresh process with ``XLA_FLAGS=flags``.
+def run_worker(worker: str, arg: Any, env: dict[str, str]) -> dict:
+    """Runs the Python source ``worker`` in a fresh process with ``env`` added to the environment.
 
-    XLA reads its flags once, at start-up, so each setting needs its own process.
-    ``worker`` gets ``json.dumps(arg)`` as ``sys.argv[1]`` and prints its result as
-    one line ``RESULT <json>``.
+    Settings read once at start-up (``XLA_FLAGS`` by XLA, ``GLIBC_TUNABLES`` by the C
+    library) need a process each. ``worker`` gets ``json.dumps(arg)`` as
+    ``sys.argv[1]`` and prints its result as one line ``RESULT <json>``.
 
     Returns:
-        ``{"flags", "status": "ok", "rows": <the worker's JSON>}``, or a status
+        ``{"status": "ok", "rows": <the worker's JSON>}``, or a status
         ``"failed (exit N): [last stderr line]"`` (an unknown flag aborts jaxlib).
     """
     import subprocess
 
-    env = dict(os.environ, XLA_FLAGS=flags)
-    proc = subprocess.run([sys.executable, "-c", worker, json.dumps(arg)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", worker, json.dumps(arg)],
+                          env=dict(os.environ, **env), capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"flags": flags, "status": f"failed (exit {proc.returncode}): "
-                                          f"{proc.stderr.strip().splitlines()[-1:]}"}
-    return {"flags": flags, "status": "ok", "rows": json.loads(lines[-1][len("RESULT "):])}
+        return {"status": f"failed (exit {proc.returncode}): "
+                          f"{proc.stderr.strip().splitlines()[-1:]}"}
+    return {"status": "ok", "rows": json.loads(lines[-1][len("RESULT "):])}
+
+
+def run_with_xla_flags(worker: str, arg: Any, flags: str) -> dict:
+    """``run_worker`` with ``XLA_FLAGS=flags``; the result also names the flags."""
+    return {"flags": flags, **run_worker(worker, arg, {"XLA_FLAGS": flags})}
 
 
 def main(name: str, doc: str | None, settings_full: Any, settings_quick: Any,

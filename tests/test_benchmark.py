@@ -9,6 +9,8 @@ loss on every side (same weights, same data), memory figures, the product floor
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +219,11 @@ def test_environment_is_recorded(run):
         assert env["versions"][lib]
     assert env["cpu"]
     assert env["threads"]["torch_intra_op"] == env["threads"]["jax_xla_cpu"] >= 1
+    # the memory-page settings that move the step time (experiments/huge_pages.py)
+    assert env["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists():
+        assert f"[{env['transparent_hugepages']}]" in thp.read_text()
 
 
 def test_markdown_and_png_are_written(bench, run):

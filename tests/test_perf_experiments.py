@@ -44,14 +44,15 @@ def test_profile_step_rejects_a_file_as_out(tmp_path):
     assert "--out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def _xla_flags_module():
+def _experiment_module(name: str):
+    """Imports ``experiments/NAME.py`` (which imports ``common`` from its folder)."""
     import importlib.util
 
     sys.path.insert(0, str(ROOT / "experiments"))
     try:
-        spec = importlib.util.spec_from_file_location("xla_flags", ROOT / "experiments/xla_flags.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["xla_flags"] = mod  # dataclasses look their module up there
+        sys.modules[name] = mod  # dataclasses look their module up there
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(ROOT / "experiments"))
@@ -59,7 +60,7 @@ def _xla_flags_module():
 
 
 def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
-    mod = _xla_flags_module()
+    mod = _experiment_module("xla_flags")
     good = mod.sweep_one("", mod.QUICK)
     assert good["status"] == "ok", good
     (row,) = good["rows"]
@@ -110,3 +111,30 @@ def test_input_projection_quick(tmp_path):
     assert all(t > 0 for t in row["ms"].values())
     md = (tmp_path / "input_projection.md").read_text()
     assert "| (defaults) | (10, 4, 8, 32) |" in md
+
+
+def test_huge_pages_quick(tmp_path):
+    record = run_quick("huge_pages", tmp_path)
+    results = record["results"]
+    assert set(results["by_env"]) == {"", "glibc.malloc.hugetlb=1"}
+    for env, (row,) in results["by_env"].items():  # one process per setting, one point
+        assert (row["cell"], row["T"], row["B"], row["H"], row["GH"]) == ("lstm", 5, 2, 8, 32)
+        assert row["processes"] == 1
+        names = {"bptt", "autodiff", "xla_product", "numpy_out", "numpy_new"}
+        assert names <= set(row["ms"]) and names <= set(row["faults"])
+        assert all(t > 0 for t in row["ms"].values())
+        assert all(f >= 0 for f in row["faults"].values())
+    md = (tmp_path / "huge_pages.md").read_text()
+    assert "| lstm (5, 2, 8) | (default) |" in md
+    assert "| lstm (5, 2, 8) | `glibc.malloc.hugetlb=1` |" in md
+    assert "- failed" not in md
+
+
+def test_huge_pages_merges_processes_by_median():
+    mod = _experiment_module("huge_pages")
+    key = {"cell": "gru", "T": 3, "B": 2, "H": 4, "GH": 12}
+    runs = [{"status": "ok", "rows": [{**key, "ms": {"bptt": ms}, "faults": {"bptt": f}}]}
+            for ms, f in ((1.0, 10), (5.0, 30), (2.0, 20))]
+    runs.append({"status": "failed (exit 1): ['boom']"})  # a failed process is left out
+    (row,) = mod.merge(runs)
+    assert row == {**key, "processes": 3, "ms": {"bptt": 2.0}, "faults": {"bptt": 20}}

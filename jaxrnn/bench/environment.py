@@ -50,6 +50,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def transparent_hugepages() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), or None.
+
+    Under ``madvise`` only memory that asks for huge pages gets them: XLA's buffers
+    (plain ``malloc``) do not unless ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` is set,
+    and their page faults cost the step time (``experiments/huge_pages.py``).
+    """
+    try:
+        words = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+    except OSError:
+        return None
+    return next((w.strip("[]") for w in words if w.startswith("[")), None)
+
+
 def cpu_pressure() -> dict | None:
     """Linux PSI: the share of time some runnable task waited for a CPU (avg10/60/300, %)."""
     try:
@@ -69,7 +83,7 @@ def jax_threads() -> int:
 
 
 def environment(threads: int) -> dict:
-    """Versions, CPU, thread counts, XLA flags and CPU pressure (JSON-ready).
+    """Versions, CPU, thread counts, XLA flags, memory pages and CPU pressure (JSON-ready).
 
     Args:
         threads: XLA:CPU's intra-op thread count (``jax_threads()``).
@@ -88,6 +102,8 @@ def environment(threads: int) -> dict:
                     "torch_interop": torch.get_num_interop_threads() if torch else None},
         "jax_devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "transparent_hugepages": transparent_hugepages(),
         "torch_mkldnn": bool(torch.backends.mkldnn.is_available()) if torch else None,
         "platform": platform.platform(),
         "cpu_pressure_start": cpu_pressure(),

@@ -154,6 +154,9 @@ def markdown(bench: dict) -> str:
         f"jaxlib {v['jaxlib']}, optax {v['optax']}, torch {v['torch']}, flax {v['flax']}, "
         f"numpy {v['numpy']} ({v.get('numpy_blas', 'unknown')}), python {v['python']}. "
         f"Flax LSTM cell: OptimizedLSTMCell. "
+        f"Memory pages: transparent huge pages `{env.get('transparent_hugepages')}`, "
+        f"GLIBC_TUNABLES `{env.get('glibc_tunables') or '(unset)'}` "
+        f"(see experiments/huge_pages.py). "
         f"CPU pressure (share of time some task waited for a core, /proc/pressure/cpu avg60): "
         f"{_pressure_text(env.get('cpu_pressure_start'))} at the start, "
         f"{_pressure_text(bench.get('cpu_pressure_end'))} at the end.",
