@@ -40,7 +40,7 @@ from pathlib import Path
 
 import common
 
-from jaxrnn.bench.environment import transparent_hugepages
+from jaxrnn.bench.environment import cpu_pressure, transparent_hugepages
 
 ENVS = ("", "glibc.malloc.hugetlb=1")  # GLIBC_TUNABLES values; "" is the default
 
@@ -71,20 +71,19 @@ threads = jax_threads()
 if torch is not None:
     torch.set_num_threads(threads)
 
-def measure(f, n):
-    # median ms per call and minor page faults per call over n calls
-    ts, f0 = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(n):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
-    return {"ms": statistics.median(ts) * 1e3, "faults": faults}
+def measure(f):
+    # one call: its ms and its minor page faults
+    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    f()
+    ms = (time.perf_counter() - t0) * 1e3
+    return {"ms": ms, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}
 
 rows = []
 for cell in cells:
     for T, B, H in points:
         D = O = max(1, H // 4)
-        G = {"lstm": 4, "gru": 3}.get(cell, 1)
         model = jaxrnn.RNN(cell=cell, input_size=D, hidden_size=H, output_size=O)
+        G = model.cell_fn.num_gates
         rng = np.random.default_rng(seed)
         params = contenders.init_params(model, rng)
         xs = rng.standard_normal((T, B, D)).astype(np.float32)
@@ -109,7 +108,7 @@ for cell in cells:
         got = {name: [] for name in run}
         for r in range(steps):  # round-robin: every contender once per round
             for name, f in run.items():
-                got[name].append(measure(f, 1))
+                got[name].append(measure(f))
         rows.append({"cell": cell, "T": T, "B": B, "H": H, "GH": G * H,
                      "ms": {n: statistics.median(m["ms"] for m in v) for n, v in got.items()},
                      "faults": {n: statistics.median(m["faults"] for m in v)
@@ -145,7 +144,7 @@ def markdown(by_env: dict[str, list[dict]], failures: list[str], thp: str | None
     lines = [f"Transparent huge pages: `{thp}`.", "", head, "|" + "---|" * (head.count("|") - 1)]
     default = by_env.get("", [])
     for env, rows in by_env.items():
-        for i, row in enumerate(rows):
+        for row in rows:
             ms, faults = row["ms"], row["faults"]
             cells = [f"{ms[c]:.3g}" if c in ms else "-" for c in COLUMNS]
             lines.append(
@@ -180,8 +179,7 @@ def run(settings: Settings, out: Path, progress: bool) -> dict:
     thp = transparent_hugepages()
     (out / "huge_pages.md").write_text(markdown(by_env, failures, thp))
     return {"transparent_hugepages": thp, "by_env": by_env, "processes": runs,
-            "cpu_pressure": Path("/proc/pressure/cpu").read_text()
-            if Path("/proc/pressure/cpu").exists() else None}
+            "cpu_pressure": cpu_pressure()}
 
 
 if __name__ == "__main__":
