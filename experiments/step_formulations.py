@@ -35,9 +35,11 @@ before issue #10):
   of written over ``dhs`` (Elman) or over the gates' residual buffer (LSTM, GRU)),
   ``folded_sum_outer`` (the weight-gradient products with their transposes left to
   XLA, which folds them into a product its fast kernel does not take),
-  and one alternative measured but not chosen: ``bias_in_product`` (each bias
+  and alternatives measured but not chosen: ``bias_in_product`` (each bias
   gradient the last column of its weight-gradient product, a row of ones appended
-  to the transposed input, instead of a reduction over ``(T, B)`` of its own).
+  to the transposed input, instead of a reduction over ``(T, B)`` of its own) and
+  ``unroll_2``, ``unroll_4`` (``lax.scan(unroll=k)`` in the forward and the reverse
+  scan: k steps per loop iteration, fewer iterations; ``scan.UNROLL``).
 
 Every variant's gradient is checked against ``chosen``'s before it is timed
 (``max_rel_diff``, float32), and the compiled HLO of every ``bptt`` variant gives
@@ -48,6 +50,7 @@ Commands::
 
     python experiments/step_formulations.py --quick --out /tmp/sf   # seconds
     python experiments/step_formulations.py                         # docs/experiments/step_formulations
+    python experiments/step_formulations.py --variants chosen,unroll_2 --out /tmp/u  # some variants
 
 Writes ``step_formulations.json``, ``step_formulations.md`` (the table) and
 ``step_formulations.png``. Times are medians over the rounds, on whatever machine
@@ -261,6 +264,8 @@ SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
 }
 SCAN_ALTERNATIVES = {  # measured, not chosen (not part of ``head``): variant -> swaps
     "bias_in_product": {"_weight_and_bias": _bias_in_product},
+    "unroll_2": {"UNROLL": 2},  # lax.scan(unroll=2) in the forward and the reverse scan
+    "unroll_4": {"UNROLL": 4},
 }
 
 CELL_VARIANTS = {
@@ -351,7 +356,7 @@ def _functions(cell_obj, params, xs, w_y, measures):
 
 def _changes_forward(name: str) -> bool:
     return name in ("chosen", "head", "split", "slices", "per_gate_products", "one_tanh",
-                    "w_hh_in_loop", "store_tanh_c")
+                    "w_hh_in_loop", "store_tanh_c", "unroll_2", "unroll_4")
 
 
 def bench_point(cell: str, T: int, B: int, H: int, settings: Settings) -> list[dict]:
@@ -504,8 +509,17 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(settings: Settings, out: Path, progress: bool) -> dict:
+def run(settings: Settings, out: Path, progress: bool, variants: str | None = None) -> dict:
     from tqdm.auto import tqdm
+
+    if variants is not None:  # --variants a,b: those variants only
+        names = tuple(v for v in variants.split(",") if v)
+        known = set().union(*(variants_of(c) for c in settings.cells))
+        unknown = [v for v in names if v not in known]
+        if unknown or not names:
+            raise common.UsageError(f"--variants: unknown variant(s) {unknown or [variants]}; "
+                                    f"known: {', '.join(sorted(known))}")
+        settings = dataclasses.replace(settings, variants=names, bidirectional=None)
 
     jobs = [(c, *g) for c in settings.cells for g in settings.grid]
     rows = []
@@ -534,5 +548,9 @@ def bidir_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPTIONS = (common.Option("--variants", {"default": None, "help": (
+    "comma-separated variant names to time (e.g. chosen,unroll_2), without the "
+    "bidirectional table; default: every variant")}),)
+
 if __name__ == "__main__":
-    sys.exit(common.main("step_formulations", __doc__, FULL, QUICK, run))
+    sys.exit(common.main("step_formulations", __doc__, FULL, QUICK, run, options=OPTIONS))

@@ -41,6 +41,12 @@ from jaxrnn.cells import Carry, Cell, CellParams, Outer
 
 METHODS = ("bptt", "autodiff")
 
+# Steps per iteration of the forward and the reverse scan's loops (``lax.scan``'s
+# ``unroll``). 1: unrolling measured slower for every cell and grid point, up to 20x
+# for the gated cells' bptt, whose buffers are then copied instead of updated in place
+# (docs/experiments/step_formulations/unroll).
+UNROLL = 1
+
 
 class ForwardTrace(NamedTuple):
     """What the forward scan keeps for the backward pass."""
@@ -278,9 +284,11 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
     ts = jnp.arange(T)
     if k is not None:  # xp travels as the loop's buffer, read and overwritten in place
-        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, xp), (ts, mask))
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, xp), (ts, mask),
+                                                       unroll=UNROLL)
     else:
-        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, None), (ts, mask, xp))
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, None), (ts, mask, xp),
+                                                       unroll=UNROLL)
     residuals = ()
     if keep_residuals:
         treedef = jax.tree.structure(res_shape)
@@ -447,7 +455,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     (dcarry0, dhs_buf, (res_buf, _), acc), outs = jax.lax.scan(
         body, (tuple(dcarry_T), dhs if in_place else None, ahead0, acc0),
         (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
-        reverse=True)
+        reverse=True, unroll=UNROLL)
     if in_place:
         dgi = dhs_buf
     elif kr is not None:

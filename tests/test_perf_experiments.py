@@ -8,10 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(name: str, out: Path) -> dict:
-    """Runs ``experiments/NAME.py --quick --out OUT`` and returns its JSON record."""
+def run_quick(name: str, out: Path, *args: str) -> dict:
+    """Runs ``experiments/NAME.py --quick --out OUT [ARGS]`` and returns its JSON record."""
     proc = subprocess.run([sys.executable, f"experiments/{name}.py", "--quick", "--out",
-                           str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                           str(out), "--no-progress", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads((out / f"{name}.json").read_text())
@@ -85,10 +85,15 @@ def test_lean_bptt_quick(tmp_path):
 
 
 def test_step_formulations_quick(tmp_path):
-    record = run_quick("step_formulations", tmp_path)
+    record = run_quick("step_formulations", tmp_path, "--variants", "chosen,head,unroll_2")
     rows = record["results"]["rows"]
     assert {(r["cell"], r["variant"]) for r in rows} == {
-        (c, v) for c in ("elman", "lstm", "gru") for v in ("chosen", "head")}
+        (c, v) for c in ("elman", "lstm", "gru") for v in ("chosen", "head", "unroll_2")}
+    # two steps per iteration: more ops in each loop body than the library's one step
+    for r in rows:
+        if r["variant"] == "unroll_2":
+            chosen = next(c for c in rows if c["cell"] == r["cell"] and c["variant"] == "chosen")
+            assert all(u > c for u, c in zip(r["loop_ops"], chosen["loop_ops"])), (r, chosen)
     for r in rows:
         assert r["fwd_ms"] > 0 and r["bptt_ms"] > 0
         # head (the formulation before issue #10) computes the same gradients
@@ -99,6 +104,17 @@ def test_step_formulations_quick(tmp_path):
     table = (tmp_path / "step_formulations.md").read_text()
     assert "| lstm | 8 | 2 | 8 | chosen |" in table and "| gru | 8 | 2 | 8 | head |" in table
     assert (tmp_path / "step_formulations.png").stat().st_size > 1000
+
+
+def test_step_formulations_refuses_an_unknown_variant(tmp_path, capsys):
+    mod = _experiment_module("step_formulations")
+    out = tmp_path / "sf"
+    status = mod.common.main("step_formulations", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
+                             argv=["--quick", "--out", str(out), "--variants", "chosen,bogus"],
+                             options=mod.OPTIONS)
+    assert status == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "--variants: unknown variant(s) ['bogus']" in err and "unroll_2" in err
 
 
 def test_input_projection_quick(tmp_path):
