@@ -18,6 +18,7 @@ Commands::
 
     python experiments/profile_step.py --quick --out /tmp/profile   # seconds
     python experiments/profile_step.py                              # docs/experiments/profile_step
+    python experiments/profile_step.py --points gru:200:64:256 --out /tmp/p   # other points
 
 Op times are summed over the ops (XLA:CPU may run two at once on two cores, so the
 sum can exceed the wall time); absolute times hold only for the machine that ran
@@ -45,6 +46,7 @@ import optax
 
 import jaxrnn
 from jaxrnn import bench
+from jaxrnn.cells import CELLS
 
 GROUPS = ("loop products", "loop elementwise", "big products", "other")
 
@@ -142,7 +144,14 @@ def profile_point(cell: str, T: int, B: int, H: int, method: str, settings: Sett
     loop_products = sorted(op for op in loops if _is_product(op, hlo))
     return {"loop_products": loop_products, "cell": cell, "T": T, "B": B, "H": H, "method": method, "wall_ms": wall_ms,
             "ops_ms": sum(groups.values()), "groups_ms": groups,
-            "top_ops": [{"op": op, "group": g, "ms": ms} for ms, op, g in top[:12]]}
+            "top_ops": [{"op": op, "group": g, "ms": ms, "shape": _result_shape(op, hlo)}
+                        for ms, op, g in top[:12]]}
+
+
+def _result_shape(op: str, hlo: str) -> str:
+    """The result type of instruction ``op`` in ``hlo``, e.g. ``f32[200,64,768]``, or ''."""
+    m = re.search(rf"^\s*(?:ROOT )?%{re.escape(op)} = (\([^)]*\)|\S+) ", hlo, flags=re.M)
+    return re.sub(r"\{[^}]*\}", "", m.group(1)) if m else ""
 
 
 def markdown(rows: list[dict]) -> str:
@@ -154,6 +163,11 @@ def markdown(rows: list[dict]) -> str:
         share = " | ".join(f"{g[k]:.1f} ({g[k] / r['ops_ms']:.0%})" for k in GROUPS)
         lines.append(f"| {r['cell']} | {r['T']} | {r['B']} | {r['H']} | {r['method']} "
                      f"| {r['wall_ms']:.1f} | {r['ops_ms']:.1f} | {share} |")
+    lines += ["", "The largest ops of each step (ms per step, the op's result type):", ""]
+    for r in rows:
+        ops = ", ".join(f"`{o['op']}` {o.get('shape', '')} {o['ms']:.3g} ({o['group']})"
+                        for o in r["top_ops"][:8])
+        lines.append(f"* {r['cell']} ({r['T']}, {r['B']}, {r['H']}) {r['method']}: {ops}")
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +193,31 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(settings: Settings, out: Path, progress: bool) -> dict:
+def parse_points(text: str) -> tuple:
+    """``"gru:200:64:256,lstm:100:32:128"`` -> ``(("gru", 200, 64, 256), ...)``.
+
+    Raises:
+        common.UsageError: naming ``--points`` and the entry it cannot read.
+    """
+    points = []
+    for entry in text.split(","):
+        parts = entry.split(":")
+        try:
+            cell, T, B, H = parts[0], *map(int, parts[1:])
+            if cell not in CELLS or min(T, B, H) < 1:
+                raise ValueError
+        except ValueError:
+            raise common.UsageError(f"--points: {entry!r} is not cell:T:B:H with a cell of "
+                                    f"{sorted(CELLS)} and positive sizes") from None
+        points.append((cell, T, B, H))
+    return tuple(points)
+
+
+def run(settings: Settings, out: Path, progress: bool, points: str | None = None) -> dict:
     from tqdm.auto import tqdm
+
+    if points is not None:
+        settings = dataclasses.replace(settings, points=parse_points(points))
 
     jobs = [(p, m) for p in settings.points for m in settings.methods]
     rows = [profile_point(*p, m, settings)
@@ -190,5 +227,9 @@ def run(settings: Settings, out: Path, progress: bool) -> dict:
     return {"rows": rows, "cpu": bench.cpu_model(), "xla_threads": bench.jax_threads()}
 
 
+OPTIONS = (common.Option("--points", {"default": None, "help": (
+    "comma-separated cell:T:B:H points to profile instead of the default ones, "
+    "e.g. gru:200:64:256")}),)
+
 if __name__ == "__main__":
-    sys.exit(common.main("profile_step", __doc__, FULL, QUICK, run))
+    sys.exit(common.main("profile_step", __doc__, FULL, QUICK, run, options=OPTIONS))

@@ -1,9 +1,16 @@
-"""The performance experiments (profile_step, xla_flags, lean_bptt) in their quick modes."""
+"""The performance experiments in their quick modes.
+
+profile_step, step_formulations, xla_flags, input_projection, weight_gradient,
+huge_pages and lean_bptt: each runs, writes its outputs and refuses bad options.
+"""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +25,7 @@ def run_quick(name: str, out: Path, *args: str) -> dict:
 
 
 def test_profile_step_quick(tmp_path):
-    record = run_quick("profile_step", tmp_path)
+    record = run_quick("profile_step", tmp_path, "--points", "lstm:20:4:16")
     rows = {r["method"]: r for r in record["results"]["rows"]}
     assert set(rows) == {"bptt", "autodiff"}
     for r in rows.values():
@@ -32,7 +39,22 @@ def test_profile_step_quick(tmp_path):
     assert len(rows["bptt"]["loop_products"]) == 2
     assert len(rows["autodiff"]["loop_products"]) > 2
     assert (tmp_path / "profile_step.png").stat().st_size > 1000
-    assert "| lstm | 20 | 4 | 16 | bptt |" in (tmp_path / "profile_step.md").read_text()
+    md = (tmp_path / "profile_step.md").read_text()
+    assert "| lstm | 20 | 4 | 16 | bptt |" in md and "* lstm (20, 4, 16) bptt: `" in md
+    # every top op names its result type, read from the compiled HLO
+    shapes = [o["shape"] for o in rows["bptt"]["top_ops"]]
+    assert all(re.fullmatch(r"(\(.*\)|[a-z0-9]+\[[0-9,]*\])", t) for t in shapes), shapes
+
+
+def test_profile_step_reads_an_ops_result_type():
+    mod = _experiment_module("profile_step")
+    hlo = ("  %ynn_fusion.7 = f32[80,64]{1,0} fusion(f32[80,4]{1,0} %p0), kind=kCustom\n"
+           "  ROOT %tuple.3 = (f32[2]{0}, s32[]) tuple(f32[2]{0} %a, s32[] %b)\n"
+           "  %ynn_fusion.70 = f32[9]{0} fusion(f32[9]{0} %p1)\n")
+    assert mod._result_shape("ynn_fusion.7", hlo) == "f32[80,64]"
+    assert mod._result_shape("ynn_fusion.70", hlo) == "f32[9]"
+    assert mod._result_shape("tuple.3", hlo) == "(f32[2], s32[])"
+    assert mod._result_shape("absent", hlo) == ""
 
 
 def test_profile_step_rejects_a_file_as_out(tmp_path):
@@ -42,6 +64,19 @@ def test_profile_step_rejects_a_file_as_out(tmp_path):
                            str(f)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_profile_step_refuses_a_bad_point(tmp_path, capsys):
+    mod = _experiment_module("profile_step")
+    out = tmp_path / "p"
+    for bad in ("gru:6:x:8", "tree:6:2:8", "gru:6:2", "gru:0:2:8"):
+        argv = ["--quick", "--out", str(out), "--points", f"lstm:5:2:8,{bad}"]
+        status = mod.common.main("profile_step", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
+                                 argv=argv, options=mod.OPTIONS)
+        assert status == 2 and not out.exists()
+        assert f"--points: {bad!r} is not cell:T:B:H" in capsys.readouterr().err
+    assert mod.parse_points("gru:200:64:256,elman:1:1:1") == (("gru", 200, 64, 256),
+                                                              ("elman", 1, 1, 1))
 
 
 def _experiment_module(name: str):
@@ -127,6 +162,30 @@ def test_input_projection_quick(tmp_path):
     assert all(t > 0 for t in row["ms"].values())
     md = (tmp_path / "input_projection.md").read_text()
     assert "| (defaults) | (10, 4, 8, 32) |" in md
+
+
+def test_weight_gradient_quick(tmp_path):
+    record = run_quick("weight_gradient", tmp_path)
+    (row,) = record["results"]["rows"]
+    assert (row["name"], row["T"], row["B"], row["GH"], row["K"]) == ("lstm dW_hh", 8, 2, 32, 8)
+    assert set(row["ms"]) >= {"sum_outer", "folded", "flat", "chunks", "per_step", "callback",
+                              "numpy"}
+    assert all(t > 0 for t in row["ms"].values())
+    assert row["gflop"] == 2 * 8 * 2 * 32 * 8 / 1e9
+    assert "| lstm dW_hh | (8, 2, 32, 8) |" in (tmp_path / "weight_gradient.md").read_text()
+
+
+def test_weight_gradient_forms_compute_the_product():
+    # each XLA form against a float64 product computed here with numpy, on a shape
+    # whose time axis the chunks divide
+    mod = _experiment_module("weight_gradient")
+    rng = np.random.default_rng(1)
+    dg, a = rng.standard_normal((6, 3, 10)), rng.standard_normal((6, 3, 4))
+    ref = np.einsum("tbg,tbk->gk", dg, a)
+    forms = mod.xla_forms(6, 3, chunks=3)
+    forms["callback"] = mod.callback_form()
+    for name, f in forms.items():
+        np.testing.assert_allclose(np.asarray(f(dg, a)), ref, rtol=1e-12, err_msg=name)
 
 
 def test_huge_pages_quick(tmp_path):
