@@ -9,7 +9,10 @@ for huge pages on its own arrays (``madvise(MADV_HUGEPAGE)``) and the benchmark'
 floor writes into one buffer made beforehand, so part of what looked like XLA's
 slower GEMM is the first touch of memory. glibc's tunable
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35; read at start-up) makes
-``malloc`` ask for huge pages too.
+``malloc`` ask for huge pages too. The third setting, ``KEEP_HEAP``, avoids the
+faults instead of making them fewer: ``malloc`` then serves every block, on every
+thread, from one heap it never gives back, so each page is faulted in once per
+process rather than once per call.
 
 This script runs the same worker in fresh processes, alternating the settings of
 ``envs`` (``rounds`` processes each, interleaved A B A B ...), and times in each:
@@ -27,6 +30,7 @@ Commands::
 
     python experiments/huge_pages.py --quick --out /tmp/hp     # seconds
     python experiments/huge_pages.py                          # docs/experiments/huge_pages
+    python experiments/huge_pages.py --rounds 2 --out /tmp/hp # two processes per setting
 
 Writes ``huge_pages.json`` and ``huge_pages.md``.
 """
@@ -42,7 +46,13 @@ import common
 
 from jaxrnn.bench.environment import cpu_pressure, transparent_hugepages
 
-ENVS = ("", "glibc.malloc.hugetlb=1")  # GLIBC_TUNABLES values; "" is the default
+# GLIBC_TUNABLES values; "" is the default. KEEP_HEAP serves every block from one
+# heap that is never given back: one arena for all threads (XLA's buffers are
+# malloc'ed on its own threads, whose arenas would mmap them anyway), no mmap below
+# 1 GiB, no trimming below 1 GiB. The pages are then faulted in once per process.
+KEEP_HEAP = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=1073741824:"
+             "glibc.malloc.trim_threshold=1073741824")
+ENVS = ("", "glibc.malloc.hugetlb=1", KEEP_HEAP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(rounds=1, cells=("lstm",), points=((5, 2, 8),), steps=2)
+QUICK = Settings(envs=ENVS[:2], rounds=1, cells=("lstm",), points=((5, 2, 8),), steps=2)
 
 # The worker: one process, one GLIBC_TUNABLES setting; prints one JSON line.
 WORKER = r"""
@@ -165,8 +175,13 @@ def markdown(by_env: dict[str, list[dict]], failures: list[str], thp: str | None
     return "\n".join(lines) + "\n"
 
 
-def run(settings: Settings, out: Path, progress: bool) -> dict:
+def run(settings: Settings, out: Path, progress: bool, rounds: int | None = None) -> dict:
     from tqdm.auto import tqdm
+
+    if rounds is not None:
+        if rounds < 1:
+            raise common.UsageError(f"--rounds must be at least 1, got {rounds}")
+        settings = dataclasses.replace(settings, rounds=rounds)
 
     arg = [settings.cells, settings.points, settings.steps, settings.seed]
     order = [env for _ in range(settings.rounds) for env in settings.envs]  # A B A B ...
@@ -182,5 +197,8 @@ def run(settings: Settings, out: Path, progress: bool) -> dict:
             "cpu_pressure": cpu_pressure()}
 
 
+OPTIONS = (common.Option("--rounds", {"type": int, "default": None, "help": (
+    "processes per setting (default: 3; 1 with --quick)")}),)
+
 if __name__ == "__main__":
-    sys.exit(common.main("huge_pages", __doc__, FULL, QUICK, run))
+    sys.exit(common.main("huge_pages", __doc__, FULL, QUICK, run, options=OPTIONS))

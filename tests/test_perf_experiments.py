@@ -205,6 +205,19 @@ def test_huge_pages_quick(tmp_path):
     assert "- failed" not in md
 
 
+def test_huge_pages_refuses_zero_rounds(tmp_path, capsys):
+    mod = _experiment_module("huge_pages")
+    out = tmp_path / "hp"
+    status = mod.common.main("huge_pages", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
+                             argv=["--quick", "--out", str(out), "--rounds", "0"],
+                             options=mod.OPTIONS)
+    assert status == 2 and not out.exists()
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+    # the full run also times the setting that keeps freed memory in one heap
+    assert mod.FULL.envs == ("", "glibc.malloc.hugetlb=1", mod.KEEP_HEAP)
+    assert "glibc.malloc.arena_max=1" in mod.KEEP_HEAP
+
+
 def test_huge_pages_merges_processes_by_median():
     mod = _experiment_module("huge_pages")
     key = {"cell": "gru", "T": 3, "B": 2, "H": 4, "GH": 12}
