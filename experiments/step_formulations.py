@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import statistics
 import sys
@@ -72,6 +73,7 @@ import time
 from pathlib import Path
 
 import common
+import weight_gradient  # the weight-gradient product forms (a sibling script)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,22 +261,6 @@ def _bias_in_product(dg, a, bias):
     return prod[:, :-1], prod[:, -1]
 
 
-def _flat_sum_outer(dg, a):
-    """``sum_t dg_t^T a_t`` on ``(T*B, .)`` reshapes, ``dg^T @ a`` (not chosen)."""
-    return dg.reshape(-1, dg.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-
-
-def _chunked_sum_outer(dg, a, chunks: int = 10):
-    """``scan.sum_outer`` over ``chunks`` slices of time in a ``lax.scan``, summed (not chosen)."""
-    T = dg.shape[0]
-    if T % chunks:
-        return _SUM_OUTER(dg, a)
-    split = lambda x: x.reshape((chunks, T // chunks) + x.shape[1:])  # noqa: E731
-    zero = jnp.zeros((dg.shape[-1], a.shape[-1]), dg.dtype)
-    body = lambda acc, da: (acc + _SUM_OUTER(*da), None)  # noqa: E731
-    return jax.lax.scan(body, zero, (split(dg), split(a)))[0]
-
-
 SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
     "w_hh_in_loop": {"_loop_params": lambda params: (lambda: params)},
     "stacked_residuals": {"_inplace_index": lambda *args: None},
@@ -286,10 +272,10 @@ SCAN_ALTERNATIVES = {  # measured, not chosen (not part of ``head``): variant ->
     "bias_in_product": {"_weight_and_bias": _bias_in_product},
     "unroll_2": {"UNROLL": 2},  # lax.scan(unroll=2) in the forward and the reverse scan
     "unroll_4": {"UNROLL": 4},
-    "sum_outer_flat": {"sum_outer": _flat_sum_outer},
-    "sum_outer_chunks": {"sum_outer": _chunked_sum_outer},
+    "sum_outer_flat": {"sum_outer": weight_gradient.flat_outer},
+    "sum_outer_chunks": {"sum_outer": functools.partial(weight_gradient.chunked_outer,
+                                                        chunks=10)},
 }
-_SUM_OUTER = scan_lib.sum_outer  # the library's, for the chunks (the swap replaces it)
 
 CELL_VARIANTS = {
     "elman": {},

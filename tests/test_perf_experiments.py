@@ -70,9 +70,7 @@ def test_profile_step_refuses_a_bad_point(tmp_path, capsys):
     mod = _experiment_module("profile_step")
     out = tmp_path / "p"
     for bad in ("gru:6:x:8", "tree:6:2:8", "gru:6:2", "gru:0:2:8"):
-        argv = ["--quick", "--out", str(out), "--points", f"lstm:5:2:8,{bad}"]
-        status = mod.common.main("profile_step", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
-                                 argv=argv, options=mod.OPTIONS)
+        status = main_in_process(mod, out, "--points", f"lstm:5:2:8,{bad}")
         assert status == 2 and not out.exists()
         assert f"--points: {bad!r} is not cell:T:B:H" in capsys.readouterr().err
     assert mod.parse_points("gru:200:64:256,elman:1:1:1") == (("gru", 200, 64, 256),
@@ -92,6 +90,14 @@ def _experiment_module(name: str):
     finally:
         sys.path.remove(str(ROOT / "experiments"))
     return mod
+
+
+def main_in_process(mod, out: Path, *args: str) -> int:
+    """``experiments/NAME.py --quick --out OUT [ARGS]`` through ``common.main``, in this process."""
+    name = Path(mod.__file__).stem
+    return mod.common.main(name, mod.__doc__, mod.FULL, mod.QUICK, mod.run,
+                           argv=["--quick", "--out", str(out), *args],
+                           options=getattr(mod, "OPTIONS", ()))
 
 
 def test_xla_flags_sweep_runs_a_setting_and_reports_a_bad_flag():
@@ -144,9 +150,7 @@ def test_step_formulations_quick(tmp_path):
 def test_step_formulations_refuses_an_unknown_variant(tmp_path, capsys):
     mod = _experiment_module("step_formulations")
     out = tmp_path / "sf"
-    status = mod.common.main("step_formulations", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
-                             argv=["--quick", "--out", str(out), "--variants", "chosen,bogus"],
-                             options=mod.OPTIONS)
+    status = main_in_process(mod, out, "--variants", "chosen,bogus")
     assert status == 2 and not out.exists()
     err = capsys.readouterr().err
     assert "--variants: unknown variant(s) ['bogus']" in err and "unroll_2" in err
@@ -182,7 +186,7 @@ def test_weight_gradient_forms_compute_the_product():
     rng = np.random.default_rng(1)
     dg, a = rng.standard_normal((6, 3, 10)), rng.standard_normal((6, 3, 4))
     ref = np.einsum("tbg,tbk->gk", dg, a)
-    forms = mod.xla_forms(6, 3, chunks=3)
+    forms = mod.xla_forms(chunks=3)
     forms["callback"] = mod.callback_form()
     for name, f in forms.items():
         np.testing.assert_allclose(np.asarray(f(dg, a)), ref, rtol=1e-12, err_msg=name)
@@ -208,9 +212,7 @@ def test_huge_pages_quick(tmp_path):
 def test_huge_pages_refuses_zero_rounds(tmp_path, capsys):
     mod = _experiment_module("huge_pages")
     out = tmp_path / "hp"
-    status = mod.common.main("huge_pages", mod.__doc__, mod.FULL, mod.QUICK, mod.run,
-                             argv=["--quick", "--out", str(out), "--rounds", "0"],
-                             options=mod.OPTIONS)
+    status = main_in_process(mod, out, "--rounds", "0")
     assert status == 2 and not out.exists()
     assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
     # the full run also times the setting that keeps freed memory in one heap
