@@ -11,7 +11,7 @@ h_t = relu(W x_t + u * h_{t-1} + b), u a vector, the library's init u ~ U(0, 1))
 which Li et al. report solving the adding problem at T = 1000 and beyond. At the
 long lengths T = 500 and 1000 only the LSTM and the IndRNN are run (``long_cells``).
 
-Task (``jaxrnn.make_task("adding")``): T steps of (value ~ U(0, 1), marker); two
+Task (``tasks.make_task("adding")``): T steps of (value ~ U(0, 1), marker); two
 markers, one in each half of the sequence; the target, asked at the last step
 only, is the sum of the two marked values. Always answering 1 scores the
 baseline MSE 1/6 = 0.167 (the variance of the target). A run counts as *solved*
@@ -33,7 +33,7 @@ The ``indrnn_li`` rows train the IndRNN as Li et al. (2018) do on this task
 (their reference code, github.com/Sunnydreamrain/IndRNN_Theano_Lasagne,
 ``adding/adding.py``): two relu layers of 128 units, Adam at 2e-4, the recurrent
 weights bounded by ``|u| <= 2^(1/T)`` (``jaxrnn.IndRNN(recurrent_max=...)`` for the
-initial range, ``jaxrnn.train.clip_recurrent`` at the end of the optax chain after
+initial range, ``jaxrnn._src.train.clip_recurrent`` at the end of the optax chain after
 every update), input weights ~ N(0, 0.001^2), zero biases, the readout from the
 last step; see ``li_setup`` for what differs (global-norm clipping instead of
 their per-step clipping inside the gradient, jaxrnn's readout initialisation,
@@ -60,10 +60,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-import common
+from jaxrnn_lab import harness as common
 import jaxrnn
-from jaxrnn.tasks import ADDING_BASELINE
-from jaxrnn.train import clip_recurrent
+from jaxrnn_app import tasks
+from jaxrnn_app.tasks import ADDING_BASELINE
+from jaxrnn._src.train import clip_recurrent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ def li_setup(s: Settings, task, seq_len: int):
     ``IndRNN("relu", recurrent_max=r)``, r = ``li_magnitude ** (1 / T)``, draws every
     layer's ``u`` in ``[0, r)``; the last layer's is redrawn in ``[1/r, r)`` and the
     input weights from N(0, ``li_input_std``^2), biases zero (their code); the readout
-    keeps jaxrnn's initialisation. ``jaxrnn.train.clip_recurrent(r)``, last in the
+    keeps jaxrnn's initialisation. ``jaxrnn._src.train.clip_recurrent(r)``, last in the
     optax chain, keeps ``|u| <= r`` after every update.
     """
     r = s.li_magnitude ** (1.0 / seq_len)
@@ -161,7 +162,7 @@ def li_setup(s: Settings, task, seq_len: int):
 def train_one(s: Settings, cell: str, seq_len: int, steps: int) -> dict:
     """Trains one row (a cell at the shared settings, or ``LI``) at one length; returns
     its held-out curve and final numbers."""
-    task = jaxrnn.make_task("adding", seq_len=seq_len, batch_size=s.batch, seed=s.seed,
+    task = tasks.make_task("adding", seq_len=seq_len, batch_size=s.batch, seed=s.seed,
                             eval_size=s.eval_size)
     if cell == LI:
         model, optimizer, params = li_setup(s, task, seq_len)

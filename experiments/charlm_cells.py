@@ -1,7 +1,7 @@
 """Character language model: every built-in cell at equal parameter count, seeds and a learning-rate sweep.
 
 Which recurrent cell models text best for a fixed budget of parameters? This
-script trains a one-layer character language model (``jaxrnn.make_task("charlm")``:
+script trains a one-layer character language model (``tasks.make_task("charlm")``:
 one-hot characters in, a softmax over the next character out, loss ``"xent"``)
 on the English documentation every Python installation ships
 (``pydoc_data.topics``, ~465k characters; the last 10% held out) with each
@@ -55,9 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import common
+from jaxrnn_lab import harness as common
 import jaxrnn
-from jaxrnn.tasks import Batch
+from jaxrnn_app import tasks
+from jaxrnn_app.tasks import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ def compiled_for(s: Settings, cell: str, hidden: int, vocab: int):
     optimizer = optimizer_for(s)
     step = jaxrnn.make_train_step(model, optimizer, loss="xent")
     loss = jax.jit(lambda p, b: model.loss(p, b.xs, b.targets, loss="xent"))
-    return model, optimizer, step, lambda p, b: jaxrnn.bits_per_char(float(loss(p, b)))
+    return model, optimizer, step, lambda p, b: tasks.bits_per_char(float(loss(p, b)))
 
 
 def train_one(s: Settings, cell: str, hidden: int, lr: float, seed: int,
@@ -191,7 +192,7 @@ def train_one(s: Settings, cell: str, hidden: int, lr: float, seed: int,
         ``(result, params)``: the run's curves and final numbers (JSON-ready), and
         its trained parameters.
     """
-    task = jaxrnn.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
+    task = tasks.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
                             eval_size=s.eval_size, seed=seed)
     model, optimizer, step, bpc = compiled_for(s, cell, hidden, task.vocab_size)
     slices = held_out_slices(s, task)
@@ -206,7 +207,7 @@ def train_one(s: Settings, cell: str, hidden: int, lr: float, seed: int,
     window = []  # the training losses since the previous evaluation (device arrays)
 
     def evaluate(p) -> dict:
-        train_curve.append(jaxrnn.bits_per_char(float(np.mean(jax.device_get(window)))))
+        train_curve.append(tasks.bits_per_char(float(np.mean(jax.device_get(window)))))
         window.clear()
         return scores(p)
 
@@ -335,7 +336,7 @@ def _report(r: dict, out: Path, runs: list[dict]) -> None:
 
 
 def run(s: Settings, out: Path, progress: bool) -> dict:
-    task = jaxrnn.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
+    task = tasks.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
                             eval_size=s.eval_size, seed=s.seeds[0])
     hidden = matched_hidden_sizes(s, task.vocab_size)
     counts = {c: count_for(s, c, h, task.vocab_size) for c, h in hidden.items()}

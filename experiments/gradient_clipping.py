@@ -7,7 +7,7 @@ the gradient whenever its norm exceeds a threshold (clipping) keeps the step
 bounded and lets training go on with the same learning rate. This script
 trains a tanh Elman network whose recurrent matrix starts at spectral radius
 1.5 (large enough for exploding gradients) on next-value prediction of noisy
-sine waves (``jaxrnn.make_task("sine")``), with plain SGD, for several seeds:
+sine waves (``tasks.make_task("sine")``), with plain SGD, for several seeds:
 
 * without clipping at a large learning rate (0.1): most seeds diverge, the
   loss and the gradient norm go to infinity within tens of steps;
@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import common  # noqa: E402
+from jaxrnn_lab import harness as common  # noqa: E402
 import jaxrnn  # noqa: E402
+from jaxrnn_app import tasks  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def sig(x: float, digits: int = 4):
 
 def make_step(s: Settings, model: jaxrnn.RNN, config: dict):
     """The configuration's optimizer and jit-compiled train step (compiled once, for all seeds)."""
-    task = jaxrnn.make_task(s.task)
+    task = tasks.make_task(s.task)
     optimizer = jaxrnn.make_optimizer(s.optimizer, config["lr"], clip=config["clip"])
     # donate=False: the previous parameters are kept to measure the update's norm
     step = jaxrnn.make_train_step(model, optimizer, loss=task.loss,
@@ -108,7 +109,7 @@ def make_step(s: Settings, model: jaxrnn.RNN, config: dict):
 
 def train(s: Settings, model: jaxrnn.RNN, optimizer, step, eval_loss, seed: int) -> dict:
     """One run; stops at the first non-finite loss, gradient or update norm (divergence)."""
-    task = jaxrnn.make_task(s.task, seq_len=s.seq_len, batch_size=s.batch_size, seed=seed)
+    task = tasks.make_task(s.task, seq_len=s.seq_len, batch_size=s.batch_size, seed=seed)
     params = init_params(model, seed, s.radius)
 
     def step_and_update_norm(params, opt_state, batch):
@@ -226,7 +227,7 @@ def plot(s: Settings, results: list[dict], path: Path) -> None:
 
 
 def run(s: Settings, out: Path, progress: bool) -> dict:
-    task = jaxrnn.make_task(s.task)
+    task = tasks.make_task(s.task)
     model = jaxrnn.RNN(cell="elman", input_size=task.input_size, hidden_size=s.hidden_size,
                        output_size=task.output_size)
     eval_loss = jax.jit(lambda p, xs, targets: model.loss(p, xs, targets, loss=task.loss))

@@ -25,13 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import common
+from jaxrnn_lab import harness as common
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxrnn
-from jaxrnn import bench
+from jaxrnn_lab import bench
 
 
 @dataclasses.dataclass(frozen=True)

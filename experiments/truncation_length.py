@@ -14,7 +14,7 @@ trained with truncated BPTT(k, k) (``jaxrnn.make_tbptt_step`` with k1 = k2 = k)
 for several k, and with full BPTT (k = T), for two delays d.
 
 What "k <= d cannot learn it" means exactly here. With k1 = k2 = k,
-``jaxrnn.train.truncation_windows`` cuts the sequence into chunks
+``jaxrnn._src.train.truncation_windows`` cuts the sequence into chunks
 :math:`[s, s + k)`, :math:`s = k \lfloor t / k \rfloor`; the loss of step t is
 differentiated through steps s..t only, and the state entering the chunk is a
 constant (its gradient is stopped). So the gradient of the loss at step t
@@ -54,9 +54,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-import common
+from jaxrnn_lab import harness as common
 import jaxrnn
-from jaxrnn.train import truncation_windows
+from jaxrnn._src.train import truncation_windows
 
 CHANCE = 1.0  # held-out MSE of predicting 0: E[x^2] for random signs
 

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import common  # noqa: E402
+from jaxrnn_lab import harness as common  # noqa: E402
 import jaxrnn  # noqa: E402
 
 

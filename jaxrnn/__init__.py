@@ -6,28 +6,34 @@ The public API::
     params = model.init(jax.random.key(0))
     ys, state = model.apply(params, xs)                       # xs (T, B, D) -> ys (T, B, O)
     loss, grads = model.loss_and_grad(params, xs, targets, method="bptt")
+
+Everything here is re-exported from the private modules under ``jaxrnn._src``;
+``import jaxrnn`` imports jax, optax and numpy, nothing else.
 """
 
-from jaxrnn.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, LayerNormLSTM,
-                          LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
-from jaxrnn.cellcheck import CellReport, check_cell
-from jaxrnn.losses import half_sse, mse, xent
-from jaxrnn.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
-from jaxrnn.scan import BackwardTrace, ForwardTrace, backward_scan, forward_scan, layer
-from jaxrnn.checkpoint import Checkpointer, CheckpointState
-from jaxrnn.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
-from jaxrnn.generate import sample
-from jaxrnn.rtrl import rtrl_loss_and_grad
-from jaxrnn.tasks import ADDING_BASELINE, TASKS, Batch, bits_per_char, make_task, reference_example
-from jaxrnn.loop import LoopResult, fit, train_loop
-from jaxrnn.train import make_optimizer, make_tbptt_step, make_train_step
+from jaxrnn._src.cellcheck import CellReport, check_cell
+from jaxrnn._src.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, LayerNormLSTM,
+                               LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
+from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
+from jaxrnn._src.generate import sample
+from jaxrnn._src.loop import LoopResult, fit, train_loop
+from jaxrnn._src.losses import half_sse, mse, xent
+from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
+from jaxrnn._src.rtrl import rtrl_loss_and_grad
+from jaxrnn._src.scan import layer
+from jaxrnn._src.train import Batch, make_optimizer, make_tbptt_step, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # models
     "RNN",
     "RNNParams",
     "ReadoutParams",
+    "layer",
+    "sequence_mask",
+    "reverse_sequences",
+    # cells and the Cell contract
     "Cell",
     "CellParams",
     "Outer",
@@ -42,34 +48,23 @@ __all__ = [
     "LayerNormLSTM",
     "IndRNN",
     "make_cell",
-    "layer",
-    "forward_scan",
-    "backward_scan",
-    "ForwardTrace",
-    "BackwardTrace",
-    "sequence_mask",
-    "reverse_sequences",
+    # losses
     "half_sse",
     "mse",
     "xent",
+    # gradients and training
+    "rtrl_loss_and_grad",
     "Batch",
-    "reference_example",
-    "make_task",
-    "TASKS",
-    "ADDING_BASELINE",
-    "bits_per_char",
     "make_train_step",
     "make_tbptt_step",
     "make_optimizer",
     "train_loop",
     "LoopResult",
     "fit",
-    "Checkpointer",
-    "CheckpointState",
-    "sample",
+    # diagnostics and generation
     "gradient_diagnostics",
     "step_gradients",
     "Diagnostics",
-    "rtrl_loss_and_grad",
+    "sample",
     "__version__",
 ]

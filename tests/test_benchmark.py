@@ -1,4 +1,4 @@
-"""jaxrnn.bench (experiments/benchmark.py, jaxrnn bench): its quick mode runs every contender and writes its outputs.
+"""jaxrnn_lab.bench (jaxrnn_lab/bench, jaxrnn bench): its quick mode runs every contender and writes its outputs.
 
 The benchmark is run once (quick mode, in-process through ``main``) and its
 outputs are checked: every contender at every grid point (one unidirectional
@@ -17,9 +17,9 @@ import pytest
 
 
 def _load():
-    import jaxrnn.bench
+    import jaxrnn_lab.bench
 
-    return jaxrnn.bench
+    return jaxrnn_lab.bench
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_environment_is_recorded(run):
         assert env["versions"][lib]
     assert env["cpu"]
     assert env["threads"]["torch_intra_op"] == env["threads"]["jax_xla_cpu"] >= 1
-    # the memory-page settings that move the step time (experiments/huge_pages.py)
+    # the memory-page settings that move the step time (jaxrnn_lab/perf/huge_pages.py)
     assert env["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists():

@@ -11,10 +11,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxrnn import checkpoint
-from jaxrnn.checkpoint import CheckpointState, Checkpointer, check_metadata
-from jaxrnn.model import RNN, RNNParams
-from jaxrnn.tasks import SineTask
+from jaxrnn_app import checkpoint
+from jaxrnn_app.checkpoint import CheckpointState, Checkpointer, check_metadata
+from jaxrnn._src.model import RNN, RNNParams
+from jaxrnn_app.tasks import SineTask
 
 MODEL = RNN(cell="lstm", input_size=1, hidden_size=4, output_size=1, num_layers=2,
             bias=False, readout_bias=False)  # every bias absent: None leaves

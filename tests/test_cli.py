@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from jaxrnn.cli import main
+from jaxrnn_app.cli import main
 from test_reference import BACKWARD, FORWARD, GRADS, UPDATED
 
 
 def run_cli(*args, cwd=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "jaxrnn", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jaxrnn_app", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -101,7 +101,7 @@ def test_gradcheck_passes(capsys):
 
 
 def test_gradcheck_reports_a_wrong_backward(monkeypatch, capsys):
-    from jaxrnn.cells import Elman
+    from jaxrnn._src.cells import Elman
 
     original = Elman.backward_step
 
@@ -117,7 +117,7 @@ def test_gradcheck_reports_a_wrong_backward(monkeypatch, capsys):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gradcheck_catches_a_wrong_gated_backward(cell, monkeypatch, capsys):
-    from jaxrnn.cells import GRU, LSTM
+    from jaxrnn._src.cells import GRU, LSTM
 
     cls = {"lstm": LSTM, "gru": GRU}[cell]
     original = cls.backward_step

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 
 from conftest import assert_trees_rel_close
-from jaxrnn import diagnostics as diag_lib
-from jaxrnn.cells import CellParams
-from jaxrnn.diagnostics import Diagnostics, gradient_diagnostics, step_gradients, summary
-from jaxrnn.losses import get_loss
-from jaxrnn.model import RNN, loss_fn, reverse_sequences
+from jaxrnn._src import diagnostics as diag_lib
+from jaxrnn._src.cells import CellParams
+from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients, summary
+from jaxrnn._src.losses import get_loss
+from jaxrnn._src.model import RNN, loss_fn, reverse_sequences
 
 RTOL = 1e-10
 

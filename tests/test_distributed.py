@@ -1,7 +1,7 @@
-"""Runs over several processes (``jaxrnn.distributed``, ``jaxrnn train --num-processes``).
+"""Runs over several processes (``jaxrnn_app.distributed``, ``jaxrnn train --num-processes``).
 
 The module-scoped ``runs`` fixture starts real multi-process runs on localhost:
-``python -m jaxrnn train`` in two processes of two CPU devices each
+``python -m jaxrnn_app train`` in two processes of two CPU devices each
 (``--xla_force_host_platform_device_count=2``, ``jax.distributed`` with gloo
 collectives), and the same run in one process of four devices. The two-process
 run's checkpoint at step 2 is then resumed by two processes, as a run stopped
@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from conftest import xla_flags
-from jaxrnn import cli, distributed
-from jaxrnn.sharding import make_mesh, process_part
-from jaxrnn.tasks import check_part, make_task, take_rows
+from jaxrnn_app import cli, distributed
+from jaxrnn_app.sharding import make_mesh, process_part
+from jaxrnn_app.tasks import check_part, make_task, take_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per phase; a run takes ~10-40 s on a busy 2-core machine
@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 def _start(args, devices):
-    return subprocess.Popen([sys.executable, "-m", "jaxrnn", "train", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "jaxrnn_app", "train", *args], cwd=ROOT,
                             env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -122,8 +122,8 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _final_state(out: Path):
-    from jaxrnn import checkpoint as ckpt
-    from jaxrnn import runner
+    from jaxrnn_app import checkpoint as ckpt
+    from jaxrnn_app import runner
 
     cfg = runner.read_config(out)
     task = runner.build_task(cfg)

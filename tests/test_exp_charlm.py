@@ -135,10 +135,10 @@ def test_the_design_ran_as_stated_and_every_run_learned(record):
 
 
 def test_validation_slice_follows_the_test_slice(cl):
-    import jaxrnn
+    from jaxrnn_app import tasks
 
     s = cl.QUICK
-    task = jaxrnn.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
+    task = tasks.make_task("charlm", seq_len=s.seq_len, batch_size=s.batch_size,
                             eval_size=s.eval_size, seed=0)
     sl = cl.held_out_slices(s, task)
     T, ids = s.seq_len, task.eval_ids

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from conftest import all_pairs, assert_trees_rel_close, tree_max_rel_error
 from jaxrnn import RNN, half_sse
-from jaxrnn.model import sequence_mask
+from jaxrnn._src.model import sequence_mask
 
 torch = pytest.importorskip("torch")
 

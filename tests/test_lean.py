@@ -7,7 +7,7 @@ import pytest
 
 from conftest import assert_trees_rel_close
 from jaxrnn import RNN, Batch, make_train_step
-from jaxrnn.model import loss_fn
+from jaxrnn._src.model import loss_fn
 
 
 CASES = [(cell, seg, lengths, stacked) for cell in ("elman", "lstm", "gru")

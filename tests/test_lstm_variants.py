@@ -24,10 +24,10 @@ import pytest
 from conftest import assert_trees_rel_close, tree_max_rel_error
 from jaxrnn import (RNN, LayerNormLSTM, PeepholeLSTM, check_cell, half_sse, make_cell,
                     make_train_step)
-from jaxrnn.cells import CELLS, _split
-from jaxrnn.model import sequence_mask
-from jaxrnn.scan import layer
-from jaxrnn.tasks import Batch
+from jaxrnn._src.cells import CELLS, _split
+from jaxrnn._src.model import sequence_mask
+from jaxrnn._src.scan import layer
+from jaxrnn_app.tasks import Batch
 
 torch = pytest.importorskip("torch")
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from jaxrnn import memory, runner
-from jaxrnn.cli import main
-from jaxrnn.model import RNN
-from jaxrnn.tasks import Batch
-from jaxrnn.train import make_train_step
+from jaxrnn_app import memory, runner
+from jaxrnn_app.cli import main
+from jaxrnn._src.model import RNN
+from jaxrnn_app.tasks import Batch
+from jaxrnn._src.train import make_train_step
 
 # --- the estimate against XLA's own memory analysis of the compiled step ------------
 

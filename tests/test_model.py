@@ -256,7 +256,7 @@ def test_grad_of_a_user_loss_under_jit(key):
 
 def test_bptt_method_calls_the_handwritten_backward(key, monkeypatch):
     """method="bptt" differentiates through scan.backward_scan; "autodiff" never does."""
-    import jaxrnn.scan as scan_mod
+    import jaxrnn._src.scan as scan_mod
 
     calls = []
     original = scan_mod.backward_scan

@@ -22,8 +22,9 @@ import pytest
 
 from conftest import assert_trees_rel_close, tree_max_rel_error
 import jaxrnn
+from jaxrnn_app import checkpoint
 from jaxrnn import RNN, Cell, CellParams, check_cell
-from jaxrnn.cells import CELLS, IndRNN
+from jaxrnn._src.cells import CELLS, IndRNN
 
 ROOT = Path(__file__).resolve().parents[1]
 BPTT_RTOL = 1e-10
@@ -134,7 +135,7 @@ def test_readme_example_checks_and_trains(readme):
 
 
 def test_user_cell_trains_tbptt_sharded_diagnostics_and_checkpoints(tmp_path):
-    from jaxrnn.sharding import make_mesh, make_sharded_train_step
+    from jaxrnn_app.sharding import make_mesh, make_sharded_train_step
 
     model = RNN(cell=LeakyElman(), input_size=3, hidden_size=4, output_size=2, num_layers=2)
     params, xs, targets, st, lens = _inputs(model, 11, T=8, lengths=[8, 3, 6], state=None)
@@ -161,8 +162,8 @@ def test_user_cell_trains_tbptt_sharded_diagnostics_and_checkpoints(tmp_path):
         assert sg.dparams[l][0].leak.shape == (8, 4)
         assert_trees_rel_close(sg.dparams[l][0].leak.sum(0), grads.layers[l][0].leak, 1e-12)
     # a checkpoint of the cell's own parameter tree restores exactly
-    state = jaxrnn.CheckpointState(p1, opt.init(p1), 3, jax.random.key(0), 0, {"m": 1})
-    with jaxrnn.Checkpointer(tmp_path / "ck") as ck:
+    state = checkpoint.CheckpointState(p1, opt.init(p1), 3, jax.random.key(0), 0, {"m": 1})
+    with checkpoint.Checkpointer(tmp_path / "ck") as ck:
         ck.save(state)
         back = ck.restore(state)
     assert tree_max_rel_error(back.params, p1) == 0.0
@@ -284,7 +285,7 @@ def _write_module(tmp_path, name, source):
 
 
 def test_gradcheck_cli_checks_a_user_cell(tmp_path, monkeypatch, capsys):
-    from jaxrnn.cli import main
+    from jaxrnn_app.cli import main
 
     source = readme_cell_example().split("# 1.", 1)[0]  # the class, without the demo
     _write_module(tmp_path, "user_cifg", source)
@@ -310,7 +311,7 @@ def test_gradcheck_cli_checks_a_user_cell(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_cell_names_are_the_built_in_cells():
-    from jaxrnn.cli import CELL_NAMES
+    from jaxrnn_app.cli import CELL_NAMES
 
     assert sorted(CELL_NAMES) == sorted(CELLS)
 
@@ -388,7 +389,7 @@ def test_forget_bias_initialises_the_forget_block():
 
 
 def test_train_cli_refuses_bad_cell_options_before_writing(tmp_path, capsys):
-    from jaxrnn.cli import main
+    from jaxrnn_app.cli import main
 
     for args, msg in [(["--cell", "lstm", "--proj-size", "40", "--hidden", "8"],
                        "--proj-size must be smaller than --hidden=8"),

@@ -15,9 +15,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The performance investigations live in the lab; lean_bptt is a research experiment.
+PERF = {"profile_step", "step_formulations", "xla_flags", "input_projection",
+        "weight_gradient", "huge_pages"}
+
+
+def _script(name: str) -> list[str]:
+    """The command that runs experiment or investigation ``name``."""
+    return ["-m", f"jaxrnn_lab.perf.{name}"] if name in PERF else [f"experiments/{name}.py"]
+
+
 def run_quick(name: str, out: Path, *args: str) -> dict:
-    """Runs ``experiments/NAME.py --quick --out OUT [ARGS]`` and returns its JSON record."""
-    proc = subprocess.run([sys.executable, f"experiments/{name}.py", "--quick", "--out",
+    """Runs investigation or experiment NAME with ``--quick --out OUT [ARGS]``; returns its JSON record."""
+    proc = subprocess.run([sys.executable, *_script(name), "--quick", "--out",
                            str(out), "--no-progress", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -60,7 +70,7 @@ def test_profile_step_reads_an_ops_result_type():
 def test_profile_step_rejects_a_file_as_out(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    proc = subprocess.run([sys.executable, "experiments/profile_step.py", "--quick", "--out",
+    proc = subprocess.run([sys.executable, "jaxrnn_lab/perf/profile_step.py", "--quick", "--out",
                            str(f)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--out" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -78,22 +88,14 @@ def test_profile_step_refuses_a_bad_point(tmp_path, capsys):
 
 
 def _experiment_module(name: str):
-    """Imports ``experiments/NAME.py`` (which imports ``common`` from its folder)."""
-    import importlib.util
+    """Imports the investigation ``jaxrnn_lab.perf.NAME``."""
+    import importlib
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
-    return mod
+    return importlib.import_module(f"jaxrnn_lab.perf.{name}")
 
 
 def main_in_process(mod, out: Path, *args: str) -> int:
-    """``experiments/NAME.py --quick --out OUT [ARGS]`` through ``common.main``, in this process."""
+    """``NAME --quick --out OUT [ARGS]`` through ``harness.main``, in this process."""
     name = Path(mod.__file__).stem
     return mod.common.main(name, mod.__doc__, mod.FULL, mod.QUICK, mod.run,
                            argv=["--quick", "--out", str(out), *args],

@@ -24,10 +24,10 @@ import pytest
 
 from conftest import assert_trees_rel_close, tree_max_rel_error
 from jaxrnn import RNN, Outer, check_cell, half_sse, make_cell
-from jaxrnn.cells import LSTMPParams, ProjectedLSTM
-from jaxrnn.diagnostics import gradient_diagnostics, step_gradients
-from jaxrnn.gradcheck import CheckConfig, CheckResult, format_results, random_configs
-from jaxrnn.model import sequence_mask
+from jaxrnn._src.cells import LSTMPParams, ProjectedLSTM
+from jaxrnn._src.diagnostics import gradient_diagnostics, step_gradients
+from jaxrnn_app.gradcheck import CheckConfig, CheckResult, format_results, random_configs
+from jaxrnn._src.model import sequence_mask
 
 torch = pytest.importorskip("torch")
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from jaxrnn.explain import format_walkthrough, walkthrough
-from jaxrnn.losses import half_sse
-from jaxrnn.tasks import reference_example
-from jaxrnn.train import make_train_step
+from jaxrnn_app.explain import format_walkthrough, walkthrough
+from jaxrnn._src.losses import half_sse
+from jaxrnn_app.tasks import reference_example
+from jaxrnn._src.train import make_train_step
 
 FORWARD = {  # t: (a_t, h_t, y_t), four decimals
     1: ("0.5000", "0.4621", "0.4621"),

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_trees_rel_close
-from jaxrnn.model import RNN, loss_fn
-from jaxrnn.rtrl import MAX_SENSITIVITY_ELEMENTS, rtrl_loss_and_grad, sensitivity_size
-from jaxrnn.tasks import reference_example
+from jaxrnn._src.model import RNN, loss_fn
+from jaxrnn._src.rtrl import MAX_SENSITIVITY_ELEMENTS, rtrl_loss_and_grad, sensitivity_size
+from jaxrnn_app.tasks import reference_example
 
 RTOL = 1e-10
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxrnn import checkpoint as ckpt
-from jaxrnn import runner
-from jaxrnn.cli import main
+from jaxrnn_app import checkpoint as ckpt
+from jaxrnn_app import runner
+from jaxrnn_app.cli import main
 
 SMALL = dict(task="sine", cell="gru", hidden=8, batch=4, seq_len=12, lr=1e-2, log_every=1,
              eval_every=5, checkpoint_every=5)
@@ -29,7 +29,7 @@ def losses(out: Path) -> dict[int, float]:
 
 def cli(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jaxrnn", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "jaxrnn_app", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 

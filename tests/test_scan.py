@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from conftest import assert_trees_rel_close
-from jaxrnn.cells import Elman
-from jaxrnn.losses import half_sse
-from jaxrnn.model import RNN, loss_fn
-from jaxrnn.scan import backward_scan, forward_scan, layer
+from jaxrnn._src.cells import Elman
+from jaxrnn._src.losses import half_sse
+from jaxrnn._src.model import RNN, loss_fn
+from jaxrnn._src.scan import backward_scan, forward_scan, layer
 
 RTOL = 1e-10
 
@@ -203,7 +203,7 @@ def test_in_place_buffers_need_less_memory(monkeypatch, cell, undo):
     (XLA's plan reuses freed buffers differently per cell: one whole buffer for the
     LSTM and Elman here, 0.58 of one for the GRU).
     """
-    import jaxrnn.scan as scan_mod
+    import jaxrnn._src.scan as scan_mod
 
     model = RNN(cell=cell, input_size=4, hidden_size=16, output_size=4)
     params = model.init(jax.random.key(0))

@@ -1,4 +1,4 @@
-"""Data-parallel training over a device mesh (``jaxrnn.sharding``).
+"""Data-parallel training over a device mesh (``jaxrnn_app.sharding``).
 
 The test process has one CPU device; the multi-device checks run once, in a
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, which
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import assert_trees_rel_close, xla_flags
 from jaxrnn import RNN, Batch, fit, make_train_step
-from jaxrnn.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
+from jaxrnn_app.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
                              shard_batch)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ import json
 import jax, jax.numpy as jnp, numpy as np, optax
 import jaxrnn
 from jaxrnn import make_train_step
-from jaxrnn.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
+from jaxrnn_app.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
                              shard_batch)
 
 STEPS = %(steps)d

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrnn import losses
-from jaxrnn.model import RNN
-from jaxrnn.tasks import (ADDING_BASELINE, TASKS, AddingTask, CharLMTask, ExampleTask, SineTask,
+from jaxrnn._src import losses
+from jaxrnn._src.model import RNN
+from jaxrnn_app.tasks import (ADDING_BASELINE, TASKS, AddingTask, CharLMTask, ExampleTask, SineTask,
                           bits_per_char, make_task, reference_example)
 
 TRAIN_TEXT = "ab" * 450  # 900 characters: the first 90% of the text

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_trees_rel_close
 from jaxrnn import RNN, Batch, half_sse, make_train_step
-from jaxrnn.train import make_tbptt_step, truncation_windows
+from jaxrnn._src.train import make_tbptt_step, truncation_windows
 
 
 def problem(cell="lstm", T=12, B=3, seed=0, dtype=jnp.float64, layers=2):

@@ -142,7 +142,7 @@ def test_every_cell_trains_with_every_option(cell):
 
 def test_clip_recurrent_projects_w_hh_and_leaves_the_rest_to_the_optimizer():
     from jaxrnn import IndRNN
-    from jaxrnn.train import clip_recurrent
+    from jaxrnn._src.train import clip_recurrent
 
     r = 2.0 ** (1 / 10)
     model = RNN(cell=IndRNN("relu", recurrent_max=r), input_size=2, hidden_size=6,

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import assert_trees_rel_close
 from jaxrnn import RNN, Batch, make_tbptt_step, make_train_step
-from jaxrnn.cli import main
-from jaxrnn.diagnostics import gradient_diagnostics, summary
+from jaxrnn_app.cli import main
+from jaxrnn._src.diagnostics import gradient_diagnostics, summary
 
 
 def problem(model, T=9, B=3, loss="half_sse", seed=0):
@@ -230,7 +230,7 @@ def test_gradcheck_compares_rtrl_where_it_applies(capsys):
 
 
 def test_gradcheck_shows_a_dash_where_rtrl_does_not_apply():
-    from jaxrnn.gradcheck import CheckConfig, CheckResult, format_results, rtrl_supported
+    from jaxrnn_app.gradcheck import CheckConfig, CheckResult, format_results, rtrl_supported
 
     assert rtrl_supported(CheckConfig(cell="elman", num_layers=1, bidirectional=False))
     for kw in (dict(cell="gru"), dict(num_layers=2), dict(bidirectional=True),
@@ -246,7 +246,7 @@ def test_gradcheck_shows_a_dash_where_rtrl_does_not_apply():
 
 
 def test_gradcheck_reports_a_wrong_rtrl(monkeypatch, capsys):
-    from jaxrnn import rtrl
+    from jaxrnn._src import rtrl
 
     original = rtrl.rtrl_loss_and_grad
 

@@ -1,0 +1,591 @@
+r"""The RNN model: layers x directions of one cell, a linear readout, losses and gradients.
+
+.. math::
+    h^{(0)}_t = x_t, \qquad h^{(l)}_t = \mathrm{cell}(h^{(l)}_{t-1}, h^{(l-1)}_t), \qquad
+    y_t = W_{hy} h^{(L)}_t + b_y
+
+``RNN`` is a frozen dataclass (static configuration, hashable, usable as a static
+``jax.jit`` argument); its parameters are an ``RNNParams`` pytree. Every recurrent
+layer goes through ``scan.layer``, so ``method="bptt"`` differentiates each layer
+with the handwritten reverse scan and ``method="autodiff"`` with ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrnn._src import losses as losses_lib
+from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, check_cell_class,
+                          make_cell)
+from jaxrnn._src.scan import METHODS, layer
+
+# the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
+_TORCH_CELLS = ("elman", "lstm", "gru")
+
+# A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0).
+State = Any
+
+
+class ReadoutParams(NamedTuple):
+    """The linear readout ``y_t = W h_t + b``, PyTorch ``nn.Linear`` layout."""
+
+    weight: jax.Array  # (O, dirs*H)
+    bias: jax.Array | None  # (O,), or None without readout bias
+
+
+class RNNParams(NamedTuple):
+    """All parameters of an ``RNN``."""
+
+    layers: tuple[tuple[CellParams, ...], ...]  # [layer][direction]
+    readout: ReadoutParams
+
+
+def _check_size(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def sequence_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None:
+    """Boolean (T, B): True at steps ``t < lengths[b]``; None when ``lengths`` is None."""
+    if lengths is None:
+        return None
+    return jnp.arange(num_steps)[:, None] < lengths[None, :]
+
+
+def reverse_sequences(xs: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """Reverses each sequence within its own length (PyTorch packed-sequence semantics).
+
+    Args:
+        xs: (T, B, ...).
+        lengths: (B,) or None (all sequences have length T).
+
+    Returns:
+        (T, B, ...): ``out[t, b] = xs[lengths[b] - 1 - t, b]`` for ``t < lengths[b]``,
+        ``xs[t, b]`` after. The map is its own inverse.
+    """
+    if lengths is None:
+        return xs[::-1]
+    t = jnp.arange(xs.shape[0])[:, None]
+    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # (T, B)
+    idx = idx.reshape(idx.shape + (1,) * (xs.ndim - 2))
+    return jnp.take_along_axis(xs, idx, axis=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RNN:
+    """A recurrent network: ``num_layers`` x directions of one cell, then a linear readout.
+
+    Args:
+        cell: a built-in cell's name (``"elman"``, ``"lstm"``, ``"gru"``, ...: see
+            ``jaxrnn._src.cells.CELLS``) or an instance of a ``jaxrnn.Cell`` subclass, a
+            user's own cell (its options are then its own fields).
+        input_size: D, features per input step.
+        hidden_size: H, hidden units per layer and direction.
+        output_size: O, outputs per step of the readout.
+        num_layers: stacked recurrent layers.
+        bidirectional: run each layer in both directions and concatenate.
+        bias: recurrent layers have ``b_ih`` and ``b_hh``.
+        readout_bias: the readout has a bias.
+        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman and IndRNN only).
+        proj_size: LSTM only: project ``h`` to this size, as PyTorch's
+            ``nn.LSTM(proj_size=P)``; 0 (the default) projects nothing.
+        forget_bias: LSTM-family cells only: a constant added to the forget gate's
+            ``b_ih`` at initialisation (1.0 as Jozefowicz et al. 2015); default 0.
+        dropout: probability of zeroing each output of every layer but the last
+            (as PyTorch), applied only when a ``dropout_key`` is passed.
+        bptt_segment: memory-lean BPTT for long sequences: with
+            ``method="bptt"``, keep the state only every ``bptt_segment`` steps and
+            recompute each segment in the backward pass (about sqrt(T) is best);
+            None (the default) keeps every step.
+
+    Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``,
+    states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``;
+    with ``proj_size=P``, ``h`` is (L*dirs, B, P)).
+    """
+
+    cell: str | Cell = "elman"
+    input_size: int
+    hidden_size: int
+    output_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    bias: bool = True
+    readout_bias: bool = True
+    nonlinearity: str = "tanh"
+    dropout: float = 0.0
+    bptt_segment: int | None = None
+    proj_size: int = 0
+    forget_bias: float = 0.0
+
+    def __post_init__(self):
+        for name in ("input_size", "hidden_size", "output_size", "num_layers"):
+            _check_size(name, getattr(self, name))
+        if isinstance(self.cell, Cell):
+            check_cell_class(self.cell)
+            given = [f"{k}={getattr(self, k)!r}" for k, v in
+                     (("nonlinearity", "tanh"), ("proj_size", 0), ("forget_bias", 0.0))
+                     if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join(given)}: options of the built-in cells; a Cell "
+                                 f"instance ({type(self.cell).__name__}) carries its own")
+        elif isinstance(self.cell, type) and issubclass(self.cell, Cell):
+            raise ValueError(f"cell must be a Cell instance, got the class "
+                             f"{self.cell.__name__}: pass cell={self.cell.__name__}()")
+        elif not isinstance(self.cell, str) or self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)} or a jaxrnn.Cell instance, "
+                             f"got {self.cell!r}")
+        else:
+            make_cell(self.cell, self.nonlinearity, proj_size=self.proj_size,
+                      forget_bias=self.forget_bias, hidden_size=self.hidden_size,
+                      bias=self.bias)  # validates the cell's options
+        if self.bptt_segment is not None:
+            _check_size("bptt_segment", self.bptt_segment)
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+
+    # --- static facts --------------------------------------------------------
+    @property
+    def cell_fn(self) -> Cell:
+        """The ``Cell`` object that holds the step and backward-step math."""
+        if isinstance(self.cell, Cell):
+            return self.cell
+        return make_cell(self.cell, self.nonlinearity, proj_size=self.proj_size,
+                         forget_bias=self.forget_bias)
+
+    @property
+    def cell_name(self) -> str:
+        """The cell's name: the built-in name, or a user cell's ``name`` attribute."""
+        return self.cell if isinstance(self.cell, str) else self.cell.name
+
+    @property
+    def layer_output_size(self) -> int:
+        """Features one direction of a layer outputs: H, or P with ``proj_size=P``."""
+        return self.cell_fn.state_sizes(self.hidden_size)[0]
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    # --- parameters ----------------------------------------------------------
+    def init(self, key: jax.Array, dtype=jnp.float32) -> RNNParams:
+        """Random parameters with PyTorch's initialisation.
+
+        Args:
+            key: a JAX PRNG key (``jax.random.key(0)``).
+            dtype: a floating dtype.
+
+        Returns:
+            ``RNNParams``: per layer and direction ``CellParams`` (``w_ih (G*H, D_l)``,
+            ``w_hh (G*H, H)``, biases ``(G*H,)``), and the readout
+            (``weight (O, dirs*H)``, ``bias (O,)``). With ``proj_size=P``: ``LSTMPParams``,
+            with ``w_hh (4H, P)`` and ``w_hr (P, H)``, layers above the first read
+            ``dirs*P`` features and the readout ``weight`` is (O, dirs*P).
+        """
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating dtype, got {dtype!r}")
+        cell = self.cell_fn
+        keys = jax.random.split(key, self.num_layers * self.num_directions + 1)
+        layers = []
+        for l in range(self.num_layers):
+            d_in = self.input_size if l == 0 else self.layer_output_size * self.num_directions
+            layers.append(tuple(
+                cell.init(keys[l * self.num_directions + d], d_in, self.hidden_size, self.bias,
+                          dtype)
+                for d in range(self.num_directions)))
+        features = self.layer_output_size * self.num_directions
+        bound = 1.0 / math.sqrt(features)
+        kw, kb = jax.random.split(keys[-1])
+        readout = ReadoutParams(
+            weight=jax.random.uniform(kw, (self.output_size, features), dtype, -bound, bound),
+            bias=(jax.random.uniform(kb, (self.output_size,), dtype, -bound, bound)
+                  if self.readout_bias else None))
+        return RNNParams(tuple(layers), readout)
+
+    def zero_state(self, batch: int, dtype=jnp.float32) -> State:
+        """Zeros in PyTorch's state shape ``(L*dirs, B, H)`` (a pair for the LSTM).
+
+        A cell with ``carry_size`` k > 1 has a tuple of k such arrays, the k-th of
+        width ``cell.state_sizes(H)[k]``.
+        """
+        n = self.num_layers * self.num_directions
+        parts = tuple(jnp.zeros((n, batch, w), dtype)
+                      for w in self.cell_fn.state_sizes(self.hidden_size))
+        return parts if len(parts) > 1 else parts[0]
+
+    # --- validation ----------------------------------------------------------
+    def _params_dtype(self, params: RNNParams):
+        return params.readout.weight.dtype
+
+    def check_inputs(self, params: RNNParams, xs, state=None, lengths=None):
+        """Validates ``xs``, ``state`` and ``lengths``; returns them as arrays.
+
+        Raises:
+            TypeError: non-floating ``xs`` (or a dtype other than the parameters'),
+                non-integer ``lengths``.
+            ValueError: a wrong rank or size, an empty sequence or batch, lengths
+                outside ``[1, T]``.
+        """
+        if not isinstance(params, RNNParams):
+            raise TypeError(f"params must be RNNParams (from RNN.init), got {type(params).__name__}")
+        xs = jnp.asarray(xs)
+        expected = f"(T, B, input_size={self.input_size})"
+        if xs.ndim != 3:
+            raise ValueError(f"xs must have shape {expected} (time-major), got shape {xs.shape}")
+        T, B, D = xs.shape
+        if T == 0:
+            raise ValueError(f"xs is an empty sequence: shape {xs.shape} has T=0 steps")
+        if B == 0:
+            raise ValueError(f"xs is an empty batch: shape {xs.shape} has B=0")
+        if D != self.input_size:
+            raise ValueError(f"xs must have shape {expected}, got shape {xs.shape}")
+        if not jnp.issubdtype(xs.dtype, jnp.floating):
+            raise TypeError(f"xs must be a floating array, got dtype {xs.dtype}")
+        pdtype = self._params_dtype(params)
+        if xs.dtype != pdtype:
+            raise TypeError(f"xs has dtype {xs.dtype} but the parameters have dtype {pdtype}; "
+                            f"cast one to the other")
+        if state is not None:
+            state = self._check_state(state, B, pdtype)
+        if lengths is not None:
+            lengths = jnp.asarray(lengths)
+            if lengths.shape != (B,):
+                raise ValueError(f"lengths must have shape (B,) = ({B},), got shape {lengths.shape}")
+            if not jnp.issubdtype(lengths.dtype, jnp.integer):
+                raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+            if _is_concrete(lengths):
+                lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
+                if lo < 1 or hi > T:
+                    raise ValueError(f"lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
+        return xs, state, lengths
+
+    def _check_state(self, state, batch, dtype):
+        n = self.num_layers * self.num_directions
+        shapes = [(n, batch, w) for w in self.cell_fn.state_sizes(self.hidden_size)]
+        if len(shapes) > 1:
+            if not (isinstance(state, (tuple, list)) and len(state) == len(shapes)):
+                if len(shapes) == 2:
+                    what = "an LSTM" if "lstm" in self.cell_name else f"cell {self.cell_name!r}"
+                    raise ValueError(f"state of {what} must be a pair (h0, c0), of shapes "
+                                     f"{shapes[0]} and {shapes[1]}")
+                raise ValueError(f"state of cell {self.cell_name!r} must be a tuple of "
+                                 f"{len(shapes)} arrays, of shapes {', '.join(map(str, shapes))}")
+            parts = tuple(jnp.asarray(s) for s in state)
+        else:
+            parts = (jnp.asarray(state),)
+        for k, (s, shape) in enumerate(zip(parts, shapes)):
+            if s.shape != shape:
+                what = "state" if len(shapes) == 1 else f"state[{k}]"
+                width = ("hidden_size" if shape[2] == self.hidden_size else
+                         "proj_size" if self.proj_size and shape[2] == self.proj_size else "size")
+                raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
+                                 f"{width}) = {shape}, got shape {s.shape}")
+            if s.dtype != dtype:
+                raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
+        return parts if len(shapes) > 1 else parts[0]
+
+    def check_targets(self, ys_shape, targets, loss: str):
+        """Validates ``targets`` against the outputs' shape ``(T, B, O)`` for ``loss``."""
+        losses_lib.get_loss(loss)
+        targets = jnp.asarray(targets)
+        if loss == "xent":
+            if targets.shape != ys_shape[:2]:
+                raise ValueError(f"targets for loss='xent' must have shape (T, B) = {ys_shape[:2]}"
+                                 f", got shape {targets.shape}")
+            if not jnp.issubdtype(targets.dtype, jnp.integer):
+                raise TypeError(f"targets for loss='xent' must be integer classes, "
+                                f"got dtype {targets.dtype}")
+        else:
+            if targets.shape != ys_shape:
+                raise ValueError(f"targets must have shape (T, B, output_size) = {ys_shape}, "
+                                 f"got shape {targets.shape}")
+            if not jnp.issubdtype(targets.dtype, jnp.floating):
+                raise TypeError(f"targets for loss={loss!r} must be floating, "
+                                f"got dtype {targets.dtype}")
+        return targets
+
+    # --- forward -------------------------------------------------------------
+    def _carries(self, state, batch, dtype) -> list[Carry]:
+        """PyTorch-shaped state -> one carry tuple per (layer, direction)."""
+        if state is None:
+            state = self.zero_state(batch, dtype)
+        parts = state if self.cell_fn.carry_size > 1 else (state,)
+        n = self.num_layers * self.num_directions
+        return [tuple(p[i] for p in parts) for i in range(n)]
+
+    def _state(self, carries: list[Carry]) -> State:
+        """One carry per (layer, direction) -> PyTorch-shaped state."""
+        parts = tuple(jnp.stack([c[k] for c in carries]) for k in range(len(carries[0])))
+        return parts if self.cell_fn.carry_size > 1 else parts[0]
+
+    def features(self, params: RNNParams, xs: jax.Array, state: State = None,
+                 lengths: jax.Array | None = None, method: str = "bptt",
+                 dropout_key: jax.Array | None = None):
+        """The top recurrent layer's outputs, before the readout.
+
+        Args: as in ``apply``.
+
+        Returns:
+            ``(hs (T, B, dirs*H), final_state)``; ``hs`` is zero past each length.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        T, B, _ = xs.shape
+        cell = self.cell_fn
+        mask = sequence_mask(lengths, T)
+        carries0 = self._carries(state, B, xs.dtype)
+        finals = []
+        h = xs
+        for l in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                i = l * self.num_directions + d
+                x_in = h if d == 0 else reverse_sequences(h, lengths)
+                hs, carry_T = layer(cell, params.layers[l][d], x_in, carries0[i], mask, method,
+                                    self.bptt_segment if method == "bptt" else None)
+                outs.append(hs if d == 0 else reverse_sequences(hs, lengths))
+                finals.append(carry_T)
+            h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+            if dropout_key is not None and self.dropout > 0 and l < self.num_layers - 1:
+                keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l),
+                                            1.0 - self.dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.dropout), 0)  # inverted dropout
+        return h, self._state(finals)
+
+    def readout(self, params: RNNParams, hs: jax.Array, mask: jax.Array | None = None):
+        """``y_t = W h_t + b``, (T, B, dirs*H) -> (T, B, O); zero where ``mask`` is False."""
+        ys = hs @ params.readout.weight.T
+        if params.readout.bias is not None:
+            ys = ys + params.readout.bias
+        if mask is not None:
+            ys = jnp.where(mask[:, :, None], ys, 0)
+        return ys
+
+    def apply(self, params: RNNParams, xs: jax.Array, state: State = None,
+              lengths: jax.Array | None = None, method: str = "bptt",
+              dropout_key: jax.Array | None = None):
+        """Runs the network over a batch of sequences.
+
+        Args:
+            params: from ``init`` or ``from_torch``.
+            xs: inputs, (T, B, input_size), time-major.
+            state: initial state, (num_layers*dirs, B, H) (LSTM: a pair); zeros if None.
+            lengths: optional integer (B,) in [1, T]; steps at or past a sequence's
+                length give zero outputs and leave its state unchanged.
+            method: the gradient the outputs carry: ``"bptt"`` (handwritten reverse
+                scan) or ``"autodiff"`` (``jax.grad`` through the scan). The forward
+                values are the same.
+            dropout_key: a PRNG key to apply dropout between layers (training);
+                None (the default) applies none.
+
+        Returns:
+            ``(ys (T, B, output_size), final_state)``, the state in ``state``'s shape.
+        """
+        xs, state, lengths = self.check_inputs(params, xs, state, lengths)
+        hs, final = self.features(params, xs, state, lengths, method, dropout_key)
+        return self.readout(params, hs, sequence_mask(lengths, xs.shape[0])), final
+
+    # --- losses and gradients -----------------------------------------------
+    def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array, loss: str = "half_sse",
+             method: str = "bptt", state: State = None, lengths: jax.Array | None = None,
+             dropout_key: jax.Array | None = None):
+        """The scalar loss of ``apply``'s outputs against ``targets``.
+
+        Args:
+            targets: (T, B, O) floats for ``"half_sse"``/``"mse"``; (T, B) integer
+                classes for ``"xent"``.
+            loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (see ``jaxrnn._src.losses``).
+            Others as in ``apply``.
+        """
+        ys, _ = self.apply(params, xs, state, lengths, method, dropout_key)
+        targets = self.check_targets(ys.shape, targets, loss)
+        return losses_lib.get_loss(loss)(ys, targets, sequence_mask(lengths, ys.shape[0]))
+
+    def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                      loss: str = "half_sse", method: str = "bptt", state: State = None,
+                      lengths: jax.Array | None = None, dropout_key: jax.Array | None = None):
+        """The loss and its gradient with respect to ``params``, jit-compiled.
+
+        Args: as in ``loss``. ``method="bptt"`` uses the handwritten reverse-scan
+        BPTT for every recurrent layer; ``method="autodiff"`` uses ``jax.grad``
+        through the forward scan; ``method="rtrl"`` uses real-time recurrent
+        learning (forward in time, exact; single-layer, one-direction Elman
+        models of modest size only, see ``jaxrnn._src.rtrl``).
+
+        Returns:
+            ``(loss, grads)``, ``grads`` an ``RNNParams`` like ``params``.
+        """
+        if method == "rtrl":  # forward-mode, exact, for small single-layer Elman models
+            if dropout_key is not None:
+                raise ValueError("method='rtrl' takes no dropout_key")
+            from jaxrnn._src.rtrl import rtrl_loss_and_grad
+
+            return rtrl_loss_and_grad(self, params, xs, targets, loss, state, lengths)
+        xs, state, lengths = self.check_inputs(params, xs, state, lengths)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS + ('rtrl',)}, got {method!r}")
+        self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
+        return _loss_and_grad(self, loss, method, params, xs, jnp.asarray(targets), state,
+                              lengths, dropout_key)
+
+    # --- PyTorch interop -------------------------------------------------------
+    def _check_torch_cell(self, what: str) -> None:
+        """Raises a ValueError unless the cell is one of PyTorch's (elman, lstm, gru)."""
+        if isinstance(self.cell, Cell):
+            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} is a user cell")
+        if self.cell not in _TORCH_CELLS:
+            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} has no PyTorch "
+                             f"counterpart")
+
+    def torch_names(self) -> list[str]:
+        """The ``state_dict`` keys of the matching ``torch.nn.RNN/LSTM/GRU``, in order.
+
+        With ``proj_size``, each layer and direction also has ``weight_hr`` after its
+        biases, as in PyTorch.
+
+        Raises:
+            ValueError: the cell is not one of PyTorch's (a user cell, indrnn, peephole_lstm,
+                layernorm_lstm).
+        """
+        self._check_torch_cell("torch_names")
+        names = []
+        for l in range(self.num_layers):
+            for d in range(self.num_directions):
+                sfx = f"_l{l}" + ("_reverse" if d else "")
+                names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
+                if self.bias:
+                    names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
+                if self.proj_size:
+                    names += [f"weight_hr{sfx}"]
+        return names
+
+    def from_torch(self, rnn_state_dict: Mapping[str, Any],
+                   readout_state_dict: Mapping[str, Any], dtype=None) -> RNNParams:
+        """Parameters from PyTorch ``state_dict``s (numpy arrays or tensors).
+
+        Args:
+            rnn_state_dict: keys as in ``torch.nn.RNN/LSTM/GRU`` (``weight_ih_l0``,
+                ``bias_hh_l1_reverse``, ...).
+            readout_state_dict: keys ``weight`` (O, dirs*H) and ``bias`` (O,) of an
+                ``nn.Linear``. With ``proj_size=P``, P replaces H here, in
+                ``weight_hh`` (4H, P) and in the input width of layers above the
+                first; ``weight_hr`` is (P, H).
+            dtype: cast to this dtype; default: keep the arrays' own.
+
+        Raises:
+            ValueError: missing or unexpected keys, a wrong shape, or a cell that is
+                not one of PyTorch's.
+        """
+        self._check_torch_cell("from_torch")
+        def arr(sd, key, shape, where):
+            a = sd[key]
+            if hasattr(a, "detach"):  # a torch tensor
+                a = a.detach().cpu().numpy()
+            a = jnp.asarray(a, dtype=dtype)
+            if a.shape != shape:
+                raise ValueError(f"{where}[{key!r}] must have shape {shape}, got shape {a.shape}")
+            return a
+
+        def check_keys(sd, expected, where):
+            missing = [k for k in expected if k not in sd]
+            unexpected = [k for k in sd if k not in expected]
+            if missing or unexpected:
+                raise ValueError(f"{where} does not match this model: missing keys {missing}, "
+                                 f"unexpected keys {unexpected}")
+
+        check_keys(rnn_state_dict, self.torch_names(), "rnn_state_dict")
+        readout_keys = ["weight"] + (["bias"] if self.readout_bias else [])
+        check_keys(readout_state_dict, readout_keys, "readout_state_dict")
+        gh = self.cell_fn.num_gates * self.hidden_size
+        out = self.layer_output_size  # H, or P with proj_size=P
+        layers = []
+        for l in range(self.num_layers):
+            d_in = self.input_size if l == 0 else out * self.num_directions
+            dirs = []
+            for d in range(self.num_directions):
+                sfx = f"_l{l}" + ("_reverse" if d else "")
+                sd, w = rnn_state_dict, "rnn_state_dict"
+                p = CellParams(
+                    w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
+                    w_hh=arr(sd, f"weight_hh{sfx}", (gh, out), w),
+                    b_ih=arr(sd, f"bias_ih{sfx}", (gh,), w) if self.bias else None,
+                    b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if self.bias else None)
+                if self.proj_size:
+                    p = LSTMPParams(*p, w_hr=arr(sd, f"weight_hr{sfx}",
+                                                 (self.proj_size, self.hidden_size), w))
+                dirs.append(p)
+            layers.append(tuple(dirs))
+        features = out * self.num_directions
+        rd, w = readout_state_dict, "readout_state_dict"
+        readout = ReadoutParams(
+            weight=arr(rd, "weight", (self.output_size, features), w),
+            bias=arr(rd, "bias", (self.output_size,), w) if self.readout_bias else None)
+        return RNNParams(tuple(layers), readout)
+
+    def to_torch(self, params: RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(rnn_state_dict, readout_state_dict)`` of numpy arrays under PyTorch's names.
+
+        The arrays are writable copies; load them with
+        ``module.load_state_dict({k: torch.from_numpy(v) ...})``. With ``proj_size``,
+        each layer and direction also gives ``weight_hr`` (P, H), after its biases.
+
+        Raises:
+            ValueError: the cell is not one of PyTorch's, or ``params`` does not
+                match this model's parameter type.
+        """
+        self._check_torch_cell("to_torch")
+        rnn_sd = {}
+        for l, dirs in enumerate(params.layers):
+            for d, p in enumerate(dirs):
+                sfx = f"_l{l}" + ("_reverse" if d else "")
+                rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
+                rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
+                if ("w_hr" in getattr(p, "_fields", ())) != bool(self.proj_size):
+                    raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
+                                     f"match this model: proj_size={self.proj_size} needs "
+                                     f"{'a' if self.proj_size else 'no'} w_hr field")
+                if p.b_ih is not None:
+                    rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
+                    rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
+                if self.proj_size:
+                    rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
+        readout_sd = {"weight": np.array(params.readout.weight)}
+        if params.readout.bias is not None:
+            readout_sd["bias"] = np.array(params.readout.bias)
+        return rnn_sd, readout_sd
+
+
+def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+            dropout_key=None, last_only: bool = False):
+    """The scalar loss, without input validation (callers validate); jit-friendly.
+
+    With ``last_only`` (static), only the last step's outputs are scored against
+    ``targets[-1:]`` (tasks such as the adding problem); ``lengths`` must then be None.
+    """
+    hs, _ = model.features(params, xs, state, lengths, method, dropout_key)
+    mask = sequence_mask(lengths, xs.shape[0])
+    if last_only:
+        if lengths is not None:
+            raise ValueError("last_only scoring takes full-length sequences: lengths must be None")
+        hs, targets = hs[-1:], targets[-1:]
+    ys = model.readout(params, hs, mask)
+    return losses_lib.get_loss(loss)(ys, targets, mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _loss_and_grad(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+                   dropout_key):
+    return jax.value_and_grad(loss_fn, argnums=3)(model, loss, method, params, xs, targets,
+                                                   state, lengths, dropout_key)

@@ -1,0 +1,669 @@
+r"""One recurrent layer over a sequence: the forward ``lax.scan`` and the handwritten BPTT.
+
+Forward, for any cell (time-major, ``xs (T, B, D)``):
+
+.. math::
+    xp_t = W_{ih} x_t + b_{ih} \quad (\text{all } t \text{ in one matrix product}), \qquad
+    (carry_t, res_t) = \mathrm{step}(carry_{t-1}, xp_t)
+
+Backward (BPTT) is a *reverse* ``lax.scan`` that carries only the recurrence:
+
+.. math::
+    \delta carry_t = \Big(\frac{\partial L}{\partial h_t} + \texttt{dh\_next}, \ldots\Big), \qquad
+    (\delta carry_{t-1}, \delta gi_t, \delta gh_t) = \mathrm{backward\_step}(\delta carry_t)
+
+and the weight gradients are summed over the steps *after* the loop, each as one
+matrix product over all ``T*B`` rows:
+
+.. math::
+    \frac{\partial L}{\partial W_{ih}} = \sum_t \delta gi_t^\top x_t, \quad
+    \frac{\partial L}{\partial W_{hh}} = \sum_t \delta gh_t^\top h_{t-1}, \quad
+    \frac{\partial L}{\partial x_t} = \delta gi_t W_{ih}.
+
+``layer(..., method="bptt")`` wires this backward pass into JAX with
+``jax.custom_vjp``, so ``jax.grad`` of any loss built on the layer uses it;
+``method="autodiff"`` lets ``jax.grad`` differentiate the very same forward scan.
+
+Variable lengths: with a boolean ``mask (T, B)``, a step where ``mask`` is False
+leaves the carry unchanged and outputs zeros; in the backward pass it passes the
+carry's cotangent through unchanged and contributes nothing to any gradient.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
+
+METHODS = ("bptt", "autodiff")
+
+# Steps per iteration of the forward and the reverse scan's loops (``lax.scan``'s
+# ``unroll``). 1: unrolling measured slower for every cell and grid point, up to 20x
+# for the gated cells' bptt, whose buffers are then copied instead of updated in place
+# (docs/experiments/step_formulations/unroll).
+UNROLL = 1
+
+
+class ForwardTrace(NamedTuple):
+    """What the forward scan keeps for the backward pass."""
+
+    carries: Carry  # each (T, B, H): the carry after every step (frozen where masked)
+    residuals: object  # cell-specific per-step residuals, leading axis T
+
+
+class BackwardTrace(NamedTuple):
+    """Per-step quantities of the reverse scan, for teaching and diagnostics."""
+
+    dh: jax.Array  # (T, B, H): total dL/dh_t (the loss's term plus dh_next)
+    dgi: jax.Array  # (T, B, G*H): dL/d(input pre-activation); ``da_t`` for Elman
+    dgh: jax.Array  # (T, B, G*H): dL/d(recurrent pre-activation)
+    dh_next: jax.Array  # (T, B, H): dL/dh_{t-1}, what step t passes back to step t-1
+    # the cell's own per-step parameter terms (backward_step's fourth value), stacked
+    # over T: {field: (T, B) + shape, or Outer((T, B, M), (T, B, K))}; {} for none
+    dextra: dict = {}
+
+
+def project_inputs(cell: Cell, params: CellParams, xs: jax.Array) -> jax.Array:
+    """The input projection for all steps at once.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D).
+
+    Returns:
+        ``xs @ W_ih^T + b_ih`` (plus ``b_hh`` when the cell folds it), (T, B, G*H).
+    """
+    xp = xs @ params.w_ih.T
+    bias = input_bias(cell, params)
+    return xp if bias is None else xp + bias
+
+
+def input_bias(cell: Cell, params: CellParams) -> jax.Array | None:
+    """``b_ih`` (plus ``b_hh`` when the cell folds it), (G*H,), or None without bias."""
+    bias = params.b_ih
+    if params.b_hh is not None and cell.fold_recurrent_bias:
+        bias = params.b_hh if bias is None else bias + params.b_hh
+    return bias
+
+
+def _select(m: jax.Array | None, new, old):
+    """``new`` where the (B,) mask ``m`` is True, else ``old`` (leaf-wise)."""
+    if m is None:
+        return new
+    return jax.tree.map(lambda a, b: jnp.where(m[:, None], a, b), new, old)
+
+
+def _loop_params(params: CellParams):
+    """``params`` as the loop body sees them: ``w_hh`` read from a row-major transpose.
+
+    XLA:CPU runs the in-loop product faster as ``h @ W`` with ``W (H, G*H)`` stored
+    row-major than as ``h @ w_hh.T`` with PyTorch's ``w_hh (G*H, H)``. So the
+    transpose is made once, before the loop, behind an ``optimization_barrier`` (XLA
+    would otherwise fold the two transposes away), and the body's ``w_hh`` is that
+    copy transposed back: XLA folds this second transpose into the product's
+    dimension numbers, so a cell's ``h @ w_hh.T`` reads the row-major copy. The cell
+    sees the values and the shape its contract documents. Measured on an LSTM
+    forward scan, B=32, H=128: 10-17 us less per step (docs/experiments/step_formulations).
+
+    Returns:
+        A function of no arguments, called inside the loop body, giving the params.
+    """
+    w_hh = getattr(params, "w_hh", None)
+    if not isinstance(w_hh, jax.Array) or w_hh.ndim != 2:
+        return lambda: params  # a recurrent weight that is not a matrix: as it is
+    w_t = jax.lax.optimization_barrier(w_hh.T)  # (H, G*H): one copy per call, not per step
+    return lambda: params._replace(w_hh=w_t.T)
+
+
+def _inplace_index(residuals, shape, dtype) -> int | None:
+    """Index of the first residual leaf shaped like one step of the input projection.
+
+    That leaf is stored over the input projection's own (T, B, G*H) buffer, whose
+    step t is dead once read: no second buffer of that size is allocated, nor
+    zero-filled as ``lax.scan`` fills every stacked output before its loop (measured:
+    a tenth of an LSTM forward scan at T=100, B=128, H=512). XLA updates the buffer
+    in place when the stored leaf is an elementwise function of ``xp_t``, as in the
+    built-in gated cells; otherwise it copies the whole buffer at every step (correct,
+    but quadratic in T), which is why a cell opts in with ``Cell.residual_over_input``.
+    ``residuals`` holds shapes (from ``jax.eval_shape``).
+    """
+    return _first_leaf_like(residuals, shape, dtype)
+
+
+def _first_leaf_like(tree, shape, dtype) -> int | None:
+    """Index of the first leaf of ``tree`` with ``shape`` and ``dtype``, or None."""
+    for k, leaf in enumerate(jax.tree.leaves(tree)):
+        if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
+            return k
+    return None
+
+
+def _shape_str(x) -> str:
+    return str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__
+
+
+def _check_like(what: str, got, expected) -> None:
+    """Raises a ValueError naming ``what`` unless ``got`` has ``expected``'s structure and shapes."""
+    got_l, got_t = jax.tree.flatten(got)
+    exp_l, exp_t = jax.tree.flatten(expected)
+    if got_t != exp_t:
+        raise ValueError(f"{what} must have the structure {exp_t}, got {got_t}")
+    for k, (g, e) in enumerate(zip(got_l, exp_l)):
+        if tuple(g.shape) != tuple(e.shape):
+            part = f"{what}[{k}]" if len(exp_l) > 1 else what
+            raise ValueError(f"{part} must have shape {tuple(e.shape)}, got shape {tuple(g.shape)}")
+
+
+def check_step(cell: Cell, carry, xp, out) -> None:
+    """Checks ``cell.step``'s output (shapes, from ``jax.eval_shape``) against its inputs.
+
+    Raises:
+        ValueError: naming the output, the expected and the actual structure or shape.
+    """
+    name = type(cell).__name__
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"{name}.step must return a pair (carry, residuals), got "
+                         f"{type(out).__name__}" + (f" of length {len(out)}"
+                                                    if isinstance(out, tuple) else ""))
+    _check_like(f"{name}.step's carry", out[0], carry)
+    for leaf in jax.tree.leaves(out[1]):
+        if leaf.ndim == 0 or leaf.shape[0] != xp.shape[0]:
+            raise ValueError(f"{name}.step's residuals must have a leading batch axis of "
+                             f"size B={xp.shape[0]}, got a leaf of shape {tuple(leaf.shape)}")
+
+
+def _param_fields(params) -> tuple[str, ...]:
+    if not (isinstance(params, tuple) and hasattr(params, "_fields")):
+        raise ValueError(f"a cell's params must be a NamedTuple with fields w_ih, w_hh, b_ih, "
+                         f"b_hh, got {type(params).__name__}")
+    missing = [f for f in ("w_ih", "w_hh", "b_ih", "b_hh") if f not in params._fields]
+    if missing:
+        raise ValueError(f"a cell's params must have the fields w_ih, w_hh, b_ih, b_hh; "
+                         f"{type(params).__name__} lacks {missing}")
+    return params._fields
+
+
+def check_backward_step(cell: Cell, params, carry, xp, out) -> dict:
+    """Checks ``cell.backward_step``'s output (shapes) against the step's carry and ``xp``.
+
+    Returns:
+        The fourth value (``{field: per-step gradient}``), ``{}`` when there is none.
+
+    Raises:
+        ValueError: naming the output, the expected and the actual structure or shape.
+    """
+    name = type(cell).__name__
+    if not (isinstance(out, tuple) and len(out) in (3, 4)):
+        raise ValueError(f"{name}.backward_step must return (dcarry_prev, dgi, dgh) or "
+                         f"(dcarry_prev, dgi, dgh, dparams), got {type(out).__name__}"
+                         + (f" of length {len(out)}" if isinstance(out, tuple) else ""))
+    _check_like(f"{name}.backward_step's dcarry_prev", out[0], carry)
+    for k, what in ((1, "dgi"), (2, "dgh")):
+        if not hasattr(out[k], "shape") or tuple(out[k].shape) != tuple(xp.shape):
+            raise ValueError(f"{name}.backward_step's {what} must have shape {tuple(xp.shape)} "
+                             f"(B, G*H), got shape {_shape_str(out[k])}")
+    extra = out[3] if len(out) == 4 else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{name}.backward_step's fourth value must be a dict "
+                         f"{{field: gradient}}, got {type(extra).__name__}")
+    fields = _param_fields(params)
+    B = xp.shape[0]
+    for f, v in extra.items():
+        if f not in fields or getattr(params, f) is None:
+            raise ValueError(f"{name}.backward_step's dparams names {f!r}, which is not an "
+                             f"array field of {type(params).__name__} {fields}")
+        shape = tuple(getattr(params, f).shape)
+        if isinstance(v, Outer):
+            if len(shape) != 2 or tuple(v.dg.shape) != (B, shape[0]) or tuple(
+                    v.a.shape) != (B, shape[1]):
+                raise ValueError(f"{name}.backward_step's dparams[{f!r}] = Outer(dg, a) must "
+                                 f"have dg (B, M) and a (B, K) for the ({shape}) parameter, "
+                                 f"got dg {_shape_str(v.dg)} and a {_shape_str(v.a)}")
+        elif not hasattr(v, "shape") or tuple(v.shape) != (B,) + shape:
+            raise ValueError(f"{name}.backward_step's dparams[{f!r}] must have shape "
+                             f"{(B,) + shape} (one term per example), got shape {_shape_str(v)}")
+    return extra
+
+
+def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                 mask: jax.Array | None = None, keep_residuals: bool = True
+                 ) -> tuple[jax.Array, Carry, ForwardTrace]:
+    """Runs the layer forward with ``lax.scan``.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D), time-major.
+        carry0: initial carry, a tuple of (B, H) arrays.
+        mask: optional boolean (T, B); False marks steps past a sequence's length.
+        keep_residuals: store the cell's residuals for the backward pass. False
+            (``method="autodiff"``, which saves its own) keeps only the carries.
+
+    Returns:
+        ``(hs, carry_T, trace)``: outputs ``hs (T, B, H)`` (zero where masked), the
+        final carry (the carry at each sequence's last valid step), and the
+        ``ForwardTrace`` the backward pass needs. The first residual leaf shaped
+        like one step of the input projection, (B, G*H), is written over the input
+        projection's buffer (``_inplace_index``).
+    """
+    # The bias is added inside the loop, where it fuses into the step's elementwise
+    # work, rather than to all T steps at once: that would write a second (T, B, G*H)
+    # array (measured: 6% of an LSTM training step at T=100, B=128, H=512).
+    xp = xs @ params.w_ih.T  # the input projection of every step, one product
+    bias = input_bias(cell, params)
+    loop_params = _loop_params(params)
+    T = xs.shape[0]
+
+    def step(carry, xp_t):
+        if bias is not None:
+            xp_t = xp_t + bias  # W_ih x_t + b_ih (+ b_hh where folded)
+        return cell.step(loop_params(), carry, xp_t)
+
+    out_shape = jax.eval_shape(step, carry0, xp[0])  # traced once: shapes only
+    check_step(cell, carry0, xp[0], out_shape)
+    res_shape = out_shape[1]
+    k = None
+    if keep_residuals and cell.residual_over_input:
+        k = _inplace_index(res_shape, xp.shape[1:], xp.dtype)
+
+    def body(state, inputs):
+        carry, buf = state
+        t, m_t = inputs[0], inputs[1]
+        new_carry, res = step(carry, buf[t] if k is not None else inputs[2])
+        new_carry = _select(m_t, new_carry, carry)  # frozen past the sequence's end
+        leaves = jax.tree.leaves(res) if keep_residuals else []
+        if k is not None:
+            buf = jax.lax.dynamic_update_index_in_dim(buf, leaves[k], t, 0)  # over xp_t
+            leaves = leaves[:k] + leaves[k + 1:]
+        return (new_carry, buf), (new_carry, leaves)
+
+    ts = jnp.arange(T)
+    if k is not None:  # xp travels as the loop's buffer, read and overwritten in place
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, xp), (ts, mask),
+                                                       unroll=UNROLL)
+    else:
+        (carry_T, buf), (carries, rest) = jax.lax.scan(body, (carry0, None), (ts, mask, xp),
+                                                       unroll=UNROLL)
+    residuals = ()
+    if keep_residuals:
+        treedef = jax.tree.structure(res_shape)
+        leaves = rest if k is None else rest[:k] + [buf] + rest[k:]
+        residuals = jax.tree.unflatten(treedef, leaves)
+    hs = carries[0]
+    if mask is not None:
+        hs = jnp.where(mask[:, :, None], hs, 0)
+    return hs, carry_T, ForwardTrace(carries, residuals)
+
+
+def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
+    """``sum_t dg_t^T a_t`` for ``dg (T, B, G)``, ``a (T, B, K)``: one (G, K) product.
+
+    Computed as ``((a^T) dg)^T`` with both transposes made explicit, each behind an
+    ``optimization_barrier``: the narrow ``a`` (K columns) is transposed into
+    ``(K, T, B)`` before the product, and the small (K, G) result after it. Left to
+    itself, XLA folds either transpose into the product's dimension numbers, and
+    XLA:CPU then runs it on its generic (Eigen) kernel instead of its fast one
+    (YNNPACK): 2.5-4.0 ms instead of 1.5 ms for dW_ih and 6.9-8.0 ms instead of 4.2 ms
+    for dW_hh of an LSTM at T=100, B=32, H=128 (docs/experiments/step_formulations).
+    """
+    # Contract over (t, b) directly, without merging the two axes: a reshape would
+    # make XLA gather a batch sharded over devices (tests/test_sharding.py).
+    a_t = jax.lax.optimization_barrier(jnp.transpose(a, (2, 0, 1)))  # (K, T, B), row-major
+    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K, G)
+    return jax.lax.optimization_barrier(prod).T
+
+
+def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None):
+    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None).
+
+    The bias gradient is a reduction of its own. Taking it as the last column of the
+    product instead, with a row of ones appended to the transposed ``a``, measured
+    a tie and costs that row (docs/experiments/step_formulations, variant
+    ``bias_in_product``).
+    """
+    return sum_outer(dg, a), (None if bias is None else dg.sum(axis=(0, 1)))
+
+
+def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
+    """Whether the reverse scan writes ``dgi`` over ``dhs``: when they have one shape."""
+    return dhs.shape[-1] == params.w_ih.shape[0]
+
+
+def _dgi_over_residual(residuals, shape, dtype) -> int | None:
+    """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None."""
+    return _first_leaf_like(residuals, shape, dtype)
+
+
+def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
+    """``v (B, ...)`` with the examples where the (B,) mask is False set to zero."""
+    if m_t is None:
+        return v
+    return jnp.where(m_t.reshape(m_t.shape + (1,) * (v.ndim - 1)), v, 0)
+
+
+def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                  fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
+                  mask: jax.Array | None = None, with_trace: bool = False):
+    """Handwritten BPTT: the reverse scan, then the weight gradients as matrix products.
+
+    Args:
+        cell: the cell.
+        params: its parameters (``CellParams`` or the cell's own NamedTuple).
+        xs: inputs of the forward pass, (T, B, D).
+        carry0: initial carry of the forward pass, tuple of (B, H).
+        fwd: the ``ForwardTrace`` from ``forward_scan``.
+        dhs: cotangent of the outputs ``hs``, (T, B, H).
+        dcarry_T: cotangent of the final carry, tuple of (B, H).
+        mask: the forward pass's mask, (T, B), or None.
+        with_trace: also return the per-step ``BackwardTrace``.
+
+    Returns:
+        ``(dparams, dxs (T, B, D), dcarry0)``, ``dparams`` shaped like ``params``,
+        plus the ``BackwardTrace`` when ``with_trace``.
+
+    Raises:
+        ValueError: ``backward_step`` returns the wrong structure or shapes, or no
+            gradient for one of the cell's own parameter fields.
+    """
+    T = dhs.shape[0]
+    same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
+
+    def cell_backward(t, carry, res, dcarry):
+        # carry_{t-1}, read from the stored carries (no shifted copy is made)
+        carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
+                           for c, c0 in zip(fwd.carries, carry0))
+        return cell.backward_step(params, carry_prev, carry, res, dcarry)
+
+    # The structure of backward_step's output, from one traced step (shapes only).
+    at0 = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+    probe = jax.eval_shape(cell_backward, jnp.asarray(T - 1), at0(fwd.carries),
+                           at0(fwd.residuals), tuple(dcarry_T))
+    xp_shape = jax.ShapeDtypeStruct(dhs.shape[1:2] + (params.w_ih.shape[0],), dhs.dtype)
+    extra_shape = check_backward_step(cell, params, tuple(dcarry_T), xp_shape, probe)
+    summed = [f for f, v in extra_shape.items() if not isinstance(v, Outer)]
+    outers = [f for f, v in extra_shape.items() if isinstance(v, Outer)]
+    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
+    # read: no second (T, B, H) buffer is allocated and zero-filled. Not when the loop
+    # also sums per-example parameter terms (IndRNN's u): XLA then copies the whole
+    # buffer at every step, quadratic in T (IndRNN, T=1000, B=32, H=32: 956 ms per
+    # gradient in place, 11 ms without).
+    in_place = _dgi_over_dhs(dhs, params) and not summed
+    # With more gates, dgi (T, B, G*H) is written over the residual leaf of that shape
+    # (the built-in gated cells' gates, themselves over the input projection's
+    # buffer), its step t dead once read: no zero-filled (T, B, G*H) output and one
+    # such buffer less (measured: LSTM T=1000, B=16, H=64 bptt 71 -> 50 ms; the
+    # peephole LSTM, whose loop also sums its peephole terms, 76 -> 49 ms).
+    res_leaves, res_def = jax.tree.flatten(fwd.residuals)
+    kr = None
+    if not in_place:
+        kr = _dgi_over_residual(res_leaves, (T,) + xp_shape.shape, dhs.dtype)
+    res_in = res_leaves if kr is None else res_leaves[:kr] + res_leaves[kr + 1:]
+
+    def body(state, inputs):
+        # res_t: step t of res_buf, read from it by the last iteration (the read-ahead)
+        dcarry, dhs_buf, (res_buf, res_t), acc = state
+        t, carry, res, dh_t, m_t = inputs
+        if in_place:
+            dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
+        if kr is not None:
+            res = res[:kr] + [res_t] + res[kr:]
+        res = jax.tree.unflatten(res_def, res)
+        dcarry_in = dcarry
+        dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
+        out = cell_backward(t, carry, res, dcarry)
+        dcarry_prev, dgi, dgh = out[:3]
+        extra = out[3] if len(out) == 4 else {}
+        if m_t is not None:
+            # A masked step output a constant zero and left the carry unchanged:
+            # its cotangent passes straight through, ignoring dh_t.
+            dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
+            dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
+            dgh = jnp.where(m_t[:, None], dgh, 0)
+        # the cell's own small parameters: their per-example terms summed in the loop
+        terms = {f: _masked(m_t, extra[f]) for f in summed}
+        acc = {f: acc[f] + terms[f] for f in summed}
+        outs = ()
+        if in_place:
+            dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
+        elif kr is not None:
+            # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
+            # next iteration: every reader of the buffer follows the write, so XLA
+            # updates it in place. Reading res_t from the buffer in this iteration made
+            # XLA copy the whole buffer at every step: dc_prev also reads res_t, off
+            # dgi's path, so not every reader precedes the write (an
+            # optimization_barrier does not order them: XLA:CPU drops barriers before
+            # copy insertion). At t = 0 the read is clamped and unused.
+            res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
+            res_t = res_buf[jnp.maximum(t - 1, 0)]
+        else:
+            outs = (dgi,)
+        if not same:
+            outs = outs + (dgh,)
+        # the cell's own matrices: both sides stacked, one product after the loop
+        outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
+        if with_trace:
+            outs = outs + (dcarry[0], dcarry_prev[0], terms)
+        return (dcarry_prev, dhs_buf, (res_buf, res_t), acc), outs
+
+    acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
+    ahead0 = (None, None) if kr is None else (res_leaves[kr], res_leaves[kr][T - 1])
+    (dcarry0, dhs_buf, (res_buf, _), acc), outs = jax.lax.scan(
+        body, (tuple(dcarry_T), dhs if in_place else None, ahead0, acc0),
+        (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
+        reverse=True, unroll=UNROLL)
+    if in_place:
+        dgi = dhs_buf
+    elif kr is not None:
+        dgi = res_buf
+    else:
+        dgi, outs = outs[0], outs[1:]
+    if same:
+        dgh = dgi
+    else:
+        dgh, outs = outs[0], outs[1:]
+    outer_terms, outs = dict(zip(outers, outs[0])), outs[1:]
+
+    # After the loop: every weight gradient is one product over all T*B rows.
+    hs = fwd.carries[0]  # (T, B, H): h_t
+    hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
+    grads = {}
+    # sum_t dgi_t^T x_t, and sum_t dgi_t for b_ih
+    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
+    if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
+        # sum_t dgh_t^T h_{t-1}, and sum_t dgh_t for b_hh (folded: dgh is dgi, and XLA
+        # computes the one sum once)
+        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh)
+    else:
+        db_hh = None if params.b_hh is None else dgh.sum(axis=(0, 1))  # sum_t dgh_t
+    dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
+    if db_ih is not None:
+        grads["b_ih"] = db_ih
+    if db_hh is not None:
+        grads["b_hh"] = db_hh
+    grads.update({f: acc[f].sum(axis=0) for f in summed})  # sum_b of sum_t, from the loop
+    grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
+    missing = [f for f in params._fields
+               if getattr(params, f) is not None and f not in grads]
+    if missing:
+        raise ValueError(f"{type(cell).__name__}.backward_step gives no gradient for the "
+                         f"parameter field(s) {missing}: return them as its fourth value, "
+                         f"{{field: per-example term (B,) + shape or Outer(dg, a)}}")
+    dparams = params._replace(**grads)
+    if with_trace:
+        dextra = dict(outs[2])
+        dextra.update(outer_terms)
+        return dparams, dxs, dcarry0, BackwardTrace(outs[0], dgi, dgh, outs[1], dextra)
+    return dparams, dxs, dcarry0
+
+
+# --- custom_vjp wiring -------------------------------------------------------
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+               mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+    """One layer whose derivative is the handwritten BPTT (``method="bptt"``).
+
+    Args:
+        cell: the cell (static).
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
+    return hs, carry_T
+
+
+def _bptt_layer_fwd(cell, params, xs, carry0, mask):
+    hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask)
+    return (hs, carry_T), (params, xs, carry0, fwd, mask)
+
+
+def _bptt_layer_bwd(cell, saved, cotangents):
+    params, xs, carry0, fwd, mask = saved
+    dhs, dcarry_T = cotangents
+    dparams, dxs, dcarry0 = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
+    dmask = None  # the mask is boolean: no cotangent
+    return dparams, dxs, dcarry0, dmask
+
+
+bptt_layer.defvjp(_bptt_layer_fwd, _bptt_layer_bwd)
+
+
+# --- memory-lean BPTT: store the state every `segment` steps, recompute in the backward --
+
+def _segments(xs: jax.Array, mask: jax.Array | None, segment: int):
+    """Pads T up to a multiple of ``segment`` with masked steps and splits time.
+
+    Returns:
+        ``(xs_seg (S, k, B, D), mask_seg (S, k, B), T)``.
+    """
+    T, B = xs.shape[0], xs.shape[1]
+    n = -(-T // segment)
+    pad = n * segment - T
+    if mask is None and pad:
+        mask = jnp.ones((T, B), bool)
+    if pad:
+        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)])
+        mask = jnp.concatenate([mask, jnp.zeros((pad, B), bool)])
+    split = lambda a: a.reshape((n, segment) + a.shape[1:])  # noqa: E731
+    return split(xs), (None if mask is None else split(mask)), T
+
+
+def _lean_forward(cell, params, xs, carry0, mask, segment):
+    xs_s, mask_s, T = _segments(xs, mask, segment)
+
+    def body(carry, inputs):
+        x, m = inputs
+        hs, carry_end, _ = forward_scan(cell, params, x, carry, m, keep_residuals=False)
+        return carry_end, (hs, carry)  # keep only the carry at the segment's start
+
+    carry_T, (hs, starts) = jax.lax.scan(body, carry0, (xs_s, mask_s))
+    hs = hs.reshape((-1,) + hs.shape[2:])[:T]
+    return hs, carry_T, starts
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                    mask: jax.Array | None, segment: int) -> tuple[jax.Array, Carry]:
+    r"""Handwritten BPTT that stores the carry only every ``segment`` steps.
+
+    The forward pass keeps the outputs and the carry at the start of each segment
+    of ``segment`` steps (computing each segment's input projection inside the
+    loop). The backward pass walks the segments in reverse: it recomputes the
+    segment's forward scan from its stored carry, runs the handwritten reverse
+    scan over it (``backward_scan``) and adds the segment's weight gradients, each
+    still one matrix product over the segment's ``segment * B`` rows. Memory for
+    the residuals falls from O(T) to O(T / segment + segment) steps' worth, for one
+    extra forward pass. The gradients are those of ``bptt_layer``.
+
+    Args:
+        cell: the cell (static).
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+        segment: steps per segment (static), >= 1; about sqrt(T) minimises memory.
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment)
+    return hs, carry_T
+
+
+def _lean_fwd(cell, params, xs, carry0, mask, segment):
+    hs, carry_T, starts = _lean_forward(cell, params, xs, carry0, mask, segment)
+    return (hs, carry_T), (params, xs, starts, mask)
+
+
+def _lean_bwd(cell, segment, saved, cotangents):
+    params, xs, starts, mask = saved
+    dhs, dcarry_T = cotangents
+    T = xs.shape[0]
+    xs_s, mask_s, _ = _segments(xs, mask, segment)
+    pad = xs_s.shape[0] * segment - T
+    dhs_s = jnp.concatenate([dhs, jnp.zeros((pad,) + dhs.shape[1:], dhs.dtype)]) if pad else dhs
+    dhs_s = dhs_s.reshape(xs_s.shape[:2] + dhs.shape[1:])
+
+    def body(acc, inputs):
+        dparams, dcarry = acc
+        x, m, start, dh = inputs
+        _, _, fwd = forward_scan(cell, params, x, start, m)  # recompute this segment
+        dp, dx, dcarry = backward_scan(cell, params, x, start, fwd, dh, dcarry, m)
+        dparams = jax.tree.map(jnp.add, dparams, dp)  # sum the segments' weight gradients
+        return (dparams, dcarry), dx
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (dparams, dcarry0), dxs = jax.lax.scan(
+        body, (zeros, tuple(dcarry_T)), (xs_s, mask_s, starts, dhs_s), reverse=True)
+    dxs = dxs.reshape((-1,) + dxs.shape[2:])[:T]
+    return dparams, dxs, dcarry0, None
+
+
+lean_bptt_layer.defvjp(_lean_fwd, _lean_bwd)
+
+
+def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                   mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+    """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
+    return hs, carry_T
+
+
+def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+          mask: jax.Array | None = None, method: str = "bptt",
+          segment: int | None = None) -> tuple[jax.Array, Carry]:
+    """One recurrent layer over a sequence, differentiated by ``method``.
+
+    Args:
+        cell: the cell.
+        params: its parameters.
+        xs: inputs, (T, B, D).
+        carry0: initial carry, tuple of (B, H).
+        mask: boolean (T, B) or None.
+        method: ``"bptt"`` (handwritten reverse scan) or ``"autodiff"`` (``jax.grad``).
+        segment: with ``method="bptt"``, store the carry only every ``segment``
+            steps and recompute segments in the backward pass (``lean_bptt_layer``);
+            None stores every step.
+
+    Returns:
+        ``(hs (T, B, H), carry_T)``.
+    """
+    if segment is not None:
+        if method != "bptt":
+            raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")
+        return lean_bptt_layer(cell, params, xs, carry0, mask, segment)
+    if method == "bptt":
+        return bptt_layer(cell, params, xs, carry0, mask)
+    if method == "autodiff":
+        return autodiff_layer(cell, params, xs, carry0, mask)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")

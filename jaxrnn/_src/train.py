@@ -1,0 +1,305 @@
+"""Training steps: a pure, jit-compiled optax train step and truncated BPTT.
+
+The step is ``(params, opt_state, batch) -> (params, opt_state, metrics)``; the
+gradient comes from ``method="bptt"`` (handwritten reverse scan),
+``method="autodiff"`` (``jax.grad``) or ``method="rtrl"`` (real-time recurrent
+learning, forward in time; single-layer one-direction Elman models only). With
+``diagnostics=True`` the ``bptt`` step reads per-step gradient norms off the same
+reverse scan (``jaxrnn._src.diagnostics``) and logs their summary. Clipping,
+schedules and the like belong in the optax chain (``make_optimizer``), never
+inside the gradient. The loop that runs a step (hooks, NaN guard, progress bar)
+is ``jaxrnn._src.loop.train_loop``; ``fit`` lives there too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrnn._src import losses as losses_lib
+from jaxrnn._src import rtrl
+from jaxrnn._src.diagnostics import gradient_diagnostics, summary
+from jaxrnn._src.model import RNN, RNNParams, loss_fn
+from jaxrnn._src.scan import METHODS
+
+
+class Batch(NamedTuple):
+    """One training batch, time-major."""
+
+    xs: jax.Array  # (T, B, D)
+    targets: jax.Array  # (T, B, O) floats, or (T, B) integer classes for xent
+    lengths: jax.Array | None = None  # (B,) integers in [1, T], or None
+
+
+StepFn = Callable[[RNNParams, optax.OptState, Batch], tuple]
+
+# The gradient methods of ``make_train_step``: the per-layer methods of the scan,
+# plus RTRL, which computes the whole loss's gradient at once.
+TRAIN_METHODS = METHODS + ("rtrl",)
+
+
+def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = None,
+                   ) -> optax.GradientTransformation:
+    """An optax optimizer by name (``"sgd"``, ``"adam"``, ``"adamw"``, ... any optax alias).
+
+    Args:
+        name: the name of an optax optimizer that takes ``learning_rate``.
+        lr: learning rate (or an optax schedule).
+        clip: if given, clip the global gradient norm to this value first.
+
+    Raises:
+        ValueError: an unknown optimizer name or a non-positive ``lr``/``clip``.
+    """
+    factory = getattr(optax, name, None)
+    if name.startswith("_") or not callable(factory):
+        raise ValueError(f"optimizer must name an optax optimizer (e.g. 'sgd', 'adam'), "
+                         f"got {name!r}")
+    if not callable(lr) and not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    try:
+        opt = factory(learning_rate=lr)
+    except TypeError as e:
+        raise ValueError(f"optimizer {name!r} is not an optax optimizer taking a "
+                         f"learning_rate: {e}") from None
+    if not isinstance(opt, optax.GradientTransformation):
+        raise ValueError(f"optimizer {name!r} is not an optax optimizer")
+    if clip is not None:
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip!r}")
+        opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt
+
+
+def clip_recurrent(max_abs: float) -> optax.GradientTransformation:
+    r"""A projection that keeps every layer's recurrent weight ``w_hh`` within ``[-max_abs, max_abs]``.
+
+    Li et al. (2018) train the IndRNN with :math:`|u| \le 2^{1/T}` enforced by
+    clipping ``u`` after each update: ``optax.chain(..., optax.adam(lr),
+    clip_recurrent(2 ** (1 / T)))``. Place it last in the chain: it turns the
+    updates the chain has computed into ``clip(w_hh + update) - w_hh``, so that
+    ``optax.apply_updates`` lands on the clipped weight (to within one rounding of
+    the subtraction, one ulp). The gradient itself is untouched (the gradient
+    equivalence of ``method="bptt"`` and ``"autodiff"`` still holds); the readout
+    and the input weights are not clipped. For an IndRNN ``w_hh`` is the vector
+    ``u`` (H,); for a matrix cell every entry of ``W_hh`` (G*H, H) is clipped.
+
+    Args:
+        max_abs: the bound, a finite number > 0.
+
+    Returns:
+        An ``optax.GradientTransformation`` whose ``update`` needs ``params`` (an
+        ``RNNParams``).
+
+    Raises:
+        ValueError: ``max_abs`` not a finite number > 0 (at construction), or
+            ``update`` called without ``params``.
+    """
+    if isinstance(max_abs, bool) or not isinstance(max_abs, (int, float)) or not (
+            0 < max_abs < float("inf")):
+        raise ValueError(f"max_abs must be a finite number > 0, got {max_abs!r}")
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("clip_recurrent needs params: call optimizer.update(grads, "
+                             "opt_state, params)")
+
+        def project(u, p):  # one layer and direction: CellParams (or a cell's own NamedTuple)
+            w = jnp.clip(p.w_hh + u.w_hh, -max_abs, max_abs)  # the projected weight
+            return u._replace(w_hh=w - p.w_hh)  # the update that lands on it
+
+        layers = tuple(tuple(project(u, p) for u, p in zip(ul, pl))
+                       for ul, pl in zip(updates.layers, params.layers))
+        return updates._replace(layers=layers), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
+                    loss: str = "half_sse", method: str = "bptt",
+                    donate: bool = True, last_only: bool = False,
+                    diagnostics: bool = False) -> StepFn:
+    """A jit-compiled, pure train step.
+
+    Args:
+        model: the ``RNN``.
+        optimizer: any optax ``GradientTransformation``.
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
+        method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"`` (real-time recurrent
+            learning: ``cell="elman"``, ``num_layers=1``, one direction; its
+            sensitivities take ``B H (H D + H^2 + H)`` elements, see ``jaxrnn._src.rtrl``).
+        donate: donate the ``params`` and ``opt_state`` buffers (the caller must
+            not reuse the arrays it passed in).
+        last_only: score only the last step (``ys[-1:]`` against ``targets[-1:]``).
+        diagnostics: also log per-step gradient diagnostics: the loss and gradient
+            come from ``diagnostics.gradient_diagnostics`` (the same handwritten
+            reverse scan as ``method="bptt"``, so no second backward pass), and
+            ``metrics`` gains its ``diagnostics.summary``: ``dh_first_l{l}``,
+            ``dh_last_l{l}``, ``dh_ratio_l{l}`` (``_reverse`` for the second
+            direction). Needs ``method="bptt"``.
+
+    Returns:
+        ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
+        where ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``,
+        ``lengths``), ``key`` an optional PRNG key for dropout between layers, and
+        ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping), plus the
+        diagnostics' scalars with ``diagnostics=True``.
+
+    Raises:
+        ValueError: an unknown ``loss`` or ``method``; ``diagnostics`` with a method
+            other than ``"bptt"``; ``method="rtrl"`` for a model it does not support
+            (and, when the step is first called, a batch too large for it).
+    """
+    losses_lib.get_loss(loss)
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    if diagnostics and method != "bptt":
+        raise ValueError(f"diagnostics=True reads the handwritten reverse scan: it needs "
+                         f"method='bptt', got method={method!r}")
+    if method == "rtrl":
+        rtrl.check_model(model)  # the cell, layers and directions; the size at trace time
+
+    def gradient(params, xs, targets, lengths, key):
+        """``(loss, grads, extra metrics)`` by the chosen method."""
+        if diagnostics:
+            diag = gradient_diagnostics(model, params, xs, targets, loss, None, lengths,
+                                        key, last_only)
+            return diag.loss, diag.grads, summary(diag)
+        if method == "rtrl":
+            # One layer: dropout (between layers) never applies, so the key is unused.
+            value, grads = rtrl.rtrl_loss_and_grad(model, params, xs, targets, loss, None,
+                                                   lengths, last_only=last_only)
+            return value, grads, {}
+        value, grads = jax.value_and_grad(loss_fn, argnums=3)(
+            model, loss, method, params, xs, targets, None, lengths, key, last_only)
+        return value, grads, {}
+
+    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
+        xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
+        model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
+        value, grads, extra = gradient(params, xs, batch.targets, lengths, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **extra}
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def truncation_windows(num_steps: int, k1: int, k2: int) -> list[tuple[int, int, int, int]]:
+    """The chunks of truncated BPTT(k1, k2) over a sequence of ``num_steps`` steps.
+
+    Chunk c updates on the losses of steps ``[s, e)``, ``s = c*k1``,
+    ``e = min(s + k1, T)``, backpropagating through the window ``[ws, e)`` with
+    ``ws = max(0, s - (k2 - k1))``; the state at the start of the next window,
+    ``nws = max(0, e - (k2 - k1))``, is carried to the next chunk.
+
+    Returns:
+        A list of ``(ws, nws, s, e)``, one per chunk.
+    """
+    w = k2 - k1
+    out = []
+    for s in range(0, num_steps, k1):
+        e = min(s + k1, num_steps)
+        out.append((max(0, s - w), max(0, e - w), s, e))
+    return out
+
+
+def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int,
+                    k2: int | None = None, loss: str = "half_sse", method: str = "bptt",
+                    donate: bool = True) -> StepFn:
+    r"""Truncated BPTT(k1, k2): an update every ``k1`` steps, backpropagating ``k2`` steps.
+
+    The batch's sequence is cut into chunks of ``k1`` steps. For each chunk, the
+    network runs forward over the last ``k2`` steps up to the chunk's end, starting
+    from the carried state with its gradient stopped; the loss of the chunk's
+    ``k1`` steps is differentiated (by ``method``) and one optimizer update is made.
+    The state is carried across chunks without gradient. With ``k1 = k2 = T`` this
+    is exactly full BPTT (one update per batch).
+
+    Args:
+        model: the ``RNN``.
+        optimizer: any optax ``GradientTransformation``.
+        k1: steps between updates, >= 1.
+        k2: steps of backpropagation, >= k1 (default ``k1``).
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``, computed per chunk.
+        method: ``"bptt"`` or ``"autodiff"``.
+        donate: donate the ``params`` and ``opt_state`` buffers.
+
+    Returns:
+        ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``,
+        where ``metrics`` holds ``loss`` (the mean of the chunks' losses, weighted
+        by their number of steps), ``grad_norm`` (of the last chunk) and ``updates``.
+        The step is a Python loop over jit-compiled chunk updates (one compilation
+        per distinct chunk shape, a handful at most).
+
+    Raises:
+        ValueError: ``k1 < 1``, ``k2 < k1``, ``method="rtrl"`` (a whole-sequence
+            method; truncation is not supported), or a batch with ``lengths``.
+    """
+    losses_lib.get_loss(loss)
+    if method == "rtrl":
+        raise ValueError("method='rtrl' is not supported by truncated BPTT (make_tbptt_step): "
+                         "use method='bptt' or 'autodiff', or make_train_step for rtrl")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(k1, bool) or not isinstance(k1, int) or k1 < 1:
+        raise ValueError(f"k1 must be an integer >= 1, got {k1!r}")
+    k2 = k1 if k2 is None else k2
+    if isinstance(k2, bool) or not isinstance(k2, int) or k2 < k1:
+        raise ValueError(f"k2 must be an integer >= k1 = {k1}, got {k2!r}")
+    loss_f = losses_lib.get_loss(loss)
+
+    def chunk_update(params, opt_state, state, xs_a, xs_b, targets, key, n_loss):
+        def f(params):
+            st = jax.lax.stop_gradient(state)  # truncation: no gradient into the past
+            parts = []
+            for i, xs_part in enumerate((xs_a, xs_b)):
+                if xs_part.shape[0] > 0:
+                    pkey = None if key is None else jax.random.fold_in(key, i)
+                    ys, st_end = model.apply(params, xs_part, st, None, method, pkey)
+                    parts.append(ys)
+                    if xs_part is xs_a:
+                        carried = st_end  # the state at the next window's start
+                    st = st_end
+            if xs_a.shape[0] == 0:
+                carried = state
+            ys = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+            return loss_f(ys[ys.shape[0] - n_loss:], targets, None), carried
+
+        (value, carried), grads = jax.value_and_grad(f, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        carried = jax.lax.stop_gradient(carried)
+        return params, opt_state, carried, value, optax.tree.norm(grads)
+
+    chunk_update = jax.jit(chunk_update, static_argnames=("n_loss",),
+                           donate_argnums=(0, 1) if donate else ())
+
+    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
+        if batch.lengths is not None:
+            raise ValueError("truncated BPTT takes full-length sequences: batch.lengths must "
+                             "be None")
+        xs, _, _ = model.check_inputs(params, batch.xs)
+        T, B = xs.shape[0], xs.shape[1]
+        model.check_targets((T, B, model.output_size), batch.targets, loss)
+        state = model.zero_state(B, xs.dtype)
+        total, count, grad_norm = 0.0, 0, None
+        windows = truncation_windows(T, k1, k2)
+        for c, (ws, nws, s, e) in enumerate(windows):
+            ckey = None if key is None else jax.random.fold_in(key, c)
+            params, opt_state, state, value, grad_norm = chunk_update(
+                params, opt_state, state, xs[ws:nws], xs[nws:e], batch.targets[s:e], ckey,
+                n_loss=e - s)
+            total = total + value * (e - s)
+            count += e - s
+        metrics = {"loss": total / count, "grad_norm": grad_norm, "updates": len(windows)}
+        return params, opt_state, metrics
+
+    return step

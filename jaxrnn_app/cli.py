@@ -1,0 +1,467 @@
+"""The ``jaxrnn`` command (also ``python -m jaxrnn_app``).
+
+Subcommands:
+
+* ``explain``: the reference worked example, step by step, computed by the library;
+* ``train``: a jit-compiled training run with a progress bar, checkpoints and
+  resume, writing its outputs to a directory;
+* ``sample``: text from a trained character language model;
+* ``gradcheck``: handwritten BPTT vs ``jax.grad`` vs finite differences, in float64.
+
+Bad input is reported as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input that argparse itself cannot see."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (and the pointer to --help) and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _cell_arg(text: str):
+    """A built-in cell's name, or ``package.module:ClassName`` of a user's Cell (an instance)."""
+    from jaxrnn._src.cells import CELLS
+
+    if text in CELLS:
+        return text
+    if ":" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {sorted(CELLS)} or package.module:ClassName, got {text!r}")
+    import importlib
+
+    from jaxrnn._src.cells import Cell
+
+    module_name, _, class_name = text.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # an ImportError, or whatever the module raised on import
+        raise argparse.ArgumentTypeError(f"cannot import {module_name!r}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Cell)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must name a subclass of jaxrnn.Cell, got "
+            f"{'nothing' if cls is None else type(cls).__name__}")
+    try:
+        return cls()
+    except Exception as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot make {class_name}() with its defaults: {e}") from None
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return v
+
+
+# --- explain -----------------------------------------------------------------
+
+def cmd_explain(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from jaxrnn_app.explain import format_walkthrough, walkthrough
+    from jaxrnn_app.tasks import reference_example
+
+    if args.targets is not None and len(args.targets) != len(args.x):
+        raise UsageError(f"--targets needs one value per input: {len(args.x)} inputs (--x), "
+                         f"got {len(args.targets)} targets")
+    targets = args.targets if args.targets is not None else [0.5 * v for v in args.x]
+    ex = reference_example(xs=args.x, targets=targets, w_xh=args.w_xh, w_hh=args.w_hh, w_hy=args.w_hy, h0=args.h0,
+                           lr=args.lr, dtype=jnp.float64)
+    print(format_walkthrough(walkthrough(ex)))
+    return 0
+
+
+# --- train -------------------------------------------------------------------
+
+# jaxrnn._src.cells.CELLS's names, spelled out so that building the parser imports no jax
+# (tests/test_cli.py checks that the two agree).
+CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm")
+
+RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
+               "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
+               "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every", "eval_every",
+               "checkpoint_every", "target_loss")
+
+
+def _default_out(task: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{task}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{task}-{stamp}-{n}"
+    return out
+
+
+def cmd_train(args) -> int:
+    from jaxrnn_app import distributed
+
+    # Before anything touches a JAX backend: the process flags, then the runtime.
+    distributed.check_flags(args.num_processes, args.process_id, args.coordinator)
+    from jaxrnn_app import runner
+
+    given = {k: getattr(args, k) for k in RUN_OPTIONS}
+    if args.resume:
+        if args.out is None:
+            raise UsageError("--resume needs --out DIR, the run to continue")
+        cfg = runner.prepare_resume(Path(args.out), given)
+    else:
+        cfg = runner.build_config(**given)
+    distributed.start(args.num_processes, args.process_id, args.coordinator)
+    if args.out is not None:
+        out = Path(args.out)
+    else:  # one name for every process: process 0's (the clock differs between them)
+        out = Path(distributed.from_writer("default-out", str(_default_out(cfg.task))))
+    result = runner.run(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if result.status == "already-finished" or not distributed.is_writer():
+        return 130 if result.status == "interrupted" else 0
+    rows = result.history
+    if rows:
+        first, last = rows[0], rows[-1]
+        msg = f"{cfg.task}: loss {first['loss']:.4g} -> {last['loss']:.4g} at step {last['step']}"
+        evals = [r for r in rows if "eval_loss" in r]
+        if evals:
+            msg += f"; held-out loss {evals[-1]['eval_loss']:.4g}"
+            if "eval_bpc" in evals[-1]:
+                msg += f" ({evals[-1]['eval_bpc']:.3f} bits/char)"
+        print(msg)
+    if result.status == "target":
+        why = f"reached --target-loss {cfg.target_loss:g} at step {result.final_step}"
+    elif result.status == "interrupted":
+        why = (f"interrupted at step {result.final_step}; checkpoint saved, continue with: "
+               f"jaxrnn train --resume --out {out}")
+    else:
+        why = f"ran to step {result.final_step}"
+    print(f"{why}; compile (first step) {result.compile_s:.2f} s, then "
+          f"{result.steps_per_s:,.1f} steps/s (method={cfg.method})")
+    if result.samples is not None:
+        print("sample:", result.samples[:200].replace("\n", " "))
+    print(f"wrote {out}/: config.json, metrics.jsonl, checkpoints/, curves.png"
+          + (", samples.txt" if result.samples is not None else ""))
+    return 130 if result.status == "interrupted" else 0
+
+
+# --- sample ------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from jaxrnn_app import checkpoint as ckpt
+    from jaxrnn_app import runner
+    from jaxrnn._src.generate import sample
+
+    out = Path(args.out)
+    cfg = runner.read_config(out)
+    if cfg.task != "charlm":
+        raise UsageError(f"sample needs a charlm run; {out} is a {cfg.task!r} run")
+    task = runner.build_task(cfg)
+    model, params = runner.build_model(cfg, task)
+    optimizer = runner.build_optimizer(cfg)
+    ckpt_dir = out / "checkpoints"
+    if ckpt.latest_step(ckpt_dir) is None:
+        raise UsageError(f"no checkpoint in {ckpt_dir}")
+    like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
+                                {"model": cfg.model_fields()})
+    def skipped(step, why):
+        print(f"warning: checkpoint {step} is unreadable ({why}): skipped", file=sys.stderr)
+
+    with ckpt.Checkpointer(ckpt_dir, read_only=True) as c:
+        params = c.restore(like, on_skip=skipped).params
+    prompt = args.prompt
+    unknown = sorted(set(prompt) - set(task.vocab))
+    if unknown:
+        raise UsageError(f"--prompt has characters outside the model's vocabulary: {unknown}")
+    ids = sample(model, params, task.encode(prompt), args.length, jax.random.key(args.seed),
+                 temperature=args.temperature)
+    print(prompt + task.decode(np.asarray(ids)))
+    return 0
+
+
+# --- gradcheck ---------------------------------------------------------------
+
+def cmd_gradcheck(args) -> int:
+    import jax
+
+    from jaxrnn_app.gradcheck import BPTT_TOL, FD_TOL, check_config, format_results, random_configs
+
+    fixed = {name: getattr(args, attr) for name, attr in [
+        ("seq_len", "seq_len"), ("batch", "batch"), ("input_size", "input_size"),
+        ("hidden_size", "hidden"), ("output_size", "output_size"), ("num_layers", "layers"),
+        ("bidirectional", "bidirectional"), ("nonlinearity", "nonlinearity"), ("loss", "loss"),
+    ] if getattr(args, attr) is not None}
+    configs = random_configs(
+        args.trials, seed=args.seed, cells=tuple(args.cell), max_seq_len=args.max_seq_len,
+        max_hidden=args.max_hidden, max_layers=args.max_layers,
+        directions=(False,) if args.no_bidirectional else (False, True),
+        lengths=(False,) if args.no_lengths else (False, True), **fixed)
+    key = jax.random.key(args.seed)
+    from jaxrnn._src.cellcheck import check_cell
+    from jaxrnn._src.cells import Cell
+
+    reports = [check_cell(c, seed=args.seed) for c in args.cell if isinstance(c, Cell)]
+    for rep in reports:
+        print(rep, end="\n\n")
+    results = []
+    from tqdm.auto import tqdm
+
+    for i, cfg in enumerate(tqdm(configs, desc="gradcheck", disable=args.no_progress)):
+        results.append(check_config(cfg, jax.random.fold_in(key, i)))
+    print(format_results(results))
+    bad = [i for i, r in enumerate(results) if not r.ok]
+    worst = max(r.bptt_vs_autodiff for r in results)
+    rtrl_errs = [r.rtrl_vs_autodiff for r in results if r.rtrl_vs_autodiff is not None]
+    bad_cells = [r.cell for r in reports if not r.ok]
+    if bad_cells:
+        print(f"MISMATCH: check_cell finds the backward step of {bad_cells} wrong "
+              f"(tolerance {BPTT_TOL:g})")
+    if bad:
+        print(f"MISMATCH in {len(bad)} of {len(results)} configurations: {bad} "
+              f"(tolerances: bptt and rtrl vs autodiff {BPTT_TOL:g}, finite differences "
+              f"{FD_TOL:g})")
+        return 1
+    if bad_cells:
+        return 1
+    rtrl_msg = (f"; rtrl vs autodiff {max(rtrl_errs):.1e} in the {len(rtrl_errs)} "
+                f"one-layer elman configuration(s)" if rtrl_errs else "")
+    print(f"all {len(results)} configurations agree: max relative error bptt vs autodiff "
+          f"{worst:.1e}{rtrl_msg} (tolerance {BPTT_TOL:g}), finite differences within "
+          f"{FD_TOL:g}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------
+
+def _bench_main():
+    """The benchmark's ``main``: it lives in the lab (``jaxrnn_lab.bench``), which sits
+    above the application, so the command reaches it by name, only when it runs."""
+    import importlib
+
+    return importlib.import_module("jaxrnn_lab.bench").main
+
+
+def cmd_bench(args) -> int:
+    return _bench_main()(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="jaxrnn", description="Recurrent networks in JAX with handwritten BPTT.")
+    from jaxrnn import __version__
+
+    p.add_argument("--version", action="version", version=f"jaxrnn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("explain", help="the reference worked example, step by step",
+                       description="Forward table, BPTT table, total gradients and one "
+                                   "gradient step of the one-unit reference example, all "
+                                   "computed by the library.")
+    e.add_argument("--x", type=_csv_floats, default=[1.0, 2.0, 3.0],
+                   help="inputs, comma-separated (default: 1,2,3)")
+    e.add_argument("--targets", type=_csv_floats, default=None,
+                   help="targets, comma-separated (default: 0.5,1,1.5; half the inputs)")
+    e.add_argument("--w-xh", type=float, default=0.5, help="input weight (default 0.5)")
+    e.add_argument("--w-hh", type=float, default=0.1, help="recurrent weight (default 0.1)")
+    e.add_argument("--w-hy", type=float, default=1.0, help="output weight (default 1.0)")
+    e.add_argument("--h0", type=float, default=0.0, help="initial hidden state (default 0)")
+    e.add_argument("--lr", type=float, default=0.1, help="learning rate of the step (default 0.1)")
+    e.set_defaults(func=cmd_explain)
+
+    t = sub.add_parser(
+        "train", help="train a model (default: the reference example)",
+        description="Trains with a jit-compiled optax step, showing a progress bar, and "
+                    "writes config.json, metrics.jsonl, checkpoints/ and curves.png to --out. "
+                    "Options left out take the task's defaults (see README).")
+    t.add_argument("--task", choices=["example", "sine", "adding", "charlm"], default=None,
+                   help="what to train on (default: example, the reference worked example)")
+    t.add_argument("--text", default=None, help="charlm: a UTF-8 text file (default: the "
+                   "English documentation Python ships, pydoc_data.topics)")
+    t.add_argument("--cell", choices=CELL_NAMES, default=None)
+    t.add_argument("--proj-size", type=int, default=None,
+                   help="lstm: project h to this many units, as PyTorch's LSTM(proj_size=P)")
+    t.add_argument("--forget-bias", type=float, default=None,
+                   help="LSTM-family cells: added to the forget gate's bias at init (e.g. 1)")
+    t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer")
+    t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers")
+    t.add_argument("--bidirectional", action="store_true", default=None)
+    t.add_argument("--dropout", type=float, default=None, help="dropout between layers")
+    t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
+                   help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
+                        "learning (rtrl: one-layer elman only) (default bptt)")
+    t.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
+                   help="log per-step gradient norms (dh_first/dh_last/dh_ratio per layer) "
+                        "in metrics.jsonl; --method bptt, full BPTT only (--no-diagnostics "
+                        "turns it off when resuming a run made with it)")
+    t.add_argument("--optimizer", default=None, help="any optax optimizer name (default adam)")
+    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
+    t.add_argument("--schedule", choices=["constant", "cosine", "warmup-cosine"], default=None,
+                   help="learning-rate schedule (default constant)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps of warmup-cosine")
+    t.add_argument("--clip", type=_positive_float, default=None,
+                   help="clip the global gradient norm (an optax chain)")
+    t.add_argument("--batch", type=_positive_int, default=None, help="sequences per batch")
+    t.add_argument("--seq-len", type=_positive_int, default=None, help="steps per sequence")
+    t.add_argument("--k1", type=_positive_int, default=None,
+                   help="truncated BPTT: steps between updates")
+    t.add_argument("--k2", type=_positive_int, default=None,
+                   help="truncated BPTT: steps of backpropagation (default k1)")
+    t.add_argument("--bptt-segment", type=_positive_int, default=None, metavar="N",
+                   help="memory-lean BPTT: store the state every N steps and recompute "
+                        "in the backward pass (about sqrt(--seq-len) is best; same "
+                        "gradients); --method bptt, full BPTT only")
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches)")
+    t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation")
+    t.add_argument("--devices", type=_positive_int, default=None,
+                   help="devices for data parallelism (default: as many as divide the batch)")
+    t.add_argument("--log-every", type=_positive_int, default=None)
+    t.add_argument("--eval-every", type=int, default=None, help="0: no evaluation")
+    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--target-loss", type=float, default=None,
+                   help="stop once the training loss is at or below this")
+    t.add_argument("--out", default=None, help="output directory (default runs/TASK-TIME)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mp = t.add_argument_group(
+        "several processes (jax.distributed)",
+        "Give all three on every process, or none: then a cluster JAX detects (SLURM, "
+        "Open MPI, Cloud TPU, Kubernetes) is used if there is one. Process 0 writes the "
+        "files; every process takes part in the checkpoints.")
+    mp.add_argument("--num-processes", type=_positive_int, default=None,
+                    help="how many processes the run spans (1: an ordinary run)")
+    mp.add_argument("--process-id", type=_nonnegative_int, default=None,
+                    help="this process's index, in [0, --num-processes)")
+    mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="where process 0 runs the coordination service; the same on "
+                         "every process")
+    t.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("sample", help="sample text from a trained charlm run",
+                        description="Restores the latest checkpoint of a charlm run and samples.")
+    sp.add_argument("--out", required=True, help="the run's directory")
+    sp.add_argument("--length", type=_positive_int, default=400, help="characters to sample")
+    sp.add_argument("--temperature", type=_positive_float, default=0.8)
+    sp.add_argument("--prompt", default="The ", help="text to start from")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="time a training step: bptt, autodiff, PyTorch, Flax, "
+                                     "and the product floor",
+                       description="The training-step benchmark (jaxrnn_lab/bench); "
+                                   "arguments go to it: --quick, --out DIR, --cells, --grid, "
+                                   "--repeats, --floor-repeats (see jaxrnn bench --help).",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("gradcheck", help="check bptt against jax.grad and finite differences",
+                       description="Draws random configurations and compares the handwritten "
+                                   "BPTT gradient with jax.grad and with central finite "
+                                   "differences in float64, and RTRL with jax.grad where it "
+                                   "applies (one-layer, one-direction elman). Exit status 1 "
+                                   "on a mismatch.")
+    g.add_argument("--cell", action="append", type=_cell_arg, default=None,
+                   help="cell(s) to check: a built-in name (elman, lstm, gru, indrnn, ...) or "
+                        "package.module:ClassName of your own jaxrnn.Cell subclass (made with "
+                        "its defaults; its step and backward step are checked first with "
+                        "check_cell); repeat for several (default: every built-in cell)")
+    g.add_argument("--trials", type=_positive_int, default=12,
+                   help="random configurations (default 12)")
+    g.add_argument("--max-seq-len", type=_positive_int, default=30, help="largest T (default 30)")
+    g.add_argument("--max-hidden", type=_positive_int, default=8, help="largest H (default 8)")
+    g.add_argument("--max-layers", type=_positive_int, default=3,
+                   help="largest number of layers (default 3)")
+    g.add_argument("--no-bidirectional", action="store_true", help="one direction only")
+    g.add_argument("--no-lengths", action="store_true", help="no variable lengths")
+    fixed = g.add_argument_group("fixed settings (override the random draw)")
+    fixed.add_argument("--seq-len", type=_positive_int, help="T")
+    fixed.add_argument("--batch", type=_positive_int, help="B")
+    fixed.add_argument("--input-size", type=_positive_int, help="D")
+    fixed.add_argument("--hidden", type=_positive_int, help="H")
+    fixed.add_argument("--output-size", type=_positive_int, help="O")
+    fixed.add_argument("--layers", type=_positive_int, help="number of layers")
+    fixed.add_argument("--bidirectional", action="store_true", default=None,
+                       help="two directions")
+    fixed.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity")
+    fixed.add_argument("--loss", choices=["half_sse", "mse", "xent"], help="the loss")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_gradcheck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own options (argparse.REMAINDER cannot pass --help on)
+        return _bench_main()(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "cell", None) is None and args.command == "gradcheck":
+        from jaxrnn._src.cells import CELLS
+
+        args.cell = list(CELLS)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        print(f"jaxrnn {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FloatingPointError, ConnectionError) as e:  # a NaN loss; processes that never met
+        print(f"jaxrnn {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"jaxrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,734 @@
+"""Training runs: a task, a model, an optimizer, an output directory, checkpoints and resume.
+
+``run(config, out)`` is what ``jaxrnn train`` does:
+
+* ``out/config.json``: the run's ``RunConfig`` (and library versions);
+* ``out/metrics.jsonl``: one JSON object per logged step (``step``, ``loss``,
+  ``grad_norm``, ``steps_per_s``, with ``diagnostics`` the per-step gradient
+  summary ``dh_first_l0``, ``dh_last_l0``, ``dh_ratio_l0``, ... (null where not
+  finite), and at evaluation steps ``eval_loss`` and, for ``charlm``,
+  ``eval_bpc``); a resumed run drops the rows after its checkpoint and appends;
+* ``out/checkpoints/``: orbax checkpoints (params, optimizer state, step, data
+  position, key) every ``checkpoint_every`` steps and at the end;
+* ``out/curves.png``: the learning curves; ``out/samples.txt`` for ``charlm``.
+
+Batches are a pure function of ``(seed, step)`` and dropout keys of
+``(seed, step)``, so a resumed run computes exactly what an uninterrupted run
+computes. A resumed run starts from the newest checkpoint that reads back
+completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
+``--resume`` refuses options of ``RUN_DEFINING`` that differ from the run's and
+applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run,
+naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
+saves a checkpoint and stops cleanly. The training itself is
+``jaxrnn._src.loop.train_loop``: ``run`` gives it the step, the batches and hooks that
+write the rows, save the checkpoints and read the signals.
+
+Several processes (``jaxrnn_app.distributed.start`` before ``run``): the mesh spans
+every process's devices (``build_mesh``), each process builds only its rows of each
+batch (``batch_placer``), process 0 alone writes the files and messages
+(``distributed.is_writer``), every process takes part in each checkpoint, and a
+signal stops all of them at the same step (``stop_check``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrnn_app import checkpoint as ckpt
+from jaxrnn._src import rtrl
+from jaxrnn_app import distributed, memory, sharding
+from jaxrnn._src.loop import train_loop
+from jaxrnn._src.model import RNN, loss_fn
+from jaxrnn_app.tasks import Task, make_task
+from jaxrnn._src.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
+
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+
+# The fields that define the model and its data: a checkpoint is resumable only
+# under the same values. (The gradient method and ``diagnostics`` are not among
+# them: they change how a step is computed or logged, not what is trained.)
+MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
+                "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias")
+# Cell options added later: recorded only when set, so that runs made before them resume.
+_OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
+
+# Every RunConfig field is in exactly one of these two (tests/test_runner.py checks it):
+# the fields that define the run, which ``--resume`` refuses to change (a value given
+# that differs from the stored one is an error), and those that may change between runs
+# of the same directory (given on ``--resume``, they apply). A new field must be added to
+# one of them.
+RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "layers",
+                "bidirectional", "dropout", "method", "optimizer", "lr", "schedule",
+                "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
+                "reference_model")
+CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
+                        "diagnostics", "target_loss", "devices", "bptt_segment")
+
+
+class RunError(ValueError):
+    """A run that cannot start: bad options, a missing or mismatched checkpoint."""
+
+
+class RunFailed(FloatingPointError):
+    """A run that stopped on its own: a non-finite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (``jaxrnn train``'s options)."""
+
+    task: str = "example"
+    text: str | None = None  # charlm: a text file (default: Python's pydoc topics)
+    cell: str = "elman"
+    hidden: int = 64
+    proj_size: int = 0  # lstm: project h to this size (PyTorch's LSTMP); 0: none
+    forget_bias: float = 0.0  # LSTM-family cells: added to the forget gate's bias at init
+    layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    method: str = "bptt"  # "bptt", "autodiff" or "rtrl"
+    diagnostics: bool = False  # log per-step gradient norms (method "bptt", full BPTT only)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup: int = 0
+    clip: float | None = None
+    batch: int = 32
+    seq_len: int = 50
+    k1: int | None = None  # truncated BPTT: steps between updates (None: full BPTT)
+    k2: int | None = None  # truncated BPTT: steps of backpropagation (default k1)
+    bptt_segment: int | None = None  # memory-lean BPTT: store the state every N steps
+    steps: int = 1000
+    seed: int = 0
+    devices: int | None = None  # None: choose automatically
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    target_loss: float | None = None
+    dtype: str = "float32"
+    reference_model: bool = False  # example task: the worked example's model and weights
+
+    def model_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_FIELDS
+                if _OPTIONAL_MODEL_FIELDS.get(k, object()) != getattr(self, k)}
+
+
+# Per-task defaults, applied to options the user did not give.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "example": dict(lr=0.02, steps=10000, target_loss=1e-4, log_every=10, eval_every=0,
+                    checkpoint_every=5000, batch=1, seq_len=3, hidden=1),
+    "sine": dict(cell="lstm", hidden=32, lr=1e-2, steps=500, batch=32, seq_len=50,
+                 log_every=10, eval_every=50, checkpoint_every=250),
+    "adding": dict(cell="lstm", hidden=64, lr=1e-2, steps=1500, batch=64, seq_len=100,
+                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
+    "charlm": dict(cell="lstm", hidden=128, lr=3e-3, steps=1500, batch=32, seq_len=64,
+                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
+}
+
+
+def build_config(**given) -> RunConfig:
+    """A ``RunConfig`` from the options given, completed by the task's defaults.
+
+    Raises:
+        RunError: an unknown task, schedule or option.
+    """
+    task = given.get("task") or "example"
+    if task not in TASK_DEFAULTS:
+        raise RunError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {task!r}")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise RunError(f"unknown run options {unknown}")
+    values = dict(TASK_DEFAULTS[task])
+    values.update({k: v for k, v in given.items() if v is not None})
+    values["task"] = task
+    if task == "example":
+        model_opts = ("cell", "hidden", "layers", "bidirectional")
+        values["reference_model"] = all(given.get(k) in (None, False) for k in model_opts)
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks the options that no lower layer checks; raises ``RunError`` naming them."""
+    if cfg.schedule not in SCHEDULES:
+        raise RunError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for name in ("hidden", "layers", "batch", "seq_len", "steps", "log_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    for name in ("eval_every", "checkpoint_every", "warmup", "seed"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+    if not cfg.lr > 0:
+        raise RunError(f"--lr must be > 0, got {cfg.lr!r}")
+    if cfg.k2 is not None and cfg.k1 is None:
+        raise RunError("--k2 needs --k1 (truncated BPTT: k1 steps between updates)")
+    if cfg.k1 is not None:
+        if cfg.k1 < 1:
+            raise RunError(f"--k1 must be an integer >= 1, got {cfg.k1}")
+        if cfg.k2 is not None and cfg.k2 < cfg.k1:
+            raise RunError(f"--k2 must be >= --k1 = {cfg.k1}, got {cfg.k2}")
+    if cfg.method not in TRAIN_METHODS:
+        raise RunError(f"--method must be one of {TRAIN_METHODS}, got {cfg.method!r}")
+    if cfg.method == "rtrl":
+        if cfg.k1 is not None:
+            raise RunError("--method rtrl computes each sequence's gradient forward in time; "
+                           "truncated BPTT (--k1/--k2) is not supported with it")
+        if cfg.cell != "elman" or cfg.layers != 1 or cfg.bidirectional:
+            got = f"--cell {cfg.cell} --layers {cfg.layers}" + (
+                " --bidirectional" if cfg.bidirectional else "")
+            raise RunError(f"--method rtrl supports one-layer, one-direction --cell elman "
+                           f"models only, got {got}; use --method bptt")
+    if cfg.diagnostics:
+        if cfg.method != "bptt":
+            raise RunError(f"--diagnostics reads the handwritten reverse scan: it needs "
+                           f"--method bptt, got --method {cfg.method}")
+        if cfg.k1 is not None:
+            raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
+    if cfg.bptt_segment is not None:
+        v = cfg.bptt_segment
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RunError(f"--bptt-segment must be an integer >= 1, got {v!r}")
+        if cfg.method != "bptt":
+            raise RunError(f"--bptt-segment is memory-lean handwritten BPTT: it needs "
+                           f"--method bptt, got --method {cfg.method}")
+        if cfg.k1 is not None:
+            raise RunError("--bptt-segment needs full BPTT: it is not supported with "
+                           "truncated BPTT (--k1/--k2)")
+        if cfg.diagnostics:
+            raise RunError("--diagnostics reads the full reverse scan: it is not supported "
+                           "with --bptt-segment")
+    if cfg.devices is not None and cfg.devices < 1:
+        raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
+    if cfg.reference_model and cfg.task != "example":
+        raise RunError("reference_model applies to --task example only")
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The task of ``cfg``; its errors name the option (``--seq-len``, ``--text``...)."""
+    kw: dict[str, Any] = {}
+    if cfg.task != "example":
+        kw = dict(seed=cfg.seed, batch_size=cfg.batch, seq_len=cfg.seq_len, dtype=cfg.dtype)
+    if cfg.task == "charlm":
+        kw["text_path"] = cfg.text
+    elif cfg.text is not None:
+        raise RunError(f"--text applies to --task charlm only, not --task {cfg.task}")
+    try:
+        return make_task(cfg.task, **kw)
+    except ValueError as e:
+        raise RunError(str(e).replace("seq_len", "--seq-len").replace("batch_size", "--batch")
+                       .replace("text_path", "--text")) from None
+
+
+def make_model(cfg: RunConfig, task: Task) -> RNN:
+    """The model of ``cfg`` (a static configuration: no parameters are made)."""
+    if cfg.reference_model:
+        return task.example().model
+    try:
+        return RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+                   output_size=task.output_size, num_layers=cfg.layers,
+                   bidirectional=cfg.bidirectional, dropout=cfg.dropout,
+                   proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
+                   bptt_segment=cfg.bptt_segment)
+    except ValueError as e:
+        msg = str(e)
+        for name, flag in (("proj_size", "--proj-size"), ("forget_bias", "--forget-bias"),
+                           ("hidden_size", "--hidden"), ("cell=", "--cell ")):
+            msg = msg.replace(name, flag)
+        raise RunError(msg) from None
+
+
+def init_params(cfg: RunConfig, task: Task, model: RNN) -> Any:
+    """The initial parameters of ``model = make_model(cfg, task)``."""
+    if cfg.reference_model:
+        return task.example().params
+    return model.init(jax.random.key(cfg.seed), jnp.dtype(cfg.dtype))
+
+
+def build_model(cfg: RunConfig, task: Task) -> tuple[RNN, Any]:
+    """The model of ``cfg`` and its initial parameters."""
+    model = make_model(cfg, task)
+    return model, init_params(cfg, task, model)
+
+
+def check_memory(cfg: RunConfig, task: Task, model: RNN, optimizer,
+                 available: int | None = None) -> memory.MemoryEstimate:
+    """Refuses a run whose estimated peak memory exceeds what the machine has.
+
+    Nothing is allocated: the estimate (``jaxrnn_app.memory.estimate_run``) works on
+    shapes. Call it before the parameters are made and the batches drawn.
+
+    Args:
+        cfg: the run's configuration.
+        task: its task (built: ``charlm`` needs its text's vocabulary).
+        model: ``make_model(cfg, task)``.
+        optimizer: ``build_optimizer(cfg)``.
+        available: bytes the run may use; None reads the machine
+            (``jaxrnn_app.memory.available_memory``: an accelerator's free memory, else
+            ``MemAvailable`` capped by a cgroup limit); ``math.inf`` skips the check.
+
+    Returns:
+        The ``MemoryEstimate``.
+
+    Raises:
+        RunError: one line with the estimate, what is available, and the option to change.
+    """
+    def estimate(m, method=cfg.method):
+        return memory.estimate_run(m, optimizer, task, method, cfg.k1, cfg.k2,
+                                   evaluate=cfg.eval_every > 0)
+
+    est = estimate(model)
+    if available is None:
+        avail = memory.available_memory()
+    else:
+        avail = memory.Available(available, "given") if available != math.inf else None
+    try:
+        memory.check_fits(est, avail)
+    except MemoryError as e:
+        raise RunError(f"{e}: {_memory_advice(cfg, model, est, avail, estimate)}") from None
+    return est
+
+
+def _memory_advice(cfg: RunConfig, model: RNN, est: memory.MemoryEstimate,
+                   avail: memory.Available, estimate) -> str:
+    """The option to change, by the part of the estimate that dominates."""
+    part = est.dominant()
+    if part in ("parameters", "optimizer", "gradients"):
+        return "lower --hidden (or --layers)"
+    if part == "data" and cfg.task == "charlm":
+        return "lower --seq-len or --batch, or give a shorter --text"
+    if cfg.method == "rtrl":  # its sensitivities grow as B H^2 (H + D), not with T
+        return "lower --hidden or --batch, or use --method bptt"
+    advice = "lower --seq-len or --batch"
+    if cfg.k1 is None and cfg.bptt_segment is None and cfg.method in ("bptt", "autodiff"):
+        k = max(1, math.isqrt(cfg.seq_len))
+        lean = estimate(dataclasses.replace(model, bptt_segment=k), "bptt")
+        if k > 1 and lean.total <= avail.bytes:  # suggest it only where it makes the run fit
+            how = "pass" if cfg.method == "bptt" else "use --method bptt with"
+            advice += (f", or {how} --bptt-segment {k} (memory-lean BPTT: about "
+                       f"{memory.format_gb(lean.total)})")
+    return advice
+
+
+def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """The optax chain: optional global-norm clipping, then the optimizer on a schedule."""
+    if cfg.schedule == "constant":
+        lr = cfg.lr
+    elif cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
+    else:
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1),
+                                                max(cfg.steps, cfg.warmup + 1))
+    try:
+        return make_optimizer(cfg.optimizer, lr, cfg.clip)
+    except ValueError as e:
+        raise RunError(str(e).replace("optimizer must", "--optimizer must")) from None
+
+
+def _versions() -> dict[str, str]:
+    import jaxlib
+    from jaxrnn import __version__
+
+    return {"jaxrnn": __version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "optax": optax.__version__, "backend": jax.default_backend()}
+
+
+def read_config(out: Path) -> RunConfig:
+    """The ``RunConfig`` saved in ``out/config.json``."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise RunError(f"--resume: {out} holds no run (no config.json)")
+    data = json.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in data.items() if k in names})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    """An option's value as the user would type it (None: "none")."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _same(name: str, given, stored) -> bool:
+    """Whether a given option equals the stored one: numbers by value (0.01 == 1e-2,
+    1 == 1.0), ``--text`` by the file it names."""
+    if given is None or stored is None or isinstance(given, bool) or isinstance(stored, bool):
+        return given == stored
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)):
+        return float(given) == float(stored)
+    if name == "text" and given != stored:
+        return Path(given).expanduser().resolve() == Path(stored).expanduser().resolve()
+    return given == stored
+
+
+def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
+    """The saved run's config, with the options of ``CHANGEABLE_ON_RESUME`` from ``given``.
+
+    Args:
+        out: the run's directory (it holds ``config.json``).
+        given: option name -> value as the user gave it; None means not given.
+
+    Raises:
+        RunError: no run in ``out``; an unknown option; or options of
+            ``RUN_DEFINING`` given with values other than the run's (one message
+            naming each, with both values). Nothing is written.
+    """
+    saved = read_config(out)
+    unknown = sorted(set(given) - set(RUN_DEFINING) - set(CHANGEABLE_ON_RESUME))
+    if unknown:
+        raise RunError(f"unknown run options {unknown}")
+    conflicts = [f"{_flag(k)} {_show(given[k])} (the run has {_show(getattr(saved, k))})"
+                 for k in RUN_DEFINING
+                 if given.get(k) is not None and not _same(k, given[k], getattr(saved, k))]
+    if conflicts:
+        raise RunError(f"--resume: these options differ from the run in {out}: "
+                       + "; ".join(conflicts))
+    changes = {k: given[k] for k in CHANGEABLE_ON_RESUME if given.get(k) is not None}
+    cfg = dataclasses.replace(saved, **changes)
+    validate(cfg)  # e.g. --diagnostics given to a run of another method
+    return cfg
+
+
+def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState
+                        ) -> tuple[ckpt.CheckpointState, list[tuple[int, str]]]:
+    """The newest readable checkpoint of ``ckpt_dir`` and the newer ones skipped,
+    ``(step, reason)``; read-only: nothing in the directory changes.
+
+    Raises:
+        RunError: no readable checkpoint (naming the directory and each reason), or a
+            checkpoint of another model.
+    """
+    skipped: list[tuple[int, str]] = []
+    try:
+        with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
+            restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)))
+    except ValueError as e:  # NoReadableCheckpoint, or another model (never a fallback)
+        raise RunError(f"--resume: {e}") from None
+    return restored, skipped
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What ``run`` reports."""
+
+    out: Path
+    start_step: int
+    final_step: int
+    history: list
+    compile_s: float
+    steps_per_s: float
+    status: str  # "finished", "target", "interrupted", "already-finished"
+    samples: str | None = None
+
+
+def _write_jsonl_prefix(path: Path, max_step: int) -> None:
+    """Keeps only the rows with ``step <= max_step`` (atomically)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+        log=print, warn=_warn, memory_available: int | None = None) -> RunResult:
+    """Runs (or resumes) a training run, writing into ``out``.
+
+    Args:
+        cfg: the run's configuration (``build_config`` or ``prepare_resume``).
+        out: the output directory. A new run refuses a directory that already holds
+            a run; a resumed run requires one.
+        resume: continue from the newest readable checkpoint in ``out/checkpoints``;
+            each newer, unreadable one is moved aside to ``<step>.damaged`` (never
+            deleted) with one ``warn`` line naming it and why.
+        progress: show a tqdm progress bar.
+        log: where to print one-line messages.
+        warn: where to print warnings (default: stderr).
+        memory_available: bytes the run may use (``check_memory``); None reads the
+            machine, ``math.inf`` skips the check.
+
+    Returns:
+        A ``RunResult``.
+
+    Raises:
+        RunError: bad options, an existing run without ``resume``, no (readable)
+            checkpoint to resume, a checkpoint of another model, a run that does not
+            fit in memory (refused before anything is allocated or written). Nothing
+            in ``out`` has changed then.
+        RunFailed: the loss became NaN or infinite (the message names the step).
+    """
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if not distributed.is_writer():  # process 0 alone shows progress and messages
+        progress, log, warn = False, (lambda *a, **k: None), (lambda *a, **k: None)
+    refusal = None
+    if not resume and out.exists() and any(out.iterdir()):
+        refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
+                   f"choose another directory")
+    # Process 0 decides (before anything is written: it makes the directory next).
+    refusal = distributed.from_writer("out-holds-a-run", refusal)
+    if refusal:
+        raise RunError(refusal)
+    if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
+        raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
+
+    task = build_task(cfg)
+    model = make_model(cfg, task)
+    optimizer = build_optimizer(cfg)
+    if task.last_step_only and cfg.k1 is not None:
+        raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
+                       f"{cfg.task!r} scores only the last step")
+    if cfg.k1 is not None and cfg.k1 > cfg.seq_len:
+        raise RunError(f"--k1 ({cfg.k1}) must be <= --seq-len ({cfg.seq_len})")
+    if cfg.method == "rtrl":
+        try:
+            rtrl.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
+        except ValueError as e:
+            raise RunError(str(e).replace("hidden_size or batch", "--hidden or --batch")
+                           .replace("method='bptt'", "--method bptt")) from None
+    # Before the parameters are made, a batch drawn or the run directory written.
+    check_memory(cfg, task, model, optimizer, memory_available)
+    params = init_params(cfg, task, model)
+
+    sample_batch = task.batch(0)
+    n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
+    if cfg.k1 is None:
+        if mesh is None:
+            step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
+                                      last_only=task.last_step_only,
+                                      diagnostics=cfg.diagnostics)
+        else:
+            step_fn = sharding.make_sharded_train_step(
+                model, optimizer, mesh, loss=task.loss, method=cfg.method,
+                last_only=task.last_step_only, diagnostics=cfg.diagnostics)
+    else:
+        step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
+                                  method=cfg.method)
+    place_batch = batch_placer(task, mesh, sample_batch.xs.shape[1])
+
+    key = jax.random.key(cfg.seed)
+    opt_state = optimizer.init(params)
+    if mesh is not None:  # before a restore: it restores onto the same (global) layout
+        params, opt_state, key = sharding.replicate((params, opt_state, key), mesh)
+    metadata = {"model": cfg.model_fields()}
+    start = 0
+    if resume:  # read first: a refused resume changes nothing in ``out``
+        restored, skipped = _restore_for_resume(
+            ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
+        params, opt_state, key = restored.params, restored.opt_state, restored.key
+        start = int(restored.step)
+    if distributed.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+    distributed.barrier("run-directory")  # every process has read what it needed; made
+    checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
+    try:
+        if resume:
+            if distributed.is_writer():
+                for bad_step, why in skipped:  # never deleted, never in the way of a save
+                    moved = checkpointer.set_aside(bad_step)
+                    warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
+                         f"from checkpoint {start}; moved it aside to {moved}")
+                _write_jsonl_prefix(out / "metrics.jsonl", start)
+            if skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
+                distributed.barrier("set-aside")
+                checkpointer.reload()
+            if start >= cfg.steps:
+                log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
+                    f"pass a larger --steps to continue it")
+                return RunResult(out, start, start, [], 0.0, 0.0, "already-finished")
+        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev,
+                                            "processes_used": jax.process_count()}
+        if distributed.is_writer():
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+        def save(step, params, opt_state):
+            if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
+                checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
+                                                       metadata))
+
+        # The eval batch is whole in every process (it is computed once per run): each
+        # device scores all of it, as in a one-process run, so the eval loss is the same.
+        eval_batch = task.eval_batch()
+        if mesh is not None:
+            eval_batch = sharding.replicate(eval_batch, mesh)
+        eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
+                                                  b.targets, None, b.lengths, None,
+                                                  task.last_step_only))
+
+        def evaluate(params):
+            ev = float(eval_loss(params, eval_batch))
+            return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
+                                        if task.loss == "xent" else {})}
+
+        rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
+        with _Stop() as stop, open(rows_to, "a") as metrics_file:
+            def write_row(row):
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+
+            res = train_loop(
+                step_fn, params, opt_state, place_batch, cfg.steps,
+                start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
+                eval_every=cfg.eval_every, evaluate=evaluate,
+                checkpoint_every=cfg.checkpoint_every, checkpoint=save,
+                target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
+                on_row=write_row, progress=progress, desc=cfg.task)
+        if res.status == "nonfinite":
+            last = checkpointer.latest_step()
+            raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
+                            f"{res.first_bad}; stopped "
+                            f"without saving; the last good checkpoint is "
+                            f"{'step ' + str(last) if last else 'none'} in {ckpt_dir}")
+        result = RunResult(out, start, res.step, res.history, res.compile_s, res.steps_per_s,
+                           res.status)
+        if distributed.is_writer():
+            _finish(cfg, task, model, host_local(res.params), out, result, log)
+        return result
+    finally:
+        checkpointer.close()
+
+
+# --- the process layout (small helpers, so that the training loop needs no more) ----
+
+def build_mesh(cfg: RunConfig, batch_size: int) -> tuple[int, sharding.Mesh | None]:
+    """The number of devices and the mesh of a run (None: one device, no mesh).
+
+    One process: ``--devices`` or as many local devices as divide the batch. Several
+    processes (``jax.distributed``): every device of every process, which must
+    divide the batch; ``--devices``, if given, must be that number.
+
+    Raises:
+        RunError: a ``--devices`` or ``--batch`` that does not fit.
+    """
+    if not distributed.is_multiprocess():
+        try:
+            n_dev = sharding.choose_devices(cfg.devices, batch_size)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        return n_dev, sharding.make_mesh(n_dev) if n_dev > 1 else None
+    total, procs = jax.device_count(), jax.process_count()
+    if cfg.devices is not None and cfg.devices != total:
+        raise RunError(f"--devices {cfg.devices}: a run of {procs} processes uses all their "
+                       f"{total} devices; leave --devices out or give {total}")
+    if batch_size % total:
+        raise RunError(f"--batch {batch_size} must be divisible by the {total} devices of the "
+                       f"{procs} processes")
+    return total, sharding.make_mesh(total)
+
+
+def batch_placer(task: Task, mesh: sharding.Mesh | None, batch_size: int):
+    """``place(step) -> Batch``: training batch ``step`` laid out on ``mesh``.
+
+    Several processes: each produces only its own rows (``task.batch(step,
+    part=...)``, the rows of its devices) and they are assembled into the global
+    batch (``shard_batch(..., process_local=True)``), equal to the whole
+    ``task.batch(step)`` of a one-process run.
+    """
+    if mesh is None:
+        return task.batch
+    if not distributed.is_multiprocess():
+        return lambda step: sharding.shard_batch(task.batch(step), mesh)
+    try:
+        part = sharding.process_part(mesh, batch_size)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    return lambda step: sharding.shard_batch(task.batch(step, part=part), mesh,
+                                             process_local=True)
+
+
+def stop_check(stop: _Stop, every: int):
+    """``should_stop()`` for the loop, after SIGINT/SIGTERM (``stop.signal``).
+
+    Several processes must stop at the same step (a step or a checkpoint is a
+    collective of all of them): the loop asks before every step, in step with the
+    other processes, and every ``every``-th time they agree (a small collective)
+    on whether any of them was signalled. One process: at once.
+    """
+    if not distributed.is_multiprocess():
+        return lambda: stop.signal is not None
+    calls = itertools.count()
+    return lambda: next(calls) % every == 0 and distributed.any_process(stop.signal is not None)
+
+
+def host_local(tree):
+    """A pytree of replicated arrays as host numpy arrays in a multi-process run (process 0
+    alone then computes with them, e.g. samples text); unchanged with one process."""
+    return jax.device_get(tree) if distributed.is_multiprocess() else tree
+
+
+def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,
+            log) -> None:
+    """Writes the learning-curve figure (and samples) from the whole metrics file."""
+    from jaxrnn_app.plots import learning_curves
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    if rows:
+        learning_curves(rows, out / "curves.png",
+                        title=f"{cfg.task}: {cfg.cell if not cfg.reference_model else 'elman'}"
+                              f" ({cfg.method}), loss {task.loss}",
+                        baseline=task.baseline)
+    if cfg.task == "charlm":
+        from jaxrnn._src.generate import sample
+
+        prompt = "The " if set("The ") <= set(task.vocab) else task.decode(task.train_ids[:4])
+        ids = sample(model, params, task.encode(prompt), 400, jax.random.key(cfg.seed + 1),
+                     temperature=0.8)
+        result.samples = prompt + task.decode(np.asarray(ids))
+        (out / "samples.txt").write_text(result.samples + "\n")
