@@ -33,7 +33,7 @@ The ``indrnn_li`` rows train the IndRNN as Li et al. (2018) do on this task
 (their reference code, github.com/Sunnydreamrain/IndRNN_Theano_Lasagne,
 ``adding/adding.py``): two relu layers of 128 units, Adam at 2e-4, the recurrent
 weights bounded by ``|u| <= 2^(1/T)`` (``jaxrnn.IndRNN(recurrent_max=...)`` for the
-initial range, ``jaxrnn._src.train.clip_recurrent`` at the end of the optax chain after
+initial range, ``jaxrnn.extend.clip_recurrent`` at the end of the optax chain after
 every update), input weights ~ N(0, 0.001^2), zero biases, the readout from the
 last step; see ``li_setup`` for what differs (global-norm clipping instead of
 their per-step clipping inside the gradient, jaxrnn's readout initialisation,
@@ -64,7 +64,7 @@ from jaxrnn_lab import harness as common
 import jaxrnn
 from jaxrnn_app import tasks
 from jaxrnn_app.tasks import ADDING_BASELINE
-from jaxrnn._src.train import clip_recurrent
+from jaxrnn.extend import clip_recurrent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ def li_setup(s: Settings, task, seq_len: int):
     ``IndRNN("relu", recurrent_max=r)``, r = ``li_magnitude ** (1 / T)``, draws every
     layer's ``u`` in ``[0, r)``; the last layer's is redrawn in ``[1/r, r)`` and the
     input weights from N(0, ``li_input_std``^2), biases zero (their code); the readout
-    keeps jaxrnn's initialisation. ``jaxrnn._src.train.clip_recurrent(r)``, last in the
+    keeps jaxrnn's initialisation. ``jaxrnn.extend.clip_recurrent(r)``, last in the
     optax chain, keeps ``|u| <= r`` after every update.
     """
     r = s.li_magnitude ** (1.0 / seq_len)

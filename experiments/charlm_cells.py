@@ -58,7 +58,7 @@ import optax
 from jaxrnn_lab import harness as common
 import jaxrnn
 from jaxrnn_app import tasks
-from jaxrnn_app.tasks import Batch
+from jaxrnn import Batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ trained with truncated BPTT(k, k) (``jaxrnn.make_tbptt_step`` with k1 = k2 = k)
 for several k, and with full BPTT (k = T), for two delays d.
 
 What "k <= d cannot learn it" means exactly here. With k1 = k2 = k,
-``jaxrnn._src.train.truncation_windows`` cuts the sequence into chunks
+``jaxrnn.extend.truncation_windows`` cuts the sequence into chunks
 :math:`[s, s + k)`, :math:`s = k \lfloor t / k \rfloor`; the loss of step t is
 differentiated through steps s..t only, and the state entering the chunk is a
 constant (its gradient is stopped). So the gradient of the loss at step t
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from jaxrnn_lab import harness as common
 import jaxrnn
-from jaxrnn._src.train import truncation_windows
+from jaxrnn.extend import truncation_windows
 
 CHANCE = 1.0  # held-out MSE of predicting 0: E[x^2] for random signs
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn._src.scan import backward_scan, forward_scan, project_inputs
+from jaxrnn.extend import backward_scan, forward_scan, project_inputs
 from jaxrnn_app.tasks import Example
 
 

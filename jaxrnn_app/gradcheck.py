@@ -9,7 +9,7 @@ parameters, the inputs and the initial state is computed three ways:
   direction ``v``, compared with ``<grad, v>`` for both methods;
 * ``rtrl``, where the configuration allows it (one layer, one direction,
   ``cell="elman"``): real-time recurrent learning, forward in time
-  (``jaxrnn._src.rtrl``), for the parameters and the initial state (RTRL gives no
+  (``jaxrnn.rtrl_loss_and_grad``), for the parameters and the initial state (RTRL gives no
   input gradient), compared with ``autodiff``.
 
 ``bptt``, ``autodiff`` and ``rtrl`` are equal in exact arithmetic, so their
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn._src import rtrl
-from jaxrnn._src.cells import CELLS, Cell
-from jaxrnn._src.model import RNN, loss_fn
+import jaxrnn
+from jaxrnn import RNN, Cell, extend
+from jaxrnn.extend import CELLS, loss_fn
 
 BPTT_TOL = 1e-10
 FD_TOL = 1e-6
@@ -150,7 +150,7 @@ def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckRe
         denom = max(abs(fd), 1e-12)
         rva = None
         if rtrl_supported(cfg):
-            out = rtrl.rtrl_loss_and_grad(model, params, xs, targets, cfg.loss, state, lengths,
+            out = jaxrnn.rtrl_loss_and_grad(model, params, xs, targets, cfg.loss, state, lengths,
                                           state_grad=state is not None)
             ad = grads["autodiff"]
             if state is None:
@@ -165,7 +165,7 @@ def rtrl_supported(cfg: CheckConfig) -> bool:
     """Whether ``method="rtrl"`` handles ``cfg``: one-layer, one-direction Elman, within
     ``rtrl.MAX_SENSITIVITY_ELEMENTS``."""
     try:
-        rtrl.check_model(cfg.model(), cfg.batch, state_grad=cfg.with_state)
+        extend.check_model(cfg.model(), cfg.batch, state_grad=cfg.with_state)
     except ValueError:
         return False
     return True

@@ -60,7 +60,7 @@ summed (their scans are independent; XLA may overlap them):
   ``T B n P`` (``dhs``, padded back to every step for a last-step loss) +
   ``T' B n P`` with two directions (their concatenation); ``T' = 1`` for a
   last-step loss, else ``T``.
-* ``rtrl`` (``jaxrnn._src.rtrl``): no per-step storage; the sensitivities
+* ``rtrl`` (``jaxrnn.rtrl_loss_and_grad``): no per-step storage; the sensitivities
   (``rtrl.sensitivity_size``) and two temporaries of their size, plus
   ``T B (D + 2 P)``.
 
@@ -89,7 +89,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn._src import rtrl, scan
+from jaxrnn import extend
 
 GB = 1e9
 
@@ -169,7 +169,7 @@ def _has_gate_residual(cell, params, state_sizes, dtype) -> bool:
     gh = params.w_ih.shape[0]
     carry = tuple(jax.ShapeDtypeStruct((2, w), dtype) for w in state_sizes)
     saved = jax.eval_shape(cell.step, params, carry, jax.ShapeDtypeStruct((2, gh), dtype))[1]
-    return scan._dgi_over_residual(saved, (2, gh), jnp.dtype(dtype)) is not None
+    return extend.dgi_over_residual(saved, (2, gh), jnp.dtype(dtype)) is not None
 
 
 def _layers(model, params):
@@ -206,7 +206,7 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
     folded = cell.fold_recurrent_bias
     if method == "rtrl":
         D = model.input_size
-        return 3 * rtrl.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
+        return 3 * extend.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
     R = _step_residuals(cell, params.layers[0][0], sizes, dtype, autodiff=(method == "autodiff"))
     over_res = _has_gate_residual(cell, params.layers[0][0], sizes, dtype)
     stored, kept, backward = [], [], []  # per layer, both directions summed

@@ -49,9 +49,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxrnn._src.model import RNN
-from jaxrnn_app.tasks import Batch
-from jaxrnn._src.train import StepFn, make_train_step
+from jaxrnn import RNN, Batch, make_train_step
+from jaxrnn.extend import StepFn
 
 DATA_AXIS = "data"
 

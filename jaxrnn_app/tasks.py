@@ -33,9 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrnn._src.cells import CellParams
-from jaxrnn._src.train import Batch
-from jaxrnn._src.model import RNN, ReadoutParams, RNNParams
+from jaxrnn import RNN, Batch, CellParams, ReadoutParams, RNNParams
 
 
 class Example(NamedTuple):
@@ -157,7 +155,7 @@ class Task:
     """
 
     name: ClassVar[str]
-    loss: ClassVar[str]  # "half_sse", "mse" or "xent" (see jaxrnn._src.losses)
+    loss: ClassVar[str]  # "half_sse", "mse" or "xent" (see jaxrnn.half_sse, jaxrnn.mse, jaxrnn.xent)
     last_step_only: ClassVar[bool] = False  # score only ys[-1:] against targets[-1:]
     input_size: ClassVar[int]  # D of the inputs (T, B, D)
     output_size: ClassVar[int]  # O of the model's outputs (T, B, O)

@@ -105,7 +105,7 @@ def perturbed_loss(model, loss, params, xs, targets, state, lengths, pert, dropo
     cell = model.cell_fn
     nd = model.num_directions
     mask = None if lengths is None else jnp.arange(T)[:, None] < lengths[None, :]
-    carries0 = model._carries(state, B, xs.dtype)
+    carries0 = model.initial_carries(state, B, xs.dtype)
     h = xs
     for l in range(model.num_layers):
         h = h + eps_x[l]

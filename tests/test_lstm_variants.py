@@ -24,10 +24,10 @@ import pytest
 from conftest import assert_trees_rel_close, tree_max_rel_error
 from jaxrnn import (RNN, LayerNormLSTM, PeepholeLSTM, check_cell, half_sse, make_cell,
                     make_train_step)
-from jaxrnn._src.cells import CELLS, _split
+from jaxrnn._src.cells import CELLS, split_gates
 from jaxrnn._src.model import sequence_mask
 from jaxrnn._src.scan import layer
-from jaxrnn_app.tasks import Batch
+from jaxrnn import Batch
 
 torch = pytest.importorskip("torch")
 
@@ -217,7 +217,7 @@ class NoPeepholeDcPrev(PeepholeLSTM):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         (dh_prev, dc_prev), dgi, dgh, extra = super().backward_step(
             params, carry_prev, carry, res, dcarry)
-        dai, daf, _, _ = _split(dgi, 4)
+        dai, daf, _, _ = split_gates(dgi, 4)
         return (dh_prev, dc_prev - dai * params.w_peep[0] - daf * params.w_peep[1]), dgi, dgh, \
             extra
 
@@ -229,7 +229,7 @@ class NoVarianceTermLN(GainedLayerNormLSTM):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         (dh_prev, dc_prev), dgi, dgh, extra = super().backward_step(
             params, carry_prev, carry, res, dcarry)
-        _, f, _, _ = _split(res[0], 4)
+        _, f, _, _ = split_gates(res[0], 4)
         cn, rc = res[3], res[6]
         dn = extra["ln_c_bias"]  # dL/dn, the cotangent of LN(c_t)
         dcn = dn * params.ln_c_gain

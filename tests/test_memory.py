@@ -12,7 +12,7 @@ import pytest
 from jaxrnn_app import memory, runner
 from jaxrnn_app.cli import main
 from jaxrnn._src.model import RNN
-from jaxrnn_app.tasks import Batch
+from jaxrnn import Batch
 from jaxrnn._src.train import make_train_step
 
 # --- the estimate against XLA's own memory analysis of the compiled step ------------

@@ -191,9 +191,9 @@ def test_bptt_under_jit_and_vmap():
     ("lstm", "_inplace_index"),  # the gates are stored over the input projection's buffer
     ("gru", "_inplace_index"),  # r, z, n likewise
     ("elman", "_dgi_over_dhs"),  # the reverse scan writes dgi over dhs
-    ("lstm", "_dgi_over_residual"),  # ... and a gated cell's dgi over its gates' buffer
-    ("gru", "_dgi_over_residual"),
-    ("peephole_lstm", "_dgi_over_residual"),  # ... also where the loop sums its own terms
+    ("lstm", "dgi_over_residual"),  # ... and a gated cell's dgi over its gates' buffer
+    ("gru", "dgi_over_residual"),
+    ("peephole_lstm", "dgi_over_residual"),  # ... also where the loop sums its own terms
 ])
 def test_in_place_buffers_need_less_memory(monkeypatch, cell, undo):
     """The buffers scan.py reuses save a (T, B, G*H) buffer in XLA's memory plan.

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn._src.cells import Cell, Outer, check_cell_class
-from jaxrnn._src.scan import (_param_fields, backward_scan, check_backward_step, check_step,
+from jaxrnn._src.scan import (param_fields, backward_scan, check_backward_step, check_step,
                          forward_scan)
 
 TOL = 1e-10  # what a right backward step meets in float64
@@ -126,7 +126,7 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
         f64 = jnp.float64
         k = jax.random.split(jax.random.key(seed), 8)
         params = cell.init(k[0], input_size, hidden_size, True, f64)
-        fields = _param_fields(params)
+        fields = param_fields(params)
         # random parameters, not init's: gains that start at 1 and biases at 0 would
         # hide a backward step that forgets them
         params = jax.tree.map(lambda p, n: p + 0.3 * n, params, _normal_like(k[7], params))

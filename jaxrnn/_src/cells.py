@@ -188,17 +188,17 @@ class Cell:
         raise NotImplementedError(f"{type(self).__name__} must define backward_step")
 
 
-def _split(a: jax.Array, n: int) -> list[jax.Array]:
+def split_gates(a: jax.Array, n: int) -> list[jax.Array]:
     return jnp.split(a, n, axis=-1)
 
 
-def _blocks(a: jax.Array, n: int) -> list[jax.Array]:
+def gate_blocks(a: jax.Array, n: int) -> list[jax.Array]:
     """The ``n`` gate blocks of ``a (B, n*H)`` as basic slices, (B, H) each."""
     H = a.shape[-1] // n
     return [a[..., k * H:(k + 1) * H] for k in range(n)]
 
 
-def _gate_constants(scales: tuple[float, ...], H: int, dtype):
+def gate_constants(scales: tuple[float, ...], H: int, dtype):
     """Per-column ``scale`` and ``offset`` (each (len(scales)*H,)) of the one-tanh activation.
 
     ``tanh(x * scale) * scale + offset`` is ``sigmoid(x)`` in a block with scale 1/2
@@ -314,13 +314,13 @@ class LSTM(Cell):
         h_prev, c_prev = carry
         H = h_prev.shape[-1]
         pre = xp + self.recurrent_preactivation(params, h_prev)  # all four gates at once
-        scale, offset = _gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
+        scale, offset = gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
         # i, f, o = sigmoid(.) = 1/2 + 1/2 tanh(./2) and g = tanh(.), in one tanh
         gates = jnp.tanh(pre * scale) * scale + offset
         # jnp.split, not four basic slices: jax.grad (method="autodiff") transposes it
         # into one concatenation, the slices into four zero-padded sums (47 vs 59 ms
         # for an autodiff LSTM layer at T=100, B=32, H=128)
-        i, f, g, o = _split(gates, 4)
+        i, f, g, o = split_gates(gates, 4)
         c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
         h = o * jnp.tanh(c)  # h_t = o tanh(c_t)
         return (h, c), gates
@@ -330,7 +330,7 @@ class LSTM(Cell):
         _, c = carry
         gates = res
         H = c.shape[-1]
-        i, f, g, o = _blocks(gates, 4)
+        i, f, g, o = gate_blocks(gates, 4)
         dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
         tc = jnp.tanh(c)  # tanh(c_t), recomputed rather than stored
         dc = dc_next + dh * o * (1 - tc * tc)  # h_t = o tanh(c_t): add the path through tanh(c_t)
@@ -340,7 +340,7 @@ class LSTM(Cell):
         # concatenated, docs/experiments/step_formulations)
         dact = (jnp.concatenate([dc, dc, dc, dh], axis=-1)
                 * jnp.concatenate([g, c_prev, i, tc], axis=-1))
-        scale, offset = _gate_constants((0.5, 0.5, 1.0, 0.5), H, gates.dtype)
+        scale, offset = gate_constants((0.5, 0.5, 1.0, 0.5), H, gates.dtype)
         u = gates - offset  # sigma - 1/2 in the sigmoid blocks, g in the tanh block
         dgates = dact * (scale * scale - u * u)  # back through sigmoid (1/4 - u^2), tanh (1 - g^2)
         dh_prev = dgates @ params.w_hh  # through W_hh h_{t-1}
@@ -422,10 +422,10 @@ class ProjectedLSTM(LSTM):
         h_prev, c_prev = carry  # h_{t-1} (B, P), c_{t-1} (B, H)
         H = c_prev.shape[-1]
         pre = xp + self.recurrent_preactivation(params, h_prev)  # all four gates at once
-        scale, offset = _gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
+        scale, offset = gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
         # i, f, o = sigmoid(.) = 1/2 + 1/2 tanh(./2) and g = tanh(.), in one tanh (as LSTM.step)
         gates = jnp.tanh(pre * scale) * scale + offset
-        i, f, g, o = _split(gates, 4)  # jnp.split, as LSTM.step (for jax.grad's transpose)
+        i, f, g, o = split_gates(gates, 4)  # jnp.split, as LSTM.step (for jax.grad's transpose)
         c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
         m = o * jnp.tanh(c)  # m_t = o tanh(c_t), the LSTM's output
         h = m @ params.w_hr.T  # h_t = W_hr m_t, (B, P)
@@ -485,8 +485,8 @@ class GRU(Cell):
     def step(self, params, carry, xp):
         (h_prev,) = carry
         gh = self.recurrent_preactivation(params, h_prev)  # W_hh h_{t-1} + b_hh, (B, 3H)
-        xr, xz, xn = _split(xp, 3)
-        hr, hz, hn = _split(gh, 3)
+        xr, xz, xn = split_gates(xp, 3)
+        hr, hz, hn = split_gates(gh, 3)
         r = jax.nn.sigmoid(xr + hr)  # reset gate
         z = jax.nn.sigmoid(xz + hz)  # update gate
         n = jnp.tanh(xn + r * hn)  # candidate
@@ -496,7 +496,7 @@ class GRU(Cell):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         (h_prev,) = carry_prev
         rzn, hn = res
-        r, z, n = _split(rzn, 3)
+        r, z, n = split_gates(rzn, 3)
         (dh,) = dcarry  # total dL/dh_t
         dn = dh * (1 - z)  # h_t = (1 - z) n + z h_{t-1}
         dz = dh * (h_prev - n)  # h_t = (1 - z) n + z h_{t-1}
@@ -591,7 +591,7 @@ class PeepholeLSTM(Cell):
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
         pre = xp + self.recurrent_preactivation(params, h_prev)  # [i^, f^, g^, o^], (B, 4H)
-        ai, af, ag, ao = _split(pre, 4)
+        ai, af, ag, ao = split_gates(pre, 4)
         p_i, p_f, p_o = params.w_peep
         i = jax.nn.sigmoid(ai + p_i * c_prev)  # input gate peeks at c_{t-1}
         f = jax.nn.sigmoid(af + p_f * c_prev)  # forget gate peeks at c_{t-1}
@@ -604,7 +604,7 @@ class PeepholeLSTM(Cell):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         _, c_prev = carry_prev
         _, c = carry
-        i, f, g, o = _split(res, 4)
+        i, f, g, o = split_gates(res, 4)
         p_i, p_f, p_o = params.w_peep
         dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
         tc = jnp.tanh(c)  # tanh(c_t), recomputed rather than stored
@@ -746,7 +746,7 @@ class LayerNormLSTM(Cell):
         pre = params.ln_ih_gain * xn + params.ln_hh_gain * hn  # LN(W_ih x) + LN(W_hh h)
         if params.bias is not None:
             pre = pre + params.bias  # + b
-        ai, af, ag, ao = _split(pre, 4)
+        ai, af, ag, ao = split_gates(pre, 4)
         i, f, g, o = jax.nn.sigmoid(ai), jax.nn.sigmoid(af), jnp.tanh(ag), jax.nn.sigmoid(ao)
         c = f * c_prev + i * g  # c_t = f c_{t-1} + i g
         cn, rc = _layer_norm(c, self.eps)  # c^ = (c_t - mu) / sigma, over H
@@ -756,7 +756,7 @@ class LayerNormLSTM(Cell):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         _, c_prev = carry_prev
         gates, xn, hn, cn, rx, rh, rc = res
-        i, f, g, o = _split(gates, 4)
+        i, f, g, o = split_gates(gates, 4)
         dh, dc_next = dcarry  # total dL/dh_t and dL/dc_t (from step t+1)
         tn = jnp.tanh(params.ln_c_gain * cn + params.ln_c_bias)  # tanh(LN(c_t)), recomputed
         dn = dh * o * (1 - tn * tn)  # h_t = o tanh(n), back through tanh

@@ -116,7 +116,7 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
     cell = model.cell_fn
     H, nd, L = model.layer_output_size, model.num_directions, model.num_layers
     mask = sequence_mask(lengths, T)
-    carries0 = model._carries(state, B, xs.dtype)  # one carry per (layer, direction)
+    carries0 = model.initial_carries(state, B, xs.dtype)  # one carry per (layer, direction)
     use_dropout = dropout_key is not None and model.dropout > 0
 
     def order(a, d):

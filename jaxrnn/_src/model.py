@@ -315,7 +315,7 @@ class RNN:
         return targets
 
     # --- forward -------------------------------------------------------------
-    def _carries(self, state, batch, dtype) -> list[Carry]:
+    def initial_carries(self, state, batch, dtype) -> list[Carry]:
         """PyTorch-shaped state -> one carry tuple per (layer, direction)."""
         if state is None:
             state = self.zero_state(batch, dtype)
@@ -343,7 +343,7 @@ class RNN:
         T, B, _ = xs.shape
         cell = self.cell_fn
         mask = sequence_mask(lengths, T)
-        carries0 = self._carries(state, B, xs.dtype)
+        carries0 = self.initial_carries(state, B, xs.dtype)
         finals = []
         h = xs
         for l in range(self.num_layers):

@@ -177,7 +177,7 @@ def check_step(cell: Cell, carry, xp, out) -> None:
                              f"size B={xp.shape[0]}, got a leaf of shape {tuple(leaf.shape)}")
 
 
-def _param_fields(params) -> tuple[str, ...]:
+def param_fields(params) -> tuple[str, ...]:
     if not (isinstance(params, tuple) and hasattr(params, "_fields")):
         raise ValueError(f"a cell's params must be a NamedTuple with fields w_ih, w_hh, b_ih, "
                          f"b_hh, got {type(params).__name__}")
@@ -211,7 +211,7 @@ def check_backward_step(cell: Cell, params, carry, xp, out) -> dict:
     if not isinstance(extra, dict):
         raise ValueError(f"{name}.backward_step's fourth value must be a dict "
                          f"{{field: gradient}}, got {type(extra).__name__}")
-    fields = _param_fields(params)
+    fields = param_fields(params)
     B = xp.shape[0]
     for f, v in extra.items():
         if f not in fields or getattr(params, f) is None:
@@ -334,7 +334,7 @@ def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
     return dhs.shape[-1] == params.w_ih.shape[0]
 
 
-def _dgi_over_residual(residuals, shape, dtype) -> int | None:
+def dgi_over_residual(residuals, shape, dtype) -> int | None:
     """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None."""
     return _first_leaf_like(residuals, shape, dtype)
 
@@ -401,7 +401,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     res_leaves, res_def = jax.tree.flatten(fwd.residuals)
     kr = None
     if not in_place:
-        kr = _dgi_over_residual(res_leaves, (T,) + xp_shape.shape, dhs.dtype)
+        kr = dgi_over_residual(res_leaves, (T,) + xp_shape.shape, dhs.dtype)
     res_in = res_leaves if kr is None else res_leaves[:kr] + res_leaves[kr + 1:]
 
     def body(state, inputs):

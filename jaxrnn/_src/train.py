@@ -146,7 +146,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
 
     Returns:
         ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
-        where ``batch`` is a ``tasks.Batch`` (``xs (T, B, D)``, ``targets``,
+        where ``batch`` is a ``jaxrnn.Batch`` (``xs (T, B, D)``, ``targets``,
         ``lengths``), ``key`` an optional PRNG key for dropout between layers, and
         ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping), plus the
         diagnostics' scalars with ``diagnostics=True``.

@@ -41,7 +41,7 @@ import jaxrnn
 from jaxrnn_lab.bench.contenders import Contender, compile_timed, xla_memory
 from jaxrnn_lab.bench.environment import torch_module
 from jaxrnn_lab.bench.timing import budget_repeats, settle, summarize, time_round_robin
-from jaxrnn._src.scan import sum_outer  # the weight-gradient product of backward_scan
+from jaxrnn.extend import sum_outer  # the weight-gradient product of backward_scan
 
 KERNELS = ("xla", "numpy", "torch")  # torch only where PyTorch is installed
 

@@ -46,7 +46,7 @@ import optax
 
 import jaxrnn
 from jaxrnn_lab import bench
-from jaxrnn._src.cells import CELLS
+from jaxrnn.extend import CELLS
 
 GROUPS = ("loop products", "loop elementwise", "big products", "other")
 

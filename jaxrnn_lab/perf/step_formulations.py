@@ -80,7 +80,7 @@ import numpy as np
 
 from jaxrnn._src import cells as cells_lib
 from jaxrnn._src import scan as scan_lib
-from jaxrnn._src.cells import GRU, LSTM, CellParams, Elman, _split
+from jaxrnn._src.cells import GRU, LSTM, CellParams, Elman, split_gates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ class LSTMSplit(LSTM):
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
         pre = xp + self.recurrent_preactivation(params, h_prev)
-        pi, pf, pg, po = _split(pre, 4)
+        pi, pf, pg, po = split_gates(pre, 4)
         i, f, o = jax.nn.sigmoid(pi), jax.nn.sigmoid(pf), jax.nn.sigmoid(po)
         g = jnp.tanh(pg)
         c = f * c_prev + i * g
@@ -121,7 +121,7 @@ class LSTMSplit(LSTM):
     def backward_step(self, params, carry_prev, carry, res, dcarry):
         _, c_prev = carry_prev
         gates, tc = res
-        i, f, g, o = _split(gates, 4)
+        i, f, g, o = split_gates(gates, 4)
         dh, dc_next = dcarry
         dc = dc_next + dh * o * (1 - tc * tc)
         dgates = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
@@ -132,7 +132,7 @@ class LSTMSplit(LSTM):
 def _one_tanh_lstm(pre, c_prev, blocks):
     """The chosen LSTM's step from its pre-activation ``pre (B, 4H)``, gate blocks by ``blocks``."""
     H = c_prev.shape[-1]
-    scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
+    scale, offset = cells_lib.gate_constants((0.5, 0.5, 1.0, 0.5), H, pre.dtype)
     gates = jnp.tanh(pre * scale) * scale + offset
     i, f, g, o = blocks(gates, 4)
     c = f * c_prev + i * g
@@ -146,7 +146,7 @@ class LSTMSlices(LSTM):
     def step(self, params, carry, xp):
         h_prev, c_prev = carry
         pre = xp + self.recurrent_preactivation(params, h_prev)
-        return _one_tanh_lstm(pre, c_prev, cells_lib._blocks)
+        return _one_tanh_lstm(pre, c_prev, cells_lib.gate_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +171,12 @@ class LSTMFourProducts(LSTM):
         _, c = carry
         gates = res
         H = c.shape[-1]
-        i, f, g, o = cells_lib._blocks(gates, 4)
+        i, f, g, o = cells_lib.gate_blocks(gates, 4)
         dh, dc_next = dcarry
         tc = jnp.tanh(c)
         dc = dc_next + dh * o * (1 - tc * tc)
         dact = jnp.concatenate([dc * g, dc * c_prev, dc * i, dh * tc], axis=-1)
-        scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0, 0.5), H, gates.dtype)
+        scale, offset = cells_lib.gate_constants((0.5, 0.5, 1.0, 0.5), H, gates.dtype)
         u = gates - offset
         dgates = dact * (scale * scale - u * u)
         return (dgates @ params.w_hh, dc * f), dgates, dgates
@@ -190,7 +190,7 @@ class LSTMPerGate(LSTM):
         h_prev, c_prev = carry
         blocks = [h_prev @ w.T for w in jnp.split(params.w_hh, 4, axis=0)]
         pre = xp + jnp.concatenate(blocks, axis=-1)
-        return _one_tanh_lstm(pre, c_prev, _split)
+        return _one_tanh_lstm(pre, c_prev, split_gates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +204,7 @@ class GRUOneTanh(GRU):
         x_rz, xn = jnp.split(xp, [2 * H], axis=-1)
         h_rz, hn = jnp.split(gh, [2 * H], axis=-1)
         rz = 0.5 * jnp.tanh(0.5 * (x_rz + h_rz)) + 0.5  # sigmoid = 1/2 + 1/2 tanh(./2)
-        r, z = _split(rz, 2)
+        r, z = split_gates(rz, 2)
         n = jnp.tanh(xn + r * hn)
         return (n + z * (h_prev - n),), (jnp.concatenate([rz, n], axis=-1), hn)
 
@@ -212,11 +212,11 @@ class GRUOneTanh(GRU):
         (h_prev,) = carry_prev
         rzn, hn = res
         H = hn.shape[-1]
-        r, z, n = cells_lib._blocks(rzn, 3)
+        r, z, n = cells_lib.gate_blocks(rzn, 3)
         (dh,) = dcarry
         dn, dz = dh * (1 - z), dh * (h_prev - n)
         dan = dn * (1 - n * n)
-        scale, offset = cells_lib._gate_constants((0.5, 0.5, 1.0), H, rzn.dtype)
+        scale, offset = cells_lib.gate_constants((0.5, 0.5, 1.0), H, rzn.dtype)
         u = rzn - offset
         dgi = jnp.concatenate([dan * hn, dz, dn], axis=-1) * (scale * scale - u * u)
         dgh = dgi * jnp.concatenate([jnp.ones_like(rzn[..., :2 * H]), r], axis=-1)
@@ -265,7 +265,7 @@ SCAN_UNDO = {  # variant -> {scan module attribute: replacement}
     "w_hh_in_loop": {"_loop_params": lambda params: (lambda: params)},
     "stacked_residuals": {"_inplace_index": lambda *args: None},
     "stacked_dgi": {"_dgi_over_dhs": lambda *args: False,
-                    "_dgi_over_residual": lambda *args: None},
+                    "dgi_over_residual": lambda *args: None},
     "folded_sum_outer": {"sum_outer": _folded_sum_outer},
 }
 SCAN_ALTERNATIVES = {  # measured, not chosen (not part of ``head``): variant -> swaps

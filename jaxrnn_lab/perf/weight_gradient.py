@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn_lab.bench.environment import cpu_pressure, jax_threads, torch_module
-from jaxrnn._src.scan import sum_outer
+from jaxrnn.extend import sum_outer
 
 FORMS = ("sum_outer", "folded", "flat", "chunks", "per_step", "callback", "numpy", "torch")
 XLA_FORMS = FORMS[:5]  # the ones XLA compiles on its own kernels
