@@ -18,7 +18,8 @@ from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_grad
 from jaxrnn._src.generate import sample
 from jaxrnn._src.loop import LoopResult, fit, train_loop
 from jaxrnn._src.losses import half_sse, mse, xent
-from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, reverse_sequences, sequence_mask
+from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, sequence_mask
+from jaxrnn._src.stack import reverse_sequences
 from jaxrnn._src.rtrl import rtrl_loss_and_grad
 from jaxrnn._src.scan import layer
 from jaxrnn._src.train import Batch, make_optimizer, make_tbptt_step, make_train_step

@@ -56,8 +56,9 @@ import jax.numpy as jnp
 
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import CellParams, Outer
-from jaxrnn._src.model import RNN, RNNParams, reverse_sequences, sequence_mask
+from jaxrnn._src.model import RNN, RNNParams, sequence_mask
 from jaxrnn._src.scan import backward_scan, forward_scan
+from jaxrnn._src.stack import reverse_sequences, run_stack
 
 # Elements of the per-step weight-gradient matrices formed at once when their
 # norms are taken (``lax.map`` in chunks of steps): bounds the memory to ~128 MiB
@@ -117,31 +118,17 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
     H, nd, L = model.layer_output_size, model.num_directions, model.num_layers
     mask = sequence_mask(lengths, T)
     carries0 = model.initial_carries(state, B, xs.dtype)  # one carry per (layer, direction)
-    use_dropout = dropout_key is not None and model.dropout > 0
 
     def order(a, d):
         """Scan order <-> original order (the per-sequence reversal is its own inverse)."""
         return a if d == 0 else reverse_sequences(a, lengths)
 
-    # --- forward, as model.features, keeping each layer's ForwardTrace -------
-    inputs, traces, keeps = [], [], []
-    h = xs
-    for l in range(L):
-        inputs.append(h)  # (T, B, D_l), original order
-        outs, trs = [], []
-        for d in range(nd):
-            hs, _, tr = forward_scan(cell, params.layers[l][d], order(h, d),
-                                     carries0[l * nd + d], mask)
-            outs.append(order(hs, d))  # back to original order
-            trs.append(tr)
-        traces.append(trs)
-        h = outs[0] if nd == 1 else jnp.concatenate(outs, axis=-1)  # (T, B, nd*H)
-        keep = None
-        if use_dropout and l < L - 1:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l),
-                                        1.0 - model.dropout, h.shape)  # as model.features
-            h = jnp.where(keep, h / (1.0 - model.dropout), 0)  # inverted dropout
-        keeps.append(keep)
+    # --- forward: the model's layer walk, keeping each direction's ForwardTrace ----
+    def direction(l, d, p, x, carry0):
+        return forward_scan(cell, p, x, carry0, mask)
+
+    run = run_stack(direction, params.layers, xs, carries0, lengths, model.dropout, dropout_key)
+    h, inputs, traces, keeps = run.h, run.inputs, run.kept, run.keeps
 
     # --- the readout and the loss: the top layer's output cotangent ----------
     def head(hs, readout):

@@ -25,6 +25,7 @@ from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, check_cell_class,
                           make_cell)
 from jaxrnn._src.scan import METHODS, layer
+from jaxrnn._src.stack import reverse_sequences, run_stack
 
 # the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
 _TORCH_CELLS = ("elman", "lstm", "gru")
@@ -61,25 +62,6 @@ def sequence_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None
     if lengths is None:
         return None
     return jnp.arange(num_steps)[:, None] < lengths[None, :]
-
-
-def reverse_sequences(xs: jax.Array, lengths: jax.Array | None) -> jax.Array:
-    """Reverses each sequence within its own length (PyTorch packed-sequence semantics).
-
-    Args:
-        xs: (T, B, ...).
-        lengths: (B,) or None (all sequences have length T).
-
-    Returns:
-        (T, B, ...): ``out[t, b] = xs[lengths[b] - 1 - t, b]`` for ``t < lengths[b]``,
-        ``xs[t, b]`` after. The map is its own inverse.
-    """
-    if lengths is None:
-        return xs[::-1]
-    t = jnp.arange(xs.shape[0])[:, None]
-    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # (T, B)
-    idx = idx.reshape(idx.shape + (1,) * (xs.ndim - 2))
-    return jnp.take_along_axis(xs, idx, axis=0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -341,26 +323,15 @@ class RNN:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         T, B, _ = xs.shape
-        cell = self.cell_fn
-        mask = sequence_mask(lengths, T)
-        carries0 = self.initial_carries(state, B, xs.dtype)
-        finals = []
-        h = xs
-        for l in range(self.num_layers):
-            outs = []
-            for d in range(self.num_directions):
-                i = l * self.num_directions + d
-                x_in = h if d == 0 else reverse_sequences(h, lengths)
-                hs, carry_T = layer(cell, params.layers[l][d], x_in, carries0[i], mask, method,
-                                    self.bptt_segment if method == "bptt" else None)
-                outs.append(hs if d == 0 else reverse_sequences(hs, lengths))
-                finals.append(carry_T)
-            h = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
-            if dropout_key is not None and self.dropout > 0 and l < self.num_layers - 1:
-                keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l),
-                                            1.0 - self.dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.dropout), 0)  # inverted dropout
-        return h, self._state(finals)
+        cell, mask = self.cell_fn, sequence_mask(lengths, T)
+        segment = self.bptt_segment if method == "bptt" else None
+
+        def direction(l, d, p, x, carry0):
+            return *layer(cell, p, x, carry0, mask, method, segment), None
+
+        run = run_stack(direction, params.layers, xs, self.initial_carries(state, B, xs.dtype),
+                        lengths, self.dropout, dropout_key)
+        return run.h, self._state(run.finals)
 
     def readout(self, params: RNNParams, hs: jax.Array, mask: jax.Array | None = None):
         """``y_t = W h_t + b``, (T, B, dirs*H) -> (T, B, O); zero where ``mask`` is False."""
