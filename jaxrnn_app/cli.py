@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxrnn_app.defaults import default_text
+
 EXIT_USAGE = 2
 
 
@@ -26,11 +28,77 @@ class UsageError(ValueError):
     """Bad command-line input that argparse itself cannot see."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it says it already (``default``
+    in the text: the task-dependent ones list each task's) or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        value = action.default
+        if ("default" in text or value is None or value is False
+                or value is argparse.SUPPRESS or not action.option_strings):
+            return text
+        if isinstance(value, list):
+            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        elif isinstance(value, str) and value != value.strip():
+            value = repr(value)
+        return f"{text} (default: {value})".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (and the pointer to --help) and exit status 2."""
+    """argparse, with its errors as one line (and the pointer to this command's --help, and
+    the nearest option to one it does not know) and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message += _did_you_mean(message[len(prefix):].split(), self._option_string_actions)
+        else:  # argparse's "invalid choice: 'trian' (choose from 'explain', 'train', ...)"
+            import difflib
+            import re
+
+            m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+            near = m and difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'",
+                                                                          m.group(2)), n=1)
+            if near:
+                message += f"; did you mean {near[0]}?"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _did_you_mean(words: list[str], options) -> str:
+    """``; did you mean --hidden?`` for the unknown options among ``words`` close to one of
+    ``options`` (``difflib``), else nothing."""
+    import difflib
+
+    unknown = [w.split("=")[0] for w in words if w.startswith("-")]
+    hints = []
+    for word in unknown:
+        near = difflib.get_close_matches(word, list(options), n=1)
+        if near:
+            hints.append(near[0] if len(unknown) == 1 else f"{near[0]} (for {word})")
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+
+def _version() -> str:
+    """The installed package's version, read without importing it (and JAX): its metadata,
+    else ``__version__`` in jaxrnn/__init__.py's text (a source tree not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version("jaxrnn")
+    except Exception:  # not installed
+        import re
+
+        init = Path(__file__).resolve().parent.parent / "jaxrnn" / "__init__.py"
+        try:
+            found = re.search(r'^__version__\s*=\s*["\']([^"\']+)', init.read_text(), re.M)
+        except OSError:
+            found = None
+        return found.group(1) if found else "unknown"
 
 
 def _csv_floats(text: str) -> list[float]:
@@ -193,6 +261,11 @@ def cmd_train(args) -> int:
 
 # --- sample ------------------------------------------------------------------
 
+def _say(msg: str) -> None:
+    """What a long silent wait is doing, on stderr (stdout holds the command's result)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def cmd_sample(args) -> int:
     import jax
     import numpy as np
@@ -204,13 +277,14 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     cfg = runner.read_config(out)
     if cfg.task != "charlm":
-        raise UsageError(f"sample needs a charlm run; {out} is a {cfg.task!r} run")
+        raise UsageError(f"sample needs a charlm run; --out {out} is a {cfg.task!r} run")
+    ckpt_dir = out / "checkpoints"
+    if not ckpt_dir.is_dir() or ckpt.latest_step(ckpt_dir) is None:
+        raise UsageError(f"--out {out} has no checkpoint (in {ckpt_dir})")
+    _say(f"loading the text and the latest checkpoint of {out}...")
     task = runner.build_task(cfg)
     model, params = runner.build_model(cfg, task)
     optimizer = runner.build_optimizer(cfg)
-    ckpt_dir = out / "checkpoints"
-    if ckpt.latest_step(ckpt_dir) is None:
-        raise UsageError(f"no checkpoint in {ckpt_dir}")
     like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
                                 {"model": cfg.model_fields()})
     def skipped(step, why):
@@ -222,6 +296,7 @@ def cmd_sample(args) -> int:
     unknown = sorted(set(prompt) - set(task.vocab))
     if unknown:
         raise UsageError(f"--prompt has characters outside the model's vocabulary: {unknown}")
+    _say(f"compiling the sampler and sampling {args.length} characters...")
     ids = sample(model, params, task.encode(prompt), args.length, jax.random.key(args.seed),
                  temperature=args.temperature)
     print(prompt + task.decode(np.asarray(ids)))
@@ -282,6 +357,10 @@ def cmd_gradcheck(args) -> int:
 
 # --- parser ------------------------------------------------------------------
 
+# What `jaxrnn bench --quick` takes, measured (jaxrnn_lab.bench.cli says it too).
+BENCH_QUICK_TIME = "about 1 minute on 2 CPU cores"
+
+
 def _bench_main():
     """The benchmark's ``main``: it lives in the lab (``jaxrnn_lab.bench``), which sits
     above the application, so the command reaches it by name, only when it runs."""
@@ -297,10 +376,9 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="jaxrnn", description="Recurrent networks in JAX with handwritten BPTT.")
-    from jaxrnn import __version__
-
-    p.add_argument("--version", action="version", version=f"jaxrnn {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"jaxrnn {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.commands = sub.choices  # name -> its parser (main: the errors of a subcommand's options)
 
     e = sub.add_parser("explain", help="the reference worked example, step by step",
                        description="Forward table, BPTT table, total gradients and one "
@@ -321,53 +399,64 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model (default: the reference example)",
         description="Trains with a jit-compiled optax step, showing a progress bar, and "
                     "writes config.json, metrics.jsonl, checkpoints/ and curves.png to --out. "
-                    "Options left out take the task's defaults (see README).")
+                    "Options left out take their defaults, listed below (some per --task).")
     t.add_argument("--task", choices=["example", "sine", "adding", "charlm"], default=None,
-                   help="what to train on (default: example, the reference worked example)")
+                   help="what to train on (default: example, the reference worked example); it sets "
+                        "the defaults of the options marked 'per task'")
     t.add_argument("--text", default=None, help="charlm: a UTF-8 text file (default: the "
                    "English documentation Python ships, pydoc_data.topics)")
-    t.add_argument("--cell", choices=CELL_NAMES, default=None)
+    t.add_argument("--cell", choices=CELL_NAMES, default=None,
+                   help="the recurrent cell " + default_text("cell"))
     t.add_argument("--proj-size", type=int, default=None,
-                   help="lstm: project h to this many units, as PyTorch's LSTM(proj_size=P)")
+                   help="lstm: project h to this many units, as PyTorch's LSTM(proj_size=P) "
+                        "(default: 0, no projection)")
     t.add_argument("--forget-bias", type=float, default=None,
-                   help="LSTM-family cells: added to the forget gate's bias at init (e.g. 1)")
-    t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer")
-    t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers")
-    t.add_argument("--bidirectional", action="store_true", default=None)
-    t.add_argument("--dropout", type=float, default=None, help="dropout between layers")
+                   help="LSTM-family cells: added to the forget gate's bias at init, e.g. 1 "
+                        + default_text("forget_bias"))
+    t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer " + default_text("hidden"))
+    t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers " + default_text("layers"))
+    t.add_argument("--bidirectional", action="store_true", default=None,
+                   help="both directions (default: one)")
+    t.add_argument("--dropout", type=float, default=None, help="dropout between layers " + default_text("dropout"))
     t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
                    help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
-                        "learning (rtrl: one-layer elman only) (default bptt)")
+                        "learning (rtrl: one-layer elman only) " + default_text("method"))
     t.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                    help="log per-step gradient norms (dh_first/dh_last/dh_ratio per layer) "
                         "in metrics.jsonl; --method bptt, full BPTT only (--no-diagnostics "
-                        "turns it off when resuming a run made with it)")
-    t.add_argument("--optimizer", default=None, help="any optax optimizer name (default adam)")
-    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate")
+                        "turns it off when resuming a run made with it) (default: off)")
+    t.add_argument("--optimizer", default=None, help="any optax optimizer name " + default_text("optimizer"))
+    t.add_argument("--lr", type=_positive_float, default=None, help="(peak) learning rate " + default_text("lr"))
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup-cosine"], default=None,
-                   help="learning-rate schedule (default constant)")
-    t.add_argument("--warmup", type=int, default=None, help="warm-up steps of warmup-cosine")
+                   help="learning-rate schedule " + default_text("schedule"))
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps of warmup-cosine " + default_text("warmup"))
     t.add_argument("--clip", type=_positive_float, default=None,
-                   help="clip the global gradient norm (an optax chain)")
-    t.add_argument("--batch", type=_positive_int, default=None, help="sequences per batch")
-    t.add_argument("--seq-len", type=_positive_int, default=None, help="steps per sequence")
+                   help="clip the global gradient norm (an optax chain) " + default_text("clip"))
+    t.add_argument("--batch", type=_positive_int, default=None, help="sequences per batch " + default_text("batch"))
+    t.add_argument("--seq-len", type=_positive_int, default=None, help="steps per sequence " + default_text("seq_len"))
     t.add_argument("--k1", type=_positive_int, default=None,
-                   help="truncated BPTT: steps between updates")
+                   help="truncated BPTT: steps between updates (default: none, full BPTT)")
     t.add_argument("--k2", type=_positive_int, default=None,
                    help="truncated BPTT: steps of backpropagation (default k1)")
     t.add_argument("--bptt-segment", type=_positive_int, default=None, metavar="N",
                    help="memory-lean BPTT: store the state every N steps and recompute "
                         "in the backward pass (about sqrt(--seq-len) is best; same "
-                        "gradients); --method bptt, full BPTT only")
-    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches)")
-    t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation")
+                        "gradients); --method bptt, full BPTT only (default: none, every step stored)")
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (batches) " + default_text("steps"))
+    t.add_argument("--seed", type=int, default=None, help="seed of data and initialisation " + default_text("seed"))
     t.add_argument("--devices", type=_positive_int, default=None,
                    help="devices for data parallelism (default: as many as divide the batch)")
-    t.add_argument("--log-every", type=_positive_int, default=None)
-    t.add_argument("--eval-every", type=int, default=None, help="0: no evaluation")
-    t.add_argument("--checkpoint-every", type=int, default=None)
+    t.add_argument("--log-every", type=_positive_int, default=None,
+                   help="steps between rows of metrics.jsonl " + default_text("log_every"))
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="steps between held-out evaluations, 0: none "
+                        + default_text("eval_every"))
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (and one at the end) "
+                        + default_text("checkpoint_every"))
     t.add_argument("--target-loss", type=float, default=None,
-                   help="stop once the training loss is at or below this")
+                   help="stop once the training loss is at or below this "
+                        + default_text("target_loss"))
     t.add_argument("--out", default=None, help="output directory (default runs/TASK-TIME)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its latest checkpoint")
@@ -378,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Open MPI, Cloud TPU, Kubernetes) is used if there is one. Process 0 writes the "
         "files; every process takes part in the checkpoints.")
     mp.add_argument("--num-processes", type=_positive_int, default=None,
-                    help="how many processes the run spans (1: an ordinary run)")
+                    help="how many processes the run spans (1: an ordinary run) (default: none)")
     mp.add_argument("--process-id", type=_nonnegative_int, default=None,
                     help="this process's index, in [0, --num-processes)")
     mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -390,13 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Restores the latest checkpoint of a charlm run and samples.")
     sp.add_argument("--out", required=True, help="the run's directory")
     sp.add_argument("--length", type=_positive_int, default=400, help="characters to sample")
-    sp.add_argument("--temperature", type=_positive_float, default=0.8)
+    sp.add_argument("--temperature", type=_positive_float, default=0.8,
+                    help="softmax temperature: lower is more conservative")
     sp.add_argument("--prompt", default="The ", help="text to start from")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     sp.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bench", help="time a training step: bptt, autodiff, PyTorch, Flax, "
-                                     "and the product floor",
+                                     "and the product floor (--quick: " + BENCH_QUICK_TIME + ")",
                        description="The training-step benchmark (jaxrnn_lab/bench); "
                                    "arguments go to it: --quick, --out DIR, --cells, --grid, "
                                    "--repeats, --floor-repeats (see jaxrnn bench --help).",
@@ -423,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest number of layers (default 3)")
     g.add_argument("--no-bidirectional", action="store_true", help="one direction only")
     g.add_argument("--no-lengths", action="store_true", help="no variable lengths")
-    fixed = g.add_argument_group("fixed settings (override the random draw)")
+    fixed = g.add_argument_group("fixed settings (default: drawn at random for each "
+                                 "configuration)")
     fixed.add_argument("--seq-len", type=_positive_int, help="T")
     fixed.add_argument("--batch", type=_positive_int, help="B")
     fixed.add_argument("--input-size", type=_positive_int, help="D")
@@ -445,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # its own options (argparse.REMAINDER cannot pass --help on)
         return _bench_main()(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's parser says it: its --help, its nearest option
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "cell", None) is None and args.command == "gradcheck":
         from jaxrnn._src.cells import CELLS
 

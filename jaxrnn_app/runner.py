@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ import optax
 from jaxrnn_app import checkpoint as ckpt
 from jaxrnn._src import rtrl
 from jaxrnn_app import distributed, memory, sharding
+from jaxrnn_app.defaults import TASK_DEFAULTS
 from jaxrnn._src.loop import train_loop
 from jaxrnn._src.model import RNN, loss_fn
 from jaxrnn_app.tasks import Task, make_task
@@ -79,6 +81,40 @@ CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
 
 class RunError(ValueError):
     """A run that cannot start: bad options, a missing or mismatched checkpoint."""
+
+
+# The library's argument names -> the ``jaxrnn train`` options that set them, for its
+# messages (``option_message``).
+OPTION = {"seq_len": "--seq-len", "batch_size": "--batch", "batch": "--batch",
+          "text_path": "--text", "hidden_size": "--hidden", "proj_size": "--proj-size",
+          "forget_bias": "--forget-bias", "num_layers": "--layers", "cell": "--cell",
+          "bidirectional": "--bidirectional", "dropout": "--dropout", "method": "--method",
+          "optimizer": "--optimizer", "lr": "--lr", "clip": "--clip", "k1": "--k1",
+          "k2": "--k2", "bptt_segment": "--bptt-segment"}
+
+
+def option_message(message: str, anywhere: tuple[str, ...] = ()) -> str:
+    """A library message with its argument names as the command's options (``OPTION``).
+
+    A name is replaced as a whole word where the message names an argument: at its
+    start (``seq_len must be ...``), with a value (``cell='gru'`` -> ``--cell 'gru'``,
+    ``hidden_size=8`` -> ``--hidden=8``, ``bidirectional=True`` -> ``--bidirectional``),
+    a name with an underscore anywhere, and the names in ``anywhere`` anywhere. Plain
+    words elsewhere (``an optax optimizer``) stay.
+    """
+    names = "|".join(sorted(OPTION, key=len, reverse=True))
+
+    def with_value(m):
+        option, value = OPTION[m.group(1)], m.group(2)
+        if value == "True":
+            return option
+        return f"{option} {value}" if value[:1] in "'\"" else f"{option}={value}"
+
+    message = re.sub(rf"\b({names})=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)", with_value, message)
+    message = re.sub(rf"^({names})\b", lambda m: OPTION[m.group(1)], message)
+    loose = [n for n in OPTION if "_" in n or n in anywhere]
+    return re.sub(rf"(?<![-\w/.])({'|'.join(sorted(loose, key=len, reverse=True))})\b",
+                  lambda m: OPTION[m.group(1)], message)
 
 
 class RunFailed(FloatingPointError):
@@ -123,19 +159,6 @@ class RunConfig:
     def model_fields(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_FIELDS
                 if _OPTIONAL_MODEL_FIELDS.get(k, object()) != getattr(self, k)}
-
-
-# Per-task defaults, applied to options the user did not give.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "example": dict(lr=0.02, steps=10000, target_loss=1e-4, log_every=10, eval_every=0,
-                    checkpoint_every=5000, batch=1, seq_len=3, hidden=1),
-    "sine": dict(cell="lstm", hidden=32, lr=1e-2, steps=500, batch=32, seq_len=50,
-                 log_every=10, eval_every=50, checkpoint_every=250),
-    "adding": dict(cell="lstm", hidden=64, lr=1e-2, steps=1500, batch=64, seq_len=100,
-                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
-    "charlm": dict(cell="lstm", hidden=128, lr=3e-3, steps=1500, batch=32, seq_len=64,
-                   clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
-}
 
 
 def build_config(**given) -> RunConfig:
@@ -231,8 +254,7 @@ def build_task(cfg: RunConfig) -> Task:
     try:
         return make_task(cfg.task, **kw)
     except ValueError as e:
-        raise RunError(str(e).replace("seq_len", "--seq-len").replace("batch_size", "--batch")
-                       .replace("text_path", "--text")) from None
+        raise RunError(option_message(str(e))) from None
 
 
 def make_model(cfg: RunConfig, task: Task) -> RNN:
@@ -246,11 +268,7 @@ def make_model(cfg: RunConfig, task: Task) -> RNN:
                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
                    bptt_segment=cfg.bptt_segment)
     except ValueError as e:
-        msg = str(e)
-        for name, flag in (("proj_size", "--proj-size"), ("forget_bias", "--forget-bias"),
-                           ("hidden_size", "--hidden"), ("cell=", "--cell ")):
-            msg = msg.replace(name, flag)
-        raise RunError(msg) from None
+        raise RunError(option_message(str(e))) from None
 
 
 def init_params(cfg: RunConfig, task: Task, model: RNN) -> Any:
@@ -337,7 +355,7 @@ def build_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     try:
         return make_optimizer(cfg.optimizer, lr, cfg.clip)
     except ValueError as e:
-        raise RunError(str(e).replace("optimizer must", "--optimizer must")) from None
+        raise RunError(option_message(str(e))) from None
 
 
 def _versions() -> dict[str, str]:
@@ -352,7 +370,7 @@ def read_config(out: Path) -> RunConfig:
     """The ``RunConfig`` saved in ``out/config.json``."""
     path = Path(out) / "config.json"
     if not path.exists():
-        raise RunError(f"--resume: {out} holds no run (no config.json)")
+        raise RunError(f"--out {out} holds no run (no config.json)")
     data = json.loads(path.read_text())
     names = {f.name for f in dataclasses.fields(RunConfig)}
     return RunConfig(**{k: v for k, v in data.items() if k in names})
@@ -395,7 +413,10 @@ def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
             ``RUN_DEFINING`` given with values other than the run's (one message
             naming each, with both values). Nothing is written.
     """
-    saved = read_config(out)
+    try:
+        saved = read_config(out)
+    except RunError as e:  # "--resume: --out DIR holds no run"
+        raise RunError(f"--resume: {e}") from None
     unknown = sorted(set(given) - set(RUN_DEFINING) - set(CHANGEABLE_ON_RESUME))
     if unknown:
         raise RunError(f"unknown run options {unknown}")
@@ -539,8 +560,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         try:
             rtrl.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
         except ValueError as e:
-            raise RunError(str(e).replace("hidden_size or batch", "--hidden or --batch")
-                           .replace("method='bptt'", "--method bptt")) from None
+            raise RunError(option_message(str(e), anywhere=("batch",))) from None
     # Before the parameters are made, a batch drawn or the run directory written.
     check_memory(cfg, task, model, optimizer, memory_available)
     params = init_params(cfg, task, model)
@@ -622,6 +642,9 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
 
+            if progress:  # the first step compiles (seconds to minutes): say so
+                warn(f"{cfg.task}: compiling the training step (the first step; the "
+                     f"progress bar's ETA starts after it)...")
             res = train_loop(
                 step_fn, params, opt_state, place_batch, cfg.steps,
                 start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,

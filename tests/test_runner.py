@@ -292,6 +292,19 @@ def test_every_run_option_is_run_defining_or_changeable():
     assert set(runner.MODEL_FIELDS) <= defining
 
 
+def test_run_defaults_agree_with_the_help_s_table():
+    """jaxrnn_app.defaults (what --help lists, without JAX) holds RunConfig's defaults
+    and the per-task table the runner applies."""
+    import dataclasses
+
+    from jaxrnn_app import defaults
+
+    assert {f.name: f.default for f in dataclasses.fields(runner.RunConfig)} \
+        == defaults.RUN_DEFAULTS
+    assert runner.TASK_DEFAULTS is defaults.TASK_DEFAULTS
+    assert set(defaults.TASK_DEFAULTS) == set(defaults.TASKS)
+
+
 # Pairwise (tests/conftest.py's all_pairs), not a grid: each option absent, given equal
 # to the run's value (spelled another way where it can be), or given different.
 RUN = dict(task="sine", cell="gru", hidden=8, lr=0.01, clip=None, k1=None, batch=4, seq_len=12)

@@ -59,6 +59,9 @@ class _NoBar:
     def set_postfix(self, **kwargs) -> None:
         pass
 
+    def unpause(self) -> None:
+        pass
+
 
 def _progress_bar(total: int, initial: int, desc: str, show: bool):
     """A tqdm bar of ``total`` steps, or a silent stand-in: tqdm is imported only when shown."""
@@ -260,6 +263,7 @@ def train_loop(step_fn: Callable, params, opt_state,
                 jax.block_until_ready(params)
                 t_steady = t_log = time.perf_counter()
                 compile_s, step_log = t_steady - t0, step  # the first step: compile + run
+                bar.unpause()  # the bar's elapsed time and ETA start here, after the compile
             if on_step is not None:
                 on_step(step, metrics)
             if finite:  # the first non-finite step, tracked on the device (no sync)

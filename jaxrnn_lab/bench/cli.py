@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import time
 
+from jaxrnn_app.cli import BENCH_QUICK_TIME, _Parser
 from jaxrnn_lab.bench.report import write_outputs
 from jaxrnn_lab.bench.run import run_benchmark
 from jaxrnn_lab.bench.settings import CELL_VARIANTS, CELLS, QUICK, Settings
@@ -29,12 +30,13 @@ def parse_point(text: str) -> tuple:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(  # the command's: errors in one line, defaults in the help
         prog="jaxrnn bench", description="Times one training step of jaxrnn (bptt, autodiff), "
         "PyTorch and Flax, and the product floor (the step's matrix products alone, fastest "
         "kernel each), on a grid of sizes.")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few repeats (seconds; what the tests run)")
+                        help=f"tiny sizes and few repeats ({BENCH_QUICK_TIME}; what the tests "
+                             f"run) (default: the full grid, much longer)")
     parser.add_argument("--cells", nargs="+", choices=CELLS,
                         help="cells to run (default: all three)")
     parser.add_argument("--variants", nargs="*", choices=list(CELL_VARIANTS),
@@ -70,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             changes["floor_repeats"] = args.floor_repeats
         settings = dataclasses.replace(settings, **changes)
     except ValueError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
+        print(f"jaxrnn bench: error: {e} (see jaxrnn bench --help)", file=sys.stderr)
         return 2
     out = args.out or f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.quick:
+        print(f"bench --quick: {BENCH_QUICK_TIME}; writing {out}", file=sys.stderr, flush=True)
     bench = run_benchmark(settings, progress=not args.no_progress)
     paths = write_outputs(bench, out)
     print(paths["md"].read_text())

@@ -188,7 +188,18 @@ def _point_label(p: dict) -> str:
 
 
 def chart(bench: dict, path: Path) -> None:
-    """Grouped bars: ms per step of every step contender and the product floor, by cell."""
+    """Grouped bars: ms per step of every step contender that ran and the product floor,
+    by cell, written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(bench)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figure(bench: dict):
+    """``chart``'s matplotlib figure (Agg). Its bars and legend hold only the contenders
+    that ran at some point (``status`` "ok"), not those "not installed" or failed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,8 +212,9 @@ def chart(bench: dict, path: Path) -> None:
         "torch": (f"torch ({threads} threads)", "tab:red"),
         "torch_1t": ("torch (1 thread)", "lightcoral"), "flax": ("flax", "tab:green"),
         "floor": ("product floor", "0.6")}
-    names = list(style)
-    width = 0.84 / len(names)
+    names = [n for n in style
+             if any(time_ms(p["methods"], n) is not None for p in bench["results"])]
+    width = 0.84 / max(len(names), 1)
     fig, axes = plt.subplots(1, len(cells), figsize=(4.8 * len(cells) + 0.6, 4.8), dpi=120,
                              squeeze=False, sharey=True)
     for ax, cell in zip(axes[0], cells):
@@ -215,7 +227,7 @@ def chart(bench: dict, path: Path) -> None:
                    hatch="//" if name == "floor" else None)
             if name == "floor":  # a sum of medians: no quartiles
                 continue
-            ok = [p["methods"][name].get("status") == "ok" for p in pts]
+            ok = [p["methods"].get(name, {}).get("status") == "ok" for p in pts]
             q1, q3 = (np.array([p["methods"][name][k] if o else np.nan
                                 for p, o in zip(pts, ok)]) for k in ("q1_ms", "q3_ms"))
             ax.errorbar(x, med, yerr=[med - q1, q3 - med], fmt="none", ecolor="black",
@@ -227,14 +239,14 @@ def chart(bench: dict, path: Path) -> None:
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per training step (median; bars: quartiles)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(names), 1), fontsize=8,
+               frameon=False)
     env = bench["environment"]
     fig.suptitle(f"One training step (forward, backward, Adam), float32, {env['cpu']}, "
                  f"{threads} threads; product floor: the step's matrix products alone; "
                  f"log scale", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def write_outputs(bench: dict, out: str | Path) -> dict[str, Path]:
