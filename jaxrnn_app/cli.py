@@ -358,7 +358,7 @@ def cmd_gradcheck(args) -> int:
 # --- parser ------------------------------------------------------------------
 
 # What `jaxrnn bench --quick` takes, measured (jaxrnn_lab.bench.cli says it too).
-BENCH_QUICK_TIME = "about 1 minute on 2 CPU cores"
+BENCH_QUICK_TIME = "about 40 s on 2 idle CPU cores, 2 minutes on a busy machine"
 
 
 def _bench_main():
