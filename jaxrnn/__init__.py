@@ -18,11 +18,13 @@ from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_grad
 from jaxrnn._src.generate import sample
 from jaxrnn._src.loop import LoopResult, fit, train_loop
 from jaxrnn._src.losses import half_sse, mse, xent
-from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, sequence_mask
+from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, State, sequence_mask
+from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.stack import reverse_sequences
 from jaxrnn._src.rtrl import rtrl_loss_and_grad
 from jaxrnn._src.scan import layer
-from jaxrnn._src.train import Batch, make_optimizer, make_tbptt_step, make_train_step
+from jaxrnn._src.train import (Batch, Metrics, TrainStep, make_optimizer, make_tbptt_step,
+                               make_train_step)
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,11 @@ __all__ = [
     "RNN",
     "RNNParams",
     "ReadoutParams",
+    "State",
+    "Method",
+    "ScanMethod",
+    "LossName",
+    "CellName",
     "layer",
     "sequence_mask",
     "reverse_sequences",
@@ -59,6 +66,8 @@ __all__ = [
     "make_train_step",
     "make_tbptt_step",
     "make_optimizer",
+    "TrainStep",
+    "Metrics",
     "train_loop",
     "LoopResult",
     "fit",

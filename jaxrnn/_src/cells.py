@@ -856,6 +856,7 @@ class IndRNN(Cell):
 CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN,
                                 "peephole_lstm": PeepholeLSTM, "layernorm_lstm": LayerNormLSTM}
 # cells with a forget gate (forget_bias applies) and cells with a nonlinearity option
+# (CELLS' keys: names.CellName, which a test keeps equal)
 _FORGET_GATE = ("lstm", "peephole_lstm", "layernorm_lstm")
 _NONLINEARITY = ("elman", "indrnn")
 

@@ -56,7 +56,8 @@ import jax.numpy as jnp
 
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import CellParams, Outer
-from jaxrnn._src.model import RNN, RNNParams, sequence_mask
+from jaxrnn._src.model import RNN, RNNParams, State, sequence_mask
+from jaxrnn._src.names import LossName
 from jaxrnn._src.scan import backward_scan, forward_scan
 from jaxrnn._src.stack import reverse_sequences, run_stack
 
@@ -254,7 +255,8 @@ def _validate(model, params, xs, targets, loss, state, lengths, last_only):
 
 
 def gradient_diagnostics(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
-                         loss: str = "half_sse", state=None, lengths: jax.Array | None = None,
+                         loss: LossName = "half_sse", state: State | None = None,
+                         lengths: jax.Array | None = None,
                          dropout_key: jax.Array | None = None,
                          last_only: bool = False) -> Diagnostics:
     r"""Per-step gradient norms of a batch, from the handwritten reverse scan; jit-compiled.
@@ -301,7 +303,8 @@ def gradient_diagnostics(model: RNN, params: RNNParams, xs: jax.Array, targets: 
 
 
 def step_gradients(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
-                   loss: str = "half_sse", state=None, lengths: jax.Array | None = None,
+                   loss: LossName = "half_sse", state: State | None = None,
+                   lengths: jax.Array | None = None,
                    dropout_key: jax.Array | None = None,
                    last_only: bool = False) -> StepGradients:
     r"""The raw per-step cotangents and weight-gradient terms; jit-compiled.

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxrnn._src.model import RNN, RNNParams
 
@@ -28,7 +29,7 @@ def _sample_ids(model: RNN, params: RNNParams, prompt_onehot: jax.Array, length:
     return ids
 
 
-def sample(model: RNN, params: RNNParams, prompt_ids, length: int, key: jax.Array,
+def sample(model: RNN, params: RNNParams, prompt_ids: ArrayLike, length: int, key: jax.Array,
            temperature: float = 1.0) -> jax.Array:
     """Samples ``length`` ids after a prompt, feeding each sample back as the next input.
 

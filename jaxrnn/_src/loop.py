@@ -140,7 +140,7 @@ def all_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
-def train_loop(step_fn: Callable, params, opt_state,
+def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
                batches: Batch | Callable[[int], Batch] | Iterable[Batch], steps: int, *,
                start: int = 0, key: jax.Array | None = None, log_every: int = 1,
                eval_every: int = 0, evaluate: Callable[[Any], dict] | None = None,
@@ -319,7 +319,7 @@ def train_loop(step_fn: Callable, params, opt_state,
                       first_bad, jax.device_get(metrics))
 
 
-def fit(step_fn: Callable, params, opt_state,
+def fit(step_fn: Callable[..., Any], params: Any, opt_state: Any,
         batches: Batch | Callable[[int], Batch] | Iterable[Batch], steps: int, *,
         target_loss: float | None = None, log_every: int = 1, progress: bool = True,
         desc: str = "train", **hooks) -> LoopResult:

@@ -20,18 +20,21 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, check_cell_class,
                           make_cell)
+from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
 from jaxrnn._src.stack import reverse_sequences, run_stack
 
 # the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
 _TORCH_CELLS = ("elman", "lstm", "gru")
 
-# A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0).
-State = Any
+# A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
+# with carry_size k > 1: a tuple of k arrays).
+State = jax.Array | tuple[jax.Array, ...]
 
 
 class ReadoutParams(NamedTuple):
@@ -96,7 +99,7 @@ class RNN:
     with ``proj_size=P``, ``h`` is (L*dirs, B, P)).
     """
 
-    cell: str | Cell = "elman"
+    cell: CellName | Cell = "elman"
     input_size: int
     hidden_size: int
     output_size: int
@@ -160,7 +163,7 @@ class RNN:
         return 2 if self.bidirectional else 1
 
     # --- parameters ----------------------------------------------------------
-    def init(self, key: jax.Array, dtype=jnp.float32) -> RNNParams:
+    def init(self, key: jax.Array, dtype: DTypeLike = jnp.float32) -> RNNParams:
         """Random parameters with PyTorch's initialisation.
 
         Args:
@@ -194,7 +197,7 @@ class RNN:
                   if self.readout_bias else None))
         return RNNParams(tuple(layers), readout)
 
-    def zero_state(self, batch: int, dtype=jnp.float32) -> State:
+    def zero_state(self, batch: int, dtype: DTypeLike = jnp.float32) -> State:
         """Zeros in PyTorch's state shape ``(L*dirs, B, H)`` (a pair for the LSTM).
 
         A cell with ``carry_size`` k > 1 has a tuple of k such arrays, the k-th of
@@ -310,9 +313,9 @@ class RNN:
         parts = tuple(jnp.stack([c[k] for c in carries]) for k in range(len(carries[0])))
         return parts if self.cell_fn.carry_size > 1 else parts[0]
 
-    def features(self, params: RNNParams, xs: jax.Array, state: State = None,
-                 lengths: jax.Array | None = None, method: str = "bptt",
-                 dropout_key: jax.Array | None = None):
+    def features(self, params: RNNParams, xs: jax.Array, state: State | None = None,
+                 lengths: jax.Array | None = None, method: ScanMethod = "bptt",
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, State]:
         """The top recurrent layer's outputs, before the readout.
 
         Args: as in ``apply``.
@@ -342,9 +345,9 @@ class RNN:
             ys = jnp.where(mask[:, :, None], ys, 0)
         return ys
 
-    def apply(self, params: RNNParams, xs: jax.Array, state: State = None,
-              lengths: jax.Array | None = None, method: str = "bptt",
-              dropout_key: jax.Array | None = None):
+    def apply(self, params: RNNParams, xs: jax.Array, state: State | None = None,
+              lengths: jax.Array | None = None, method: ScanMethod = "bptt",
+              dropout_key: jax.Array | None = None) -> tuple[jax.Array, State]:
         """Runs the network over a batch of sequences.
 
         Args:
@@ -367,9 +370,10 @@ class RNN:
         return self.readout(params, hs, sequence_mask(lengths, xs.shape[0])), final
 
     # --- losses and gradients -----------------------------------------------
-    def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array, loss: str = "half_sse",
-             method: str = "bptt", state: State = None, lengths: jax.Array | None = None,
-             dropout_key: jax.Array | None = None):
+    def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
+             loss: LossName = "half_sse", method: ScanMethod = "bptt",
+             state: State | None = None, lengths: jax.Array | None = None,
+             dropout_key: jax.Array | None = None) -> jax.Array:
         """The scalar loss of ``apply``'s outputs against ``targets``.
 
         Args:
@@ -383,8 +387,9 @@ class RNN:
         return losses_lib.get_loss(loss)(ys, targets, sequence_mask(lengths, ys.shape[0]))
 
     def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
-                      loss: str = "half_sse", method: str = "bptt", state: State = None,
-                      lengths: jax.Array | None = None, dropout_key: jax.Array | None = None):
+                      loss: LossName = "half_sse", method: Method = "bptt",
+                      state: State | None = None, lengths: jax.Array | None = None,
+                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, RNNParams]:
         """The loss and its gradient with respect to ``params``, jit-compiled.
 
         Args: as in ``loss``. ``method="bptt"`` uses the handwritten reverse-scan
@@ -538,7 +543,7 @@ class RNN:
         return rnn_sd, readout_sd
 
 
-def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+def loss_fn(model: RNN, loss: str, method: ScanMethod, params, xs, targets, state, lengths,
             dropout_key=None, last_only: bool = False):
     """The scalar loss, without input validation (callers validate); jit-friendly.
 
@@ -556,7 +561,7 @@ def loss_fn(model: RNN, loss: str, method: str, params, xs, targets, state, leng
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _loss_and_grad(model: RNN, loss: str, method: str, params, xs, targets, state, lengths,
+def _loss_and_grad(model: RNN, loss: str, method: ScanMethod, params, xs, targets, state, lengths,
                    dropout_key):
     return jax.value_and_grad(loss_fn, argnums=3)(model, loss, method, params, xs, targets,
                                                    state, lengths, dropout_key)

@@ -47,12 +47,17 @@ refuses above ``MAX_SENSITIVITY_ELEMENTS``. Steps past a sequence's length
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
 
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import CellParams
+from jaxrnn._src.names import LossName
+
+if TYPE_CHECKING:  # model imports this module lazily; types only
+    from jaxrnn._src.model import RNN, RNNParams, State
 
 # Refuse when the sensitivities P (and S) would hold more elements than this:
 # 5e7 is 400 MB in float64 for P alone, and the update makes a few temporaries
@@ -229,11 +234,23 @@ def _rtrl(model, loss: str, last_only: bool, state_grad: bool, params, xs, targe
     return L, grads
 
 
-def rtrl_loss_and_grad(model, params, xs: jax.Array, targets: jax.Array,
-                       loss: str = "half_sse", state: jax.Array | None = None,
+@overload
+def rtrl_loss_and_grad(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                       loss: LossName = ..., state: State | None = ...,
+                       lengths: jax.Array | None = ..., *, last_only: bool = ...,
+                       state_grad: Literal[False] = ...,
+                       max_elements: int = ...) -> tuple[jax.Array, RNNParams]: ...
+@overload
+def rtrl_loss_and_grad(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                       loss: LossName = ..., state: State | None = ...,
+                       lengths: jax.Array | None = ..., *, last_only: bool = ...,
+                       state_grad: Literal[True],
+                       max_elements: int = ...) -> tuple[jax.Array, RNNParams, jax.Array]: ...
+def rtrl_loss_and_grad(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                       loss: LossName = "half_sse", state: State | None = None,
                        lengths: jax.Array | None = None, *, last_only: bool = False,
                        state_grad: bool = False,
-                       max_elements: int = MAX_SENSITIVITY_ELEMENTS):
+                       max_elements: int = MAX_SENSITIVITY_ELEMENTS) -> Any:
     r"""The loss and its exact gradient by real-time recurrent learning; jit-compiled.
 
     Forward in time only (see the module docstring for the math): the

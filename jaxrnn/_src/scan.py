@@ -32,14 +32,15 @@ carry's cotangent through unchanged and contributes nothing to any gradient.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
 from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
+from jaxrnn._src.names import ScanMethod
 
-METHODS = ("bptt", "autodiff")
+METHODS: tuple[ScanMethod, ...] = get_args(ScanMethod)  # ("bptt", "autodiff")
 
 # Steps per iteration of the forward and the reverse scan's loops (``lax.scan``'s
 # ``unroll``). 1: unrolling measured slower for every cell and grid point, up to 20x
@@ -640,7 +641,7 @@ def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
 
 def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-          mask: jax.Array | None = None, method: str = "bptt",
+          mask: jax.Array | None = None, method: ScanMethod = "bptt",
           segment: int | None = None) -> tuple[jax.Array, Carry]:
     """One recurrent layer over a sequence, differentiated by ``method``.
 

@@ -13,7 +13,7 @@ is ``jaxrnn._src.loop.train_loop``; ``fit`` lives there too.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, get_args
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from jaxrnn._src import losses as losses_lib
 from jaxrnn._src import rtrl
 from jaxrnn._src.diagnostics import gradient_diagnostics, summary
 from jaxrnn._src.model import RNN, RNNParams, loss_fn
+from jaxrnn._src.names import LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS
 
 
@@ -34,11 +35,26 @@ class Batch(NamedTuple):
     lengths: jax.Array | None = None  # (B,) integers in [1, T], or None
 
 
-StepFn = Callable[[RNNParams, optax.OptState, Batch], tuple]
+# A step's metrics: scalars (jax arrays; ``make_tbptt_step``'s ``updates`` is an int).
+Metrics = dict[str, Any]
+
+
+class TrainStep(Protocol):
+    """What ``make_train_step`` and ``make_tbptt_step`` return.
+
+    ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``.
+    """
+
+    def __call__(self, params: RNNParams, opt_state: optax.OptState, batch: Batch,
+                 key: jax.Array | None = None) -> tuple[RNNParams, optax.OptState, Metrics]:
+        ...
+
+
+StepFn = TrainStep
 
 # The gradient methods of ``make_train_step``: the per-layer methods of the scan,
 # plus RTRL, which computes the whole loss's gradient at once.
-TRAIN_METHODS = METHODS + ("rtrl",)
+TRAIN_METHODS: tuple[Method, ...] = get_args(Method)  # METHODS + ("rtrl",)
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = None,
@@ -122,9 +138,9 @@ def clip_recurrent(max_abs: float) -> optax.GradientTransformation:
 
 
 def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
-                    loss: str = "half_sse", method: str = "bptt",
+                    loss: LossName = "half_sse", method: Method = "bptt",
                     donate: bool = True, last_only: bool = False,
-                    diagnostics: bool = False) -> StepFn:
+                    diagnostics: bool = False) -> TrainStep:
     """A jit-compiled, pure train step.
 
     Args:
@@ -180,7 +196,8 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
             model, loss, method, params, xs, targets, None, lengths, key, last_only)
         return value, grads, {}
 
-    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
+    def step(params: RNNParams, opt_state: optax.OptState, batch: Batch,
+             key: jax.Array | None = None) -> tuple[RNNParams, optax.OptState, Metrics]:
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
         model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
         value, grads, extra = gradient(params, xs, batch.targets, lengths, key)
@@ -189,7 +206,8 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
         metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **extra}
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    jitted: TrainStep = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jitted
 
 
 def truncation_windows(num_steps: int, k1: int, k2: int) -> list[tuple[int, int, int, int]]:
@@ -212,8 +230,8 @@ def truncation_windows(num_steps: int, k1: int, k2: int) -> list[tuple[int, int,
 
 
 def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int,
-                    k2: int | None = None, loss: str = "half_sse", method: str = "bptt",
-                    donate: bool = True) -> StepFn:
+                    k2: int | None = None, loss: LossName = "half_sse",
+                    method: ScanMethod = "bptt", donate: bool = True) -> TrainStep:
     r"""Truncated BPTT(k1, k2): an update every ``k1`` steps, backpropagating ``k2`` steps.
 
     The batch's sequence is cut into chunks of ``k1`` steps. For each chunk, the
@@ -282,7 +300,8 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
     chunk_update = jax.jit(chunk_update, static_argnames=("n_loss",),
                            donate_argnums=(0, 1) if donate else ())
 
-    def step(params, opt_state, batch: Batch, key: jax.Array | None = None):
+    def step(params: RNNParams, opt_state: optax.OptState, batch: Batch,
+             key: jax.Array | None = None) -> tuple[RNNParams, optax.OptState, Metrics]:
         if batch.lengths is not None:
             raise ValueError("truncated BPTT takes full-length sequences: batch.lengths must "
                              "be None")
