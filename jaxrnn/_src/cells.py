@@ -37,6 +37,8 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrnn._src.validation import check_forget_bias, check_int
+
 Carry = tuple[jax.Array, ...]
 
 
@@ -301,9 +303,7 @@ class LSTM(Cell):
         Raises:
             ValueError: ``forget_bias`` without ``bias``.
         """
-        if self.forget_bias and not bias:
-            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
-                             f"it initialises b_ih")
+        check_forget_bias(self.forget_bias, bias, "b_ih")
         p = super().init(key, input_size, hidden_size, bias, dtype)
         if self.forget_bias:
             H = hidden_size
@@ -390,8 +390,7 @@ class ProjectedLSTM(LSTM):
 
     def __post_init__(self):
         P = self.proj_size
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"proj_size must be an integer >= 1 for ProjectedLSTM, got {P!r}")
+        check_int("proj_size", P, 1, context=" for ProjectedLSTM")
 
     def state_sizes(self, hidden_size: int) -> tuple[int, ...]:
         """``(P, H)``: the carry is ``(h (B, P), c (B, H))``."""
@@ -575,9 +574,7 @@ class PeepholeLSTM(Cell):
         Raises:
             ValueError: ``forget_bias`` without ``bias``.
         """
-        if self.forget_bias and not bias:
-            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
-                             f"it initialises b_ih")
+        check_forget_bias(self.forget_bias, bias, "b_ih")
         k1, k2 = jax.random.split(key)
         p = super().init(k1, input_size, hidden_size, bias, dtype)
         H = hidden_size
@@ -722,9 +719,7 @@ class LayerNormLSTM(Cell):
         Raises:
             ValueError: ``forget_bias`` without ``bias``.
         """
-        if self.forget_bias and not bias:
-            raise ValueError(f"forget_bias={self.forget_bias!r} needs bias=True: "
-                             f"it initialises the gates' bias")
+        check_forget_bias(self.forget_bias, bias, "the gates' bias")
         H = hidden_size
         bound = 1.0 / math.sqrt(H)
         k1, k2, k3 = jax.random.split(key, 3)
@@ -872,8 +867,7 @@ def check_cell_class(cell: Cell) -> None:
     name = type(cell).__name__
     for attr in ("num_gates", "carry_size"):
         v = getattr(cell, attr)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}.{attr} must be an integer >= 1, got {v!r}")
+        check_int(f"{name}.{attr}", v, 1)
     if not isinstance(cell.name, str):
         raise ValueError(f"{name}.name must be a string, got {cell.name!r}")
     try:
@@ -910,15 +904,12 @@ def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
     if forget_bias and kind not in _FORGET_GATE:
         raise ValueError(f"forget_bias={forget_bias!r} applies to cells with a forget gate "
                          f"{list(_FORGET_GATE)}; cell={kind!r} has none")
-    if forget_bias and not bias:
-        raise ValueError(f"forget_bias={forget_bias!r} needs bias=True: it initialises the "
-                         f"forget gate's bias")
+    check_forget_bias(forget_bias, bias, "the forget gate's bias")
     if proj_size:
         if kind != "lstm":
             raise ValueError(f"proj_size={proj_size!r} applies to cell='lstm' only, "
                              f"got cell={kind!r}")
-        if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
-            raise ValueError(f"proj_size must be an integer >= 0, got {proj_size!r}")
+        check_int("proj_size", proj_size, 0)
         if hidden_size is not None and proj_size >= hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size} "
                              f"(as PyTorch), got proj_size={proj_size}")

@@ -314,7 +314,7 @@ def step_gradients(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Ar
     layer and direction).
 
     .. math::
-        \texttt{dparams[l][d].w\_ih}_t = \delta gi_t^\top x_t, \quad
+        \texttt{dparams[l]{}[d].w\_ih}_t = \delta gi_t^\top x_t, \quad
         \texttt{w\_hh}_t = \delta gh_t^\top h_{t-1}, \quad
         \texttt{b\_ih}_t = \textstyle\sum_b \delta gi_{t,b}, \quad
         \texttt{b\_hh}_t = \textstyle\sum_b \delta gh_{t,b},

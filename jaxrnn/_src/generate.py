@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxrnn._src.model import RNN, RNNParams
+from jaxrnn._src.validation import check_int
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -60,8 +61,7 @@ def sample(model: RNN, params: RNNParams, prompt_ids: ArrayLike, length: int, ke
     if prompt_ids.ndim != 1 or prompt_ids.shape[0] == 0:
         raise ValueError(f"prompt must be a non-empty sequence of ids, got shape "
                          f"{prompt_ids.shape}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be an integer >= 1, got {length!r}")
+    check_int("length", length, 1)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     dtype = params.readout.weight.dtype

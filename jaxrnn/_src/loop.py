@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn._src.train import Batch
+from jaxrnn._src.validation import check_int
 
 STATUSES = ("finished", "target", "interrupted", "nonfinite")
 
@@ -114,11 +115,6 @@ def _batch_source(batches) -> Callable[[int], Batch]:
                              f"a batch for every step to run") from None
 
     return next_batch
-
-
-def _check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _host(value):
@@ -227,11 +223,11 @@ def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
             metric the step does not return, or an iterable ``batches`` that ran out.
         TypeError: ``batches`` of another kind.
     """
-    _check_count("start", start, 0)
-    _check_count("steps", steps, max(start, 1))
-    _check_count("log_every", log_every, 1)
-    _check_count("eval_every", eval_every, 0)
-    _check_count("checkpoint_every", checkpoint_every, 0)
+    check_int("start", start, 0)
+    check_int("steps", steps, max(start, 1))
+    check_int("log_every", log_every, 1)
+    check_int("eval_every", eval_every, 0)
+    check_int("checkpoint_every", checkpoint_every, 0)
     if eval_every and evaluate is None:
         raise ValueError("eval_every > 0 needs an evaluate(params) -> dict hook")
     finite = tuple(finite)

@@ -28,6 +28,7 @@ from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, chec
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
 from jaxrnn._src.stack import reverse_sequences, run_stack
+from jaxrnn._src.validation import check_int
 
 # the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
 _TORCH_CELLS = ("elman", "lstm", "gru")
@@ -49,11 +50,6 @@ class RNNParams(NamedTuple):
 
     layers: tuple[tuple[CellParams, ...], ...]  # [layer][direction]
     readout: ReadoutParams
-
-
-def _check_size(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _is_concrete(x) -> bool:
@@ -115,7 +111,7 @@ class RNN:
 
     def __post_init__(self):
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
-            _check_size(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         if isinstance(self.cell, Cell):
             check_cell_class(self.cell)
             given = [f"{k}={getattr(self, k)!r}" for k, v in
@@ -135,7 +131,7 @@ class RNN:
                       forget_bias=self.forget_bias, hidden_size=self.hidden_size,
                       bias=self.bias)  # validates the cell's options
         if self.bptt_segment is not None:
-            _check_size("bptt_segment", self.bptt_segment)
+            check_int("bptt_segment", self.bptt_segment, 1)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
@@ -380,7 +376,8 @@ class RNN:
             targets: (T, B, O) floats for ``"half_sse"``/``"mse"``; (T, B) integer
                 classes for ``"xent"``.
             loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (see ``jaxrnn._src.losses``).
-            Others as in ``apply``.
+
+        The other arguments are as in ``apply``.
         """
         ys, _ = self.apply(params, xs, state, lengths, method, dropout_key)
         targets = self.check_targets(ys.shape, targets, loss)

@@ -25,6 +25,7 @@ from jaxrnn._src.diagnostics import gradient_diagnostics, summary
 from jaxrnn._src.model import RNN, RNNParams, loss_fn
 from jaxrnn._src.names import LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS
+from jaxrnn._src.validation import check_int
 
 
 class Batch(NamedTuple):
@@ -267,11 +268,9 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
                          "use method='bptt' or 'autodiff', or make_train_step for rtrl")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(k1, bool) or not isinstance(k1, int) or k1 < 1:
-        raise ValueError(f"k1 must be an integer >= 1, got {k1!r}")
+    check_int("k1", k1, 1)
     k2 = k1 if k2 is None else k2
-    if isinstance(k2, bool) or not isinstance(k2, int) or k2 < k1:
-        raise ValueError(f"k2 must be an integer >= k1 = {k1}, got {k2!r}")
+    check_int("k2", k2, k1, bound=f"k1 = {k1}")
     loss_f = losses_lib.get_loss(loss)
 
     def chunk_update(params, opt_state, state, xs_a, xs_b, targets, key, n_loss):

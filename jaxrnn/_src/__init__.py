@@ -1,0 +1,1 @@
+"""The library's private modules; the public API is ``jaxrnn`` (and ``jaxrnn.extend``)."""
