@@ -45,7 +45,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {value})".lstrip()
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (and the pointer to this command's --help, and
     the nearest option to one it does not know) and exit status 2."""
 
@@ -113,7 +113,7 @@ def _csv_floats(text: str) -> list[float]:
 
 def _cell_arg(text: str):
     """A built-in cell's name, or ``package.module:ClassName`` of a user's Cell (an instance)."""
-    from jaxrnn._src.cells import CELLS
+    from jaxrnn.extend import CELLS
 
     if text in CELLS:
         return text
@@ -122,7 +122,7 @@ def _cell_arg(text: str):
             f"expected one of {sorted(CELLS)} or package.module:ClassName, got {text!r}")
     import importlib
 
-    from jaxrnn._src.cells import Cell
+    from jaxrnn import Cell
 
     module_name, _, class_name = text.partition(":")
     try:
@@ -191,7 +191,7 @@ def cmd_explain(args) -> int:
 
 # --- train -------------------------------------------------------------------
 
-# jaxrnn._src.cells.CELLS's names, spelled out so that building the parser imports no jax
+# jaxrnn.extend.CELLS's names, spelled out so that building the parser imports no jax
 # (tests/test_cli.py checks that the two agree).
 CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm")
 
@@ -272,7 +272,7 @@ def cmd_sample(args) -> int:
 
     from jaxrnn_app import checkpoint as ckpt
     from jaxrnn_app import runner
-    from jaxrnn._src.generate import sample
+    from jaxrnn import sample
 
     out = Path(args.out)
     cfg = runner.read_config(out)
@@ -321,8 +321,8 @@ def cmd_gradcheck(args) -> int:
         directions=(False,) if args.no_bidirectional else (False, True),
         lengths=(False,) if args.no_lengths else (False, True), **fixed)
     key = jax.random.key(args.seed)
-    from jaxrnn._src.cellcheck import check_cell
-    from jaxrnn._src.cells import Cell
+    from jaxrnn import check_cell
+    from jaxrnn import Cell
 
     reports = [check_cell(c, seed=args.seed) for c in args.cell if isinstance(c, Cell)]
     for rep in reports:
@@ -374,10 +374,10 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="jaxrnn", description="Recurrent networks in JAX with handwritten BPTT.")
     p.add_argument("--version", action="version", version=f"jaxrnn {_version()}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     p.commands = sub.choices  # name -> its parser (main: the errors of a subcommand's options)
 
     e = sub.add_parser("explain", help="the reference worked example, step by step",
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the subcommand's parser says it: its --help, its nearest option
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "cell", None) is None and args.command == "gradcheck":
-        from jaxrnn._src.cells import CELLS
+        from jaxrnn.extend import CELLS
 
         args.cell = list(CELLS)
     try:

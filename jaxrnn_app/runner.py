@@ -20,7 +20,7 @@ completely; newer, damaged ones are renamed ``<step>.damaged`` with a warning.
 applies those of ``CHANGEABLE_ON_RESUME``. A NaN or infinite loss stops the run,
 naming the step, without checkpointing the bad state; Ctrl-C (SIGINT) or SIGTERM
 saves a checkpoint and stops cleanly. The training itself is
-``jaxrnn._src.loop.train_loop``: ``run`` gives it the step, the batches and hooks that
+``jaxrnn.train_loop``: ``run`` gives it the step, the batches and hooks that
 write the rows, save the checkpoints and read the signals.
 
 Several processes (``jaxrnn_app.distributed.start`` before ``run``): the mesh spans
@@ -47,14 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrnn import RNN, extend, make_optimizer, make_tbptt_step, make_train_step, train_loop
+from jaxrnn.extend import TRAIN_METHODS, loss_fn
 from jaxrnn_app import checkpoint as ckpt
-from jaxrnn._src import rtrl
 from jaxrnn_app import distributed, memory, sharding
 from jaxrnn_app.defaults import TASK_DEFAULTS
-from jaxrnn._src.loop import train_loop
-from jaxrnn._src.model import RNN, loss_fn
 from jaxrnn_app.tasks import Task, make_task
-from jaxrnn._src.train import TRAIN_METHODS, make_optimizer, make_tbptt_step, make_train_step
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 
@@ -558,7 +556,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         raise RunError(f"--k1 ({cfg.k1}) must be <= --seq-len ({cfg.seq_len})")
     if cfg.method == "rtrl":
         try:
-            rtrl.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
+            extend.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
         except ValueError as e:
             raise RunError(option_message(str(e), anywhere=("batch",))) from None
     # Before the parameters are made, a batch drawn or the run directory written.
@@ -748,7 +746,7 @@ def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: R
                               f" ({cfg.method}), loss {task.loss}",
                         baseline=task.baseline)
     if cfg.task == "charlm":
-        from jaxrnn._src.generate import sample
+        from jaxrnn import sample
 
         prompt = "The " if set("The ") <= set(task.vocab) else task.decode(task.train_ids[:4])
         ids = sample(model, params, task.encode(prompt), 400, jax.random.key(cfg.seed + 1),

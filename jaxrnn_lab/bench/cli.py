@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import time
 
-from jaxrnn_app.cli import BENCH_QUICK_TIME, _Parser
+from jaxrnn_app.cli import BENCH_QUICK_TIME, Parser
 from jaxrnn_lab.bench.report import write_outputs
 from jaxrnn_lab.bench.run import run_benchmark
 from jaxrnn_lab.bench.settings import CELL_VARIANTS, CELLS, QUICK, Settings
@@ -30,7 +30,7 @@ def parse_point(text: str) -> tuple:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = _Parser(  # the command's: errors in one line, defaults in the help
+    parser = Parser(  # the command's: errors in one line, defaults in the help
         prog="jaxrnn bench", description="Times one training step of jaxrnn (bptt, autodiff), "
         "PyTorch and Flax, and the product floor (the step's matrix products alone, fastest "
         "kernel each), on a grid of sizes.")
