@@ -100,6 +100,76 @@ def _step_param_grads(cell: Cell, params, carry_prev, dgi, dgh, extra) -> dict:
     return grads
 
 
+def _step_rows(cell: Cell, params, carry_prev, xp, key) -> list:
+    """One step: ``backward_step`` against ``jax.vjp`` of ``step`` (shapes first, for clear
+    errors, then the values, jit-compiled); ``key`` draws the carry's cotangent."""
+    out_shape = jax.eval_shape(cell.step, params, carry_prev, xp)
+    check_step(cell, carry_prev, xp, out_shape)
+    dcarry = _normal_like(key, out_shape[0])
+
+    def backward_of_step(p, c, x, dc):
+        carry, res = cell.step(p, c, x)
+        return cell.backward_step(p, c, carry, res, dc)
+
+    check_backward_step(cell, params, carry_prev, xp, jax.eval_shape(
+        backward_of_step, params, carry_prev, xp, dcarry))
+
+    @jax.jit
+    def one_step(params, carry_prev, xp, dcarry):
+        (carry, res), vjp = jax.vjp(cell.step, params, carry_prev, xp)
+        auto = vjp((dcarry, jax.tree.map(jnp.zeros_like, res)))
+        hand = cell.backward_step(params, carry_prev, carry, res, dcarry)
+        extra = hand[3] if len(hand) == 4 else {}
+        grads = _step_param_grads(cell, params, carry_prev, hand[1], hand[2], extra)
+        return auto, hand[0], hand[1], {label: g for label, (_, g) in grads.items()}
+
+    (d_params, d_carry_prev, d_xp), h_carry_prev, h_dgi, grads = one_step(
+        params, carry_prev, xp, dcarry)
+    rows = [_row("step", f"dcarry_prev[{i}]", a, b)
+            for i, (a, b) in enumerate(zip(h_carry_prev, d_carry_prev))]
+    rows.append(_row("step", "dgi", h_dgi, d_xp))
+    for label, g in grads.items():  # the label starts with the field's name
+        rows.append(_row("step", label, g, getattr(d_params, label.split(" ")[0])))
+    return rows
+
+
+def _sequence_rows(cell: Cell, params, carry_prev, input_size: int, seq_len: int, xs_key,
+                   cot_key) -> list:
+    """A sequence through the generic scans (lengths 1..T mixed across the batch):
+    ``backward_scan`` against ``jax.vjp`` of ``forward_scan``; ``xs_key`` draws the
+    inputs, ``cot_key`` the cotangents."""
+    f64 = jnp.float64
+    fields = param_fields(params)
+    rows = []
+    T, B = seq_len, carry_prev[0].shape[0]
+    xs = jax.random.normal(xs_key, (T, B, input_size), f64)
+    lengths = jnp.asarray([T - (i * (T - 1)) // max(B - 1, 1) for i in range(B)])
+    mask = jnp.arange(T)[:, None] < lengths[None, :]
+
+    @jax.jit
+    def sequence(params, xs, carry0, key):
+        def forward(p, x, c0):
+            hs, carry_T, _ = forward_scan(cell, p, x, c0, mask, keep_residuals=False)
+            return hs, carry_T
+
+        (hs, carry_T), fvjp = jax.vjp(forward, params, xs, carry0)
+        k1, k2 = jax.random.split(key)
+        dhs = jax.random.normal(k1, hs.shape, f64)
+        dcarry_T = _normal_like(k2, carry_T)
+        _, _, trace = forward_scan(cell, params, xs, carry0, mask)
+        hand = backward_scan(cell, params, xs, carry0, trace, dhs, dcarry_T, mask)
+        return fvjp((dhs, dcarry_T)), hand
+
+    (a_params, a_xs, a_c0), (h_params, h_xs, h_c0) = sequence(params, xs, carry_prev, cot_key)
+    for f in fields:
+        if getattr(params, f) is not None:
+            rows.append(_row("sequence", f, getattr(h_params, f), getattr(a_params, f)))
+    rows.append(_row("sequence", "dxs", h_xs, a_xs))
+    rows += [_row("sequence", f"dcarry0[{i}]", a, b) for i, (a, b) in
+             enumerate(zip(h_c0, a_c0))]
+    return rows
+
+
 def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: int = 3,
                seq_len: int = 5, seed: int = 0) -> CellReport:
     """Checks ``cell``'s ``backward_step`` against ``jax.vjp`` of its ``step``, in float64.
@@ -126,7 +196,7 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
         f64 = jnp.float64
         k = jax.random.split(jax.random.key(seed), 8)
         params = cell.init(k[0], input_size, hidden_size, True, f64)
-        fields = param_fields(params)
+        param_fields(params)  # a clear error for params that are not the contract's NamedTuple
         # random parameters, not init's: gains that start at 1 and biases at 0 would
         # hide a backward step that forgets them
         params = jax.tree.map(lambda p, n: p + 0.3 * n, params, _normal_like(k[7], params))
@@ -139,59 +209,6 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
                            zip(jax.random.split(k[1], cell.carry_size), widths))
         xp = jax.random.normal(k[2], (B, G_H), f64)
 
-        # --- one step: shapes first (clear errors), then the values, jit-compiled --
-        out_shape = jax.eval_shape(cell.step, params, carry_prev, xp)
-        check_step(cell, carry_prev, xp, out_shape)
-        dcarry = _normal_like(k[3], out_shape[0])
-        def backward_of_step(p, c, x, dc):
-            carry, res = cell.step(p, c, x)
-            return cell.backward_step(p, c, carry, res, dc)
-
-        check_backward_step(cell, params, carry_prev, xp, jax.eval_shape(
-            backward_of_step, params, carry_prev, xp, dcarry))
-
-        @jax.jit
-        def one_step(params, carry_prev, xp, dcarry):
-            (carry, res), vjp = jax.vjp(cell.step, params, carry_prev, xp)
-            auto = vjp((dcarry, jax.tree.map(jnp.zeros_like, res)))
-            hand = cell.backward_step(params, carry_prev, carry, res, dcarry)
-            extra = hand[3] if len(hand) == 4 else {}
-            grads = _step_param_grads(cell, params, carry_prev, hand[1], hand[2], extra)
-            return auto, hand[0], hand[1], {label: g for label, (_, g) in grads.items()}
-
-        (d_params, d_carry_prev, d_xp), h_carry_prev, h_dgi, grads = one_step(
-            params, carry_prev, xp, dcarry)
-        rows = [_row("step", f"dcarry_prev[{i}]", a, b)
-                for i, (a, b) in enumerate(zip(h_carry_prev, d_carry_prev))]
-        rows.append(_row("step", "dgi", h_dgi, d_xp))
-        for label, g in grads.items():  # the label starts with the field's name
-            rows.append(_row("step", label, g, getattr(d_params, label.split(" ")[0])))
-
-        # --- a sequence through the generic scan ---------------------------------
-        T = seq_len
-        xs = jax.random.normal(k[4], (T, B, input_size), f64)
-        lengths = jnp.asarray([T - (i * (T - 1)) // max(B - 1, 1) for i in range(B)])
-        mask = jnp.arange(T)[:, None] < lengths[None, :]
-
-        @jax.jit
-        def sequence(params, xs, carry0, key):
-            def forward(p, x, c0):
-                hs, carry_T, _ = forward_scan(cell, p, x, c0, mask, keep_residuals=False)
-                return hs, carry_T
-
-            (hs, carry_T), fvjp = jax.vjp(forward, params, xs, carry0)
-            k1, k2 = jax.random.split(key)
-            dhs = jax.random.normal(k1, hs.shape, f64)
-            dcarry_T = _normal_like(k2, carry_T)
-            _, _, trace = forward_scan(cell, params, xs, carry0, mask)
-            hand = backward_scan(cell, params, xs, carry0, trace, dhs, dcarry_T, mask)
-            return fvjp((dhs, dcarry_T)), hand
-
-        (a_params, a_xs, a_c0), (h_params, h_xs, h_c0) = sequence(params, xs, carry_prev, k[5])
-        for f in fields:
-            if getattr(params, f) is not None:
-                rows.append(_row("sequence", f, getattr(h_params, f), getattr(a_params, f)))
-        rows.append(_row("sequence", "dxs", h_xs, a_xs))
-        rows += [_row("sequence", f"dcarry0[{i}]", a, b) for i, (a, b) in
-                 enumerate(zip(h_c0, a_c0))]
+        rows = _step_rows(cell, params, carry_prev, xp, k[3])
+        rows += _sequence_rows(cell, params, carry_prev, input_size, seq_len, k[4], k[5])
     return CellReport(name, tuple(rows))
