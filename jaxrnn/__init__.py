@@ -26,7 +26,7 @@ from jaxrnn._src.scan import layer
 from jaxrnn._src.train import (Batch, Metrics, TrainStep, make_optimizer, make_tbptt_step,
                                make_train_step)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # models
