@@ -366,7 +366,7 @@ def _bench_main():
     above the application, so the command reaches it by name, only when it runs."""
     import importlib
 
-    return importlib.import_module("jaxrnn_lab.bench").main
+    return importlib.import_module("jaxrnn_lab.bench.cli").main
 
 
 def cmd_bench(args) -> int:

@@ -18,7 +18,7 @@ SUBCOMMANDS = ("explain", "train", "sample", "gradcheck")
 
 def test_help_and_version_import_no_jax():
     """Each answer, in a fresh interpreter: exit 0, and neither JAX nor numpy imported."""
-    cases = [["--help"], ["--version"]] + [[c, "--help"] for c in SUBCOMMANDS]
+    cases = [["--help"], ["--version"], ["bench", "--help"]] + [[c, "--help"] for c in SUBCOMMANDS]
     code = (
         "import contextlib, io, json, sys\n"
         "from jaxrnn_app.cli import main\n"

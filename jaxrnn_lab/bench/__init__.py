@@ -95,18 +95,50 @@ The package, one module per role (each imports only those above it):
 * ``cli``: ``parse_args``, ``main``.
 """
 
-from jaxrnn_lab.bench.cli import main, parse_args
-from jaxrnn_lab.bench.contenders import (Contender, flax_contender, flax_params, flax_rnn_class,
-                                     init_params, jaxrnn_contender, torch_contender,
-                                     torch_memory, xla_memory)
-from jaxrnn_lab.bench.environment import cpu_model, cpu_pressure, environment, jax_threads
-from jaxrnn_lab.bench.floor import (KERNELS, Product, product_floor, step_products,
-                                xla_chain_contender, xla_chain_step)
-from jaxrnn_lab.bench.report import chart, markdown, ratios, write_outputs
-from jaxrnn_lab.bench.run import bench_point, bench_variant, run_benchmark
-from jaxrnn_lab.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS, QUICK, STEPS, GridPoint,
-                                   Settings, grid_point)
-from jaxrnn_lab.bench.timing import summarize, time_round_robin
+import importlib
+from typing import TYPE_CHECKING
+
+# Each public name and the module that defines it. The names are loaded on first use
+# (PEP 562), so that ``jaxrnn bench --help`` answers without importing JAX.
+_HOME = {
+    "cli": ("main", "parse_args"),
+    "contenders": ("Contender", "flax_contender", "flax_params", "flax_rnn_class",
+                   "init_params", "jaxrnn_contender", "torch_contender", "torch_memory",
+                   "xla_memory"),
+    "environment": ("cpu_model", "cpu_pressure", "environment", "jax_threads"),
+    "floor": ("KERNELS", "Product", "product_floor", "step_products", "xla_chain_contender",
+              "xla_chain_step"),
+    "report": ("chart", "markdown", "ratios", "write_outputs"),
+    "run": ("bench_point", "bench_variant", "run_benchmark"),
+    "settings": ("CELL_VARIANTS", "CONTENDERS", "METHODS", "QUICK", "STEPS", "GridPoint",
+                 "Settings", "grid_point"),
+    "timing": ("summarize", "time_round_robin"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    if name in _HOME:  # a submodule, as ``bench.contenders``
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from jaxrnn_lab.bench.cli import main, parse_args  # noqa: F401
+    from jaxrnn_lab.bench.contenders import (Contender, flax_contender, flax_params,  # noqa: F401
+                                             flax_rnn_class, init_params, jaxrnn_contender,
+                                             torch_contender, torch_memory, xla_memory)
+    from jaxrnn_lab.bench.environment import (cpu_model, cpu_pressure, environment,  # noqa: F401
+                                              jax_threads)
+    from jaxrnn_lab.bench.floor import (KERNELS, Product, product_floor,  # noqa: F401
+                                        step_products, xla_chain_contender, xla_chain_step)
+    from jaxrnn_lab.bench.report import chart, markdown, ratios, write_outputs  # noqa: F401
+    from jaxrnn_lab.bench.run import bench_point, bench_variant, run_benchmark  # noqa: F401
+    from jaxrnn_lab.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS,  # noqa: F401
+                                           QUICK, STEPS, GridPoint, Settings, grid_point)
+    from jaxrnn_lab.bench.timing import summarize, time_round_robin  # noqa: F401
 
 __all__ = [
     "Settings",

@@ -8,8 +8,6 @@ import sys
 import time
 
 from jaxrnn_app.cli import BENCH_QUICK_TIME, Parser
-from jaxrnn_lab.bench.report import write_outputs
-from jaxrnn_lab.bench.run import run_benchmark
 from jaxrnn_lab.bench.settings import CELL_VARIANTS, CELLS, QUICK, Settings
 
 
@@ -77,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or f"runs/benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.quick:
         print(f"bench --quick: {BENCH_QUICK_TIME}; writing {out}", file=sys.stderr, flush=True)
+    # imported here, so that --help and bad options answer without importing JAX
+    from jaxrnn_lab.bench.report import write_outputs
+    from jaxrnn_lab.bench.run import run_benchmark
+
     bench = run_benchmark(settings, progress=not args.no_progress)
     paths = write_outputs(bench, out)
     print(paths["md"].read_text())
