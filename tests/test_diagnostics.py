@@ -19,6 +19,7 @@ the next; ``test_jit_*`` check the jit-compiled path (how users run it) against 
 """
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_rel_close
+from conftest import all_pairs, assert_trees_rel_close
 from jaxrnn._src import diagnostics as diag_lib
 from jaxrnn._src.cells import CellParams
 from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients, summary
@@ -211,19 +212,28 @@ def check_against_oracle(model, params, xs, targets, state, lengths, loss, dropo
 
 # --- tests -------------------------------------------------------------------
 
-# Per cell, the four cases that cover every pair of (layers, directions, lengths)
-# (the full product has eight); the two non-default losses sit on two of them.
-PAIRS = [(1, False, False), (1, True, True), (2, False, True), (2, True, False)]
+# The cases that cover every pair of (cell, layers, directions, lengths): 7 instead
+# of the 24 of the full product (or the 12 of a per-cell cover), every cell meeting
+# every value of the other three; the two non-default losses sit on two of them.
+OPTIONS = {"cell": ["elman", "lstm", "gru"], "num_layers": [1, 2],
+           "bidirectional": [False, True], "with_lengths": [False, True]}
+PAIRS = [tuple(case.values()) for case in all_pairs(OPTIONS)]
+LOSSES = {("lstm", 1, False, True): "xent", ("elman", 1, True, True): "mse"}
 
 
-@pytest.mark.parametrize("num_layers, bidirectional, with_lengths", PAIRS,
-                         ids=[f"{l}-{'bi' if b else 'uni'}-{'lengths' if w else 'full'}"
-                              for l, b, w in PAIRS])
-@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_cases_cover_every_pair_and_both_losses():
+    for (a, va), (b, vb) in itertools.combinations(OPTIONS.items(), 2):
+        i, j = list(OPTIONS).index(a), list(OPTIONS).index(b)
+        assert set(itertools.product(va, vb)) <= {(c[i], c[j]) for c in PAIRS}, (a, b)
+    assert set(LOSSES) <= set(PAIRS)
+
+
+@pytest.mark.parametrize("cell, num_layers, bidirectional, with_lengths", PAIRS,
+                         ids=[f"{c}-{l}-{'bi' if b else 'uni'}-{'lengths' if w else 'full'}"
+                              for c, l, b, w in PAIRS])
 def test_per_step_quantities_equal_jax_grad(cell, num_layers, bidirectional, with_lengths):
     # the other two losses on two points of the grid (the loss only sets the top cotangent)
-    loss = {(1, True, True): "xent", (2, False, True): "mse"}.get(
-        (num_layers, bidirectional, with_lengths), "half_sse")
+    loss = LOSSES.get((cell, num_layers, bidirectional, with_lengths), "half_sse")
     case = make_case(cell, num_layers, bidirectional, with_lengths, loss=loss,
                      seed=num_layers + 2 * bidirectional)
     model, _, _, _, _, lengths = case

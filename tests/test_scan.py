@@ -5,6 +5,8 @@ shapes, options, initial states and lengths; (b) jax.test_util.check_grads again
 finite differences; (c) the layer's forward against a plain Python loop.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from conftest import assert_trees_rel_close
+from conftest import all_pairs, assert_trees_rel_close
 from jaxrnn._src.cells import Elman
 from jaxrnn._src.losses import half_sse
 from jaxrnn._src.model import RNN, loss_fn
@@ -66,9 +68,20 @@ def test_bptt_equals_autodiff_property(T, B, D, H, O, bias, readout_bias, nonlin
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g_bptt))
 
 
-@pytest.mark.parametrize("T", [1, 2, 50, 300])
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-@pytest.mark.parametrize("bias", [True, False])
+# Every pair of (T, nonlinearity, bias) values: 8 cases instead of the 16 of the product
+# (every length with both nonlinearities and with and without biases).
+GRID_OPTIONS = {"T": [1, 2, 50, 300], "nonlinearity": ["tanh", "relu"], "bias": [True, False]}
+GRID = [tuple(case.values()) for case in all_pairs(GRID_OPTIONS)]
+
+
+def test_grid_covers_every_pair():
+    names = list(GRID_OPTIONS)
+    for i, j in itertools.combinations(range(len(names)), 2):
+        need = set(itertools.product(GRID_OPTIONS[names[i]], GRID_OPTIONS[names[j]]))
+        assert need <= {(g[i], g[j]) for g in GRID}, (names[i], names[j])
+
+
+@pytest.mark.parametrize("T, nonlinearity, bias", GRID)
 def test_bptt_equals_autodiff_grid(T, nonlinearity, bias):
     case = random_case(T, T=T, B=3, D=4, H=6, O=2, bias=bias, readout_bias=bias,
                        nonlinearity=nonlinearity, with_state=True, with_lengths=False,
