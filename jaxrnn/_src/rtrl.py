@@ -144,6 +144,146 @@ def _step_loss(loss: str, y, target, scored, count):
     return jnp.sum(e * e) / count, 2 * e / count  # mse: d(e^2 / n)/dy = 2 e / n
 
 
+def _masks(T: int, B: int, lengths, last_only: bool):
+    """Which ``(t, b)`` positions the recurrence runs over, and which the loss scores.
+
+    Args:
+        T, B: the sequence length and the batch size.
+        lengths: integer (B,) in [1, T], or None (every sequence is T long).
+        last_only: score only the last step.
+
+    Returns:
+        ``(valid, scored)``, boolean (T, B) each.
+    """
+    valid = (jnp.ones((T, B), bool) if lengths is None
+             else jnp.arange(T)[:, None] < lengths[None, :])  # (T, B)
+    scored = valid if not last_only else valid & (jnp.arange(T) == T - 1)[:, None]
+    return valid, scored
+
+
+def _divisor(loss: str, scored, output_size: int, dtype):
+    """The loss's divisor: 1 for a sum, else the count of valid positions of the batch.
+
+    Args:
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
+        scored: boolean (T, B), the positions the loss scores.
+        output_size: O.
+        dtype: the divisor's dtype.
+
+    Returns:
+        A scalar: 1 (``"half_sse"``), the valid ``(t, b, o)`` (``"mse"``) or ``(t, b)``
+        (``"xent"``) positions, at least 1.
+    """
+    if loss == "half_sse":
+        return jnp.ones((), dtype)  # a sum: no divisor
+    if loss == "mse":
+        return jnp.maximum(jnp.sum(scored), 1).astype(dtype) * output_size  # valid (t, b, o)
+    return jnp.maximum(jnp.sum(scored), 1).astype(dtype)  # valid (t, b)
+
+
+def _sensitivity_step(model, cell: CellParams, eye, h_prev, P, S, x, m):
+    r"""One step of the recurrence and of its sensitivities (the module's :math:`P_t`, :math:`S_t`).
+
+    Args:
+        model: the ``RNN`` (its ``bias`` and ``nonlinearity``).
+        cell: the layer's ``CellParams``: ``w_ih`` (H, D), ``w_hh`` (H, H), biases (H,).
+        eye: the identity, (H, H).
+        h_prev: :math:`h_{t-1}`, (B, H).
+        P: :math:`\partial h_{t-1} / \partial\theta`, (B, H, n), ``n = H D + H H [+ H]``.
+        S: :math:`\partial h_{t-1} / \partial h_0`, (B, H, H), or None (not carried).
+        x: :math:`x_t`, (B, D).
+        m: boolean (B,): the sequences still running at step t.
+
+    Returns:
+        ``(h, P, S)`` at step t, shapes as given; frozen where ``m`` is false.
+    """
+    B, D = x.shape
+    H = eye.shape[0]
+    a = x @ cell.w_ih.T + h_prev @ cell.w_hh.T  # a_t = W_ih x_t + W_hh h_{t-1} (+ b)
+    if model.bias:
+        a = a + cell.b_ih + cell.b_hh
+    if model.nonlinearity == "tanh":
+        h = jnp.tanh(a)  # h_t = tanh(a_t)
+        dphi = 1 - h * h  # tanh'(a_t) = 1 - h_t^2
+    else:
+        h = jax.nn.relu(a)  # h_t = relu(a_t)
+        dphi = (h > 0).astype(x.dtype)  # relu'(a_t) = [a_t > 0]
+    # da_t/dtheta, (B, H, n): row k of W_ih x_t is sum_j W_ih[k, j] x_t[j], so
+    # d a_t[k] / d W_ih[i, j] = [k = i] x_t[j], and likewise for W_hh with h_{t-1}.
+    direct = [(eye[None, :, :, None] * x[:, None, None, :]).reshape(B, H, H * D),
+              (eye[None, :, :, None] * h_prev[:, None, None, :]).reshape(B, H, H * H)]
+    if model.bias:
+        direct.append(jnp.broadcast_to(eye, (B, H, H)))  # d a_t[k] / d b[i] = [k = i]
+    direct = jnp.concatenate(direct, axis=-1)
+    # P_t = diag(phi'(a_t)) (da_t/dtheta + W_hh P_{t-1}): the chain rule through h_{t-1}
+    P_new = dphi[:, :, None] * (direct + jnp.einsum("km,bmn->bkn", cell.w_hh, P))
+    mk = m[:, None, None]
+    P = jnp.where(mk, P_new, P)  # past the length: frozen
+    if S is not None:
+        # S_t = diag(phi'(a_t)) W_hh S_{t-1}: h_0 acts only through h_{t-1}
+        S = jnp.where(mk, dphi[:, :, None] * jnp.einsum("km,bmn->bkn", cell.w_hh, S), S)
+    h = jnp.where(m[:, None], h, h_prev)  # past the length: frozen
+    return h, P, S
+
+
+def _read_out(loss: str, readout, count, h, P, S, target, sc, acc):
+    r"""Adds step t's loss term and its immediate gradient (through the readout only).
+
+    Args:
+        loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
+        readout: ``ReadoutParams``: ``weight`` :math:`W_{hy}` (O, H), ``bias`` (O,) or None.
+        count: the loss's divisor (``_divisor``).
+        h: :math:`h_t`, (B, H).
+        P: :math:`\partial h_t / \partial\theta`, (B, H, n).
+        S: :math:`\partial h_t / \partial h_0`, (B, H, H), or None.
+        target: (B, O) floats, or (B,) integer classes for ``"xent"``.
+        sc: boolean (B,): the positions step t scores.
+        acc: the sums so far, ``(g (n,), gS (B, H) or None, gW (O, H), gb (O,) or None,
+            L ())``: dL/dtheta flattened, dL/dh_0, dL/dW_hy, dL/db_y and L.
+
+    Returns:
+        ``acc`` with step t's terms added.
+    """
+    g, gS, gW, gb, L = acc
+    W, b_y = readout.weight, readout.bias
+    y = h @ W.T  # y_t = W_hy h_t (+ b_y)
+    if b_y is not None:
+        y = y + b_y
+    l_t, dy = _step_loss(loss, y, target, sc, count)  # dl_t/dy_t, zero where not scored
+    dh = dy @ W  # dl_t/dh_t = W_hy^T dy_t
+    g = g + jnp.einsum("bk,bkn->n", dh, P)  # dL/dtheta += (dl_t/dh_t)^T P_t, summed over b
+    if S is not None:
+        gS = gS + jnp.einsum("bk,bkn->bn", dh, S)  # dL/dh_0 += (dl_t/dh_t)^T S_t, per b
+    gW = gW + dy.T @ h  # dL/dW_hy += dy_t^T h_t
+    if gb is not None:
+        gb = gb + dy.sum(axis=0)  # dL/db_y += sum_b dy_t
+    return g, gS, gW, gb, L + l_t
+
+
+def _assemble(params, g, gW, gb, input_size: int, bias: bool):
+    """The parameter gradients as an ``RNNParams`` like ``params``.
+
+    Args:
+        params: the model's ``RNNParams``.
+        g: dL/dtheta flattened as ``[W_ih (H*D), W_hh (H*H), b (H)]``, (n,).
+        gW: dL/dW_hy, (O, H).
+        gb: dL/db_y, (O,), or None.
+        input_size: D.
+        bias: the layer has biases.
+
+    Returns:
+        ``RNNParams``; ``b_ih`` and ``b_hh`` get the same gradient (one sensitivity).
+    """
+    D = input_size
+    H = params.layers[0][0].w_hh.shape[0]
+    g_ih = g[:H * D].reshape(H, D)
+    g_hh = g[H * D:H * D + H * H].reshape(H, H)
+    g_b = g[H * D + H * H:] if bias else None  # b_ih and b_hh: the same sensitivity
+    return params._replace(
+        layers=((CellParams(g_ih, g_hh, g_b, g_b),),),
+        readout=params.readout._replace(weight=gW, bias=gb))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _rtrl(model, loss: str, last_only: bool, state_grad: bool, params, xs, targets, state,
           lengths):
@@ -151,21 +291,10 @@ def _rtrl(model, loss: str, last_only: bool, state_grad: bool, params, xs, targe
     T, B, D = xs.shape
     H = model.hidden_size
     cell = params.layers[0][0]
-    w_ih, w_hh = cell.w_ih, cell.w_hh  # (H, D), (H, H)
     W, b_y = params.readout.weight, params.readout.bias  # (O, H), (O,)
-    tanh = model.nonlinearity == "tanh"
     dtype = xs.dtype
-
-    # Which (t, b) positions the recurrence runs over, and which the loss scores.
-    valid = (jnp.ones((T, B), bool) if lengths is None
-             else jnp.arange(T)[:, None] < lengths[None, :])  # (T, B)
-    scored = valid if not last_only else valid & (jnp.arange(T) == T - 1)[:, None]
-    if loss == "half_sse":
-        count = jnp.ones((), dtype)  # a sum: no divisor
-    elif loss == "mse":
-        count = jnp.maximum(jnp.sum(scored), 1).astype(dtype) * W.shape[0]  # valid (t, b, o)
-    else:
-        count = jnp.maximum(jnp.sum(scored), 1).astype(dtype)  # valid (t, b)
+    valid, scored = _masks(T, B, lengths, last_only)
+    count = _divisor(loss, scored, W.shape[0], dtype)
 
     eye = jnp.eye(H, dtype=dtype)
     h0 = jnp.zeros((B, H), dtype) if state is None else state[0]
@@ -178,57 +307,15 @@ def _rtrl(model, loss: str, last_only: bool, state_grad: bool, params, xs, targe
           jnp.zeros((), dtype))  # L
 
     def body(carry, inputs):
-        h_prev, P, S, (g, gS, gW, gb, L) = carry
+        h_prev, P, S, acc = carry
         x, target, m, sc = inputs  # x_t (B, D), target_t, valid (B,), scored (B,)
-        a = x @ w_ih.T + h_prev @ w_hh.T  # a_t = W_ih x_t + W_hh h_{t-1} (+ b)
-        if model.bias:
-            a = a + cell.b_ih + cell.b_hh
-        if tanh:
-            h = jnp.tanh(a)  # h_t = tanh(a_t)
-            dphi = 1 - h * h  # tanh'(a_t) = 1 - h_t^2
-        else:
-            h = jax.nn.relu(a)  # h_t = relu(a_t)
-            dphi = (h > 0).astype(dtype)  # relu'(a_t) = [a_t > 0]
-        # da_t/dtheta, (B, H, n): row k of W_ih x_t is sum_j W_ih[k, j] x_t[j], so
-        # d a_t[k] / d W_ih[i, j] = [k = i] x_t[j], and likewise for W_hh with h_{t-1}.
-        direct = [(eye[None, :, :, None] * x[:, None, None, :]).reshape(B, H, H * D),
-                  (eye[None, :, :, None] * h_prev[:, None, None, :]).reshape(B, H, H * H)]
-        if model.bias:
-            direct.append(jnp.broadcast_to(eye, (B, H, H)))  # d a_t[k] / d b[i] = [k = i]
-        direct = jnp.concatenate(direct, axis=-1)
-        # P_t = diag(phi'(a_t)) (da_t/dtheta + W_hh P_{t-1}): the chain rule through h_{t-1}
-        P_new = dphi[:, :, None] * (direct + jnp.einsum("km,bmn->bkn", w_hh, P))
-        mk = m[:, None, None]
-        P = jnp.where(mk, P_new, P)  # past the length: frozen
-        if S is not None:
-            # S_t = diag(phi'(a_t)) W_hh S_{t-1}: h_0 acts only through h_{t-1}
-            S = jnp.where(mk, dphi[:, :, None] * jnp.einsum("km,bmn->bkn", w_hh, S), S)
-        h = jnp.where(m[:, None], h, h_prev)  # past the length: frozen
-
-        # This step's loss term and its immediate gradient, through the readout only.
-        y = h @ W.T  # y_t = W_hy h_t (+ b_y)
-        if b_y is not None:
-            y = y + b_y
-        l_t, dy = _step_loss(loss, y, target, sc, count)  # dl_t/dy_t, zero where not scored
-        dh = dy @ W  # dl_t/dh_t = W_hy^T dy_t
-        g = g + jnp.einsum("bk,bkn->n", dh, P)  # dL/dtheta += (dl_t/dh_t)^T P_t, summed over b
-        if S is not None:
-            gS = gS + jnp.einsum("bk,bkn->bn", dh, S)  # dL/dh_0 += (dl_t/dh_t)^T S_t, per b
-        gW = gW + dy.T @ h  # dL/dW_hy += dy_t^T h_t
-        if gb is not None:
-            gb = gb + dy.sum(axis=0)  # dL/db_y += sum_b dy_t
-        return (h, P, S, (g, gS, gW, gb, L + l_t)), None
+        h, P, S = _sensitivity_step(model, cell, eye, h_prev, P, S, x, m)
+        acc = _read_out(loss, params.readout, count, h, P, S, target, sc, acc)
+        return (h, P, S, acc), None
 
     (_, _, _, (g, gS, gW, gb, L)), _ = jax.lax.scan(
         body, (h0, P0, S0, G0), (xs, targets, valid, scored))
-
-    # Unflatten dL/dtheta = [W_ih (H*D), W_hh (H*H), b (H)].
-    g_ih = g[:H * D].reshape(H, D)
-    g_hh = g[H * D:H * D + H * H].reshape(H, H)
-    g_b = g[H * D + H * H:] if model.bias else None  # b_ih and b_hh: the same sensitivity
-    grads = params._replace(
-        layers=((CellParams(g_ih, g_hh, g_b, g_b),),),
-        readout=params.readout._replace(weight=gW, bias=gb))
+    grads = _assemble(params, g, gW, gb, D, model.bias)
     if state_grad:
         return L, grads, gS[None]  # (1, B, H), the state's shape
     return L, grads
