@@ -59,7 +59,7 @@ from jaxrnn._src.cells import CellParams, Outer
 from jaxrnn._src.model import RNN, RNNParams, State, sequence_mask
 from jaxrnn._src.names import LossName
 from jaxrnn._src.scan import backward_scan, forward_scan
-from jaxrnn._src.stack import reverse_sequences, run_stack
+from jaxrnn._src.stack import layer_suffix, reverse_sequences, run_stack
 
 # Elements of the per-step weight-gradient matrices formed at once when their
 # norms are taken (``lax.map`` in chunks of steps): bounds the memory to ~128 MiB
@@ -341,7 +341,7 @@ def summary(diag: Diagnostics) -> dict[str, jax.Array]:
     r"""A compact metric of a ``Diagnostics`` for training logs.
 
     For each layer and direction, with the suffix ``_l{l}`` (plus ``_reverse`` for
-    the second direction, as PyTorch's parameter names):
+    the second direction: ``stack.layer_suffix``, as PyTorch's parameter names):
 
     * ``dh_first``: :math:`\|\partial L/\partial h_0\|`, step 0;
     * ``dh_last``: :math:`\|\partial L/\partial h_{T-1}\|`, step T-1;
@@ -360,7 +360,7 @@ def summary(diag: Diagnostics) -> dict[str, jax.Array]:
     out = {}
     for l, layer in enumerate(diag.dh_norm):
         for d, dh in enumerate(layer):
-            sfx = f"_l{l}" + ("_reverse" if d else "")
+            sfx = layer_suffix(l, d)
             first, last = dh[0], dh[-1]
             safe = jnp.where(last > 0, last, 1)  # avoid 0/0 in the untaken branch
             out[f"dh_first{sfx}"] = first

@@ -27,7 +27,7 @@ from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, chec
                           make_cell)
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
-from jaxrnn._src.stack import reverse_sequences, run_stack
+from jaxrnn._src.stack import layer_suffix, reverse_sequences, run_stack
 from jaxrnn._src.validation import check_int
 
 # the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
@@ -436,7 +436,7 @@ class RNN:
         names = []
         for l in range(self.num_layers):
             for d in range(self.num_directions):
-                sfx = f"_l{l}" + ("_reverse" if d else "")
+                sfx = layer_suffix(l, d)
                 names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
                 if self.bias:
                     names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
@@ -488,7 +488,7 @@ class RNN:
             d_in = self.input_size if l == 0 else out * self.num_directions
             dirs = []
             for d in range(self.num_directions):
-                sfx = f"_l{l}" + ("_reverse" if d else "")
+                sfx = layer_suffix(l, d)
                 sd, w = rnn_state_dict, "rnn_state_dict"
                 p = CellParams(
                     w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
@@ -522,7 +522,7 @@ class RNN:
         rnn_sd = {}
         for l, dirs in enumerate(params.layers):
             for d, p in enumerate(dirs):
-                sfx = f"_l{l}" + ("_reverse" if d else "")
+                sfx = layer_suffix(l, d)
                 rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
                 rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
                 if ("w_hr" in getattr(p, "_fields", ())) != bool(self.proj_size):

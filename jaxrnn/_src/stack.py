@@ -7,11 +7,16 @@ concatenated, ``(T, B, dirs*H)``, and inverted dropout (training only) is applie
 between layers. The model's forward (``RNN.features``) and the diagnostics'
 walk (which keeps each layer's forward trace for its reverse scans) both run it,
 each with its own per-direction function.
+
+The walk's order and naming, ``layer_directions``: layer by layer, direction by
+direction, each named as PyTorch names its parameters (``_l{l}``, plus
+``_reverse`` for the second direction); the PyTorch interop and the diagnostics'
+summary name their keys by it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,28 @@ def reverse_sequences(xs: jax.Array, lengths: jax.Array | None) -> jax.Array:
     idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # (T, B)
     idx = idx.reshape(idx.shape + (1,) * (xs.ndim - 2))
     return jnp.take_along_axis(xs, idx, axis=0)
+
+
+def layer_suffix(l: int, d: int) -> str:
+    """PyTorch's name suffix of layer ``l``, direction ``d``: ``"_l{l}"``, ``"_l{l}_reverse"``."""
+    return f"_l{l}" + ("_reverse" if d else "")
+
+
+def layer_directions(num_layers: int, num_directions: int) -> Iterator[tuple[int, int, str]]:
+    """The stack's (layer, direction) pairs in order, each with its ``layer_suffix``.
+
+    Args:
+        num_layers: L.
+        num_directions: 1, or 2 for a bidirectional stack.
+
+    Yields:
+        ``(l, d, suffix)`` for ``l`` in ``range(L)``, then ``d`` in
+        ``range(num_directions)``; index ``l * num_directions + d`` in a flat list
+        of carries, as ``run_stack`` counts them.
+    """
+    for l in range(num_layers):
+        for d in range(num_directions):
+            yield l, d, layer_suffix(l, d)
 
 
 # (layer, direction, params, xs in the direction's scan order, carry0)
