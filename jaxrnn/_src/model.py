@@ -23,15 +23,11 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from jaxrnn._src import losses as losses_lib
-from jaxrnn._src.cells import (CELLS, Carry, Cell, CellParams, LSTMPParams, check_cell_class,
-                          make_cell)
+from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
-from jaxrnn._src.stack import layer_suffix, reverse_sequences, run_stack
+from jaxrnn._src.stack import reverse_sequences, run_stack
 from jaxrnn._src.validation import check_int
-
-# the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
-_TORCH_CELLS = ("elman", "lstm", "gru")
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
 # with carry_size k > 1: a tuple of k arrays).
@@ -411,17 +407,7 @@ class RNN:
         return _loss_and_grad(self, loss, method, params, xs, jnp.asarray(targets), state,
                               lengths, dropout_key)
 
-    # --- PyTorch interop -------------------------------------------------------
-    def _check_torch_cell(self, what: str) -> None:
-        """Raises a ValueError unless the cell is one of PyTorch's (elman, lstm, gru)."""
-        if isinstance(self.cell, Cell):
-            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
-                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} is a user cell")
-        if self.cell not in _TORCH_CELLS:
-            raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
-                             f"(torch.nn.RNN, LSTM, GRU); cell={self.cell!r} has no PyTorch "
-                             f"counterpart")
-
+    # --- PyTorch interop (jaxrnn._src.interop) --------------------------------
     def torch_names(self) -> list[str]:
         """The ``state_dict`` keys of the matching ``torch.nn.RNN/LSTM/GRU``, in order.
 
@@ -432,17 +418,9 @@ class RNN:
             ValueError: the cell is not one of PyTorch's (a user cell, indrnn, peephole_lstm,
                 layernorm_lstm).
         """
-        self._check_torch_cell("torch_names")
-        names = []
-        for l in range(self.num_layers):
-            for d in range(self.num_directions):
-                sfx = layer_suffix(l, d)
-                names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-                if self.bias:
-                    names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-                if self.proj_size:
-                    names += [f"weight_hr{sfx}"]
-        return names
+        from jaxrnn._src import interop  # after the model: it imports RNNParams
+
+        return interop.torch_names(self)
 
     def from_torch(self, rnn_state_dict: Mapping[str, Any],
                    readout_state_dict: Mapping[str, Any], dtype=None) -> RNNParams:
@@ -461,51 +439,9 @@ class RNN:
             ValueError: missing or unexpected keys, a wrong shape, or a cell that is
                 not one of PyTorch's.
         """
-        self._check_torch_cell("from_torch")
-        def arr(sd, key, shape, where):
-            a = sd[key]
-            if hasattr(a, "detach"):  # a torch tensor
-                a = a.detach().cpu().numpy()
-            a = jnp.asarray(a, dtype=dtype)
-            if a.shape != shape:
-                raise ValueError(f"{where}[{key!r}] must have shape {shape}, got shape {a.shape}")
-            return a
+        from jaxrnn._src import interop
 
-        def check_keys(sd, expected, where):
-            missing = [k for k in expected if k not in sd]
-            unexpected = [k for k in sd if k not in expected]
-            if missing or unexpected:
-                raise ValueError(f"{where} does not match this model: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
-
-        check_keys(rnn_state_dict, self.torch_names(), "rnn_state_dict")
-        readout_keys = ["weight"] + (["bias"] if self.readout_bias else [])
-        check_keys(readout_state_dict, readout_keys, "readout_state_dict")
-        gh = self.cell_fn.num_gates * self.hidden_size
-        out = self.layer_output_size  # H, or P with proj_size=P
-        layers = []
-        for l in range(self.num_layers):
-            d_in = self.input_size if l == 0 else out * self.num_directions
-            dirs = []
-            for d in range(self.num_directions):
-                sfx = layer_suffix(l, d)
-                sd, w = rnn_state_dict, "rnn_state_dict"
-                p = CellParams(
-                    w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
-                    w_hh=arr(sd, f"weight_hh{sfx}", (gh, out), w),
-                    b_ih=arr(sd, f"bias_ih{sfx}", (gh,), w) if self.bias else None,
-                    b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if self.bias else None)
-                if self.proj_size:
-                    p = LSTMPParams(*p, w_hr=arr(sd, f"weight_hr{sfx}",
-                                                 (self.proj_size, self.hidden_size), w))
-                dirs.append(p)
-            layers.append(tuple(dirs))
-        features = out * self.num_directions
-        rd, w = readout_state_dict, "readout_state_dict"
-        readout = ReadoutParams(
-            weight=arr(rd, "weight", (self.output_size, features), w),
-            bias=arr(rd, "bias", (self.output_size,), w) if self.readout_bias else None)
-        return RNNParams(tuple(layers), readout)
+        return interop.from_torch(self, rnn_state_dict, readout_state_dict, dtype)
 
     def to_torch(self, params: RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """``(rnn_state_dict, readout_state_dict)`` of numpy arrays under PyTorch's names.
@@ -518,27 +454,9 @@ class RNN:
             ValueError: the cell is not one of PyTorch's, or ``params`` does not
                 match this model's parameter type.
         """
-        self._check_torch_cell("to_torch")
-        rnn_sd = {}
-        for l, dirs in enumerate(params.layers):
-            for d, p in enumerate(dirs):
-                sfx = layer_suffix(l, d)
-                rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
-                rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
-                if ("w_hr" in getattr(p, "_fields", ())) != bool(self.proj_size):
-                    raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
-                                     f"match this model: proj_size={self.proj_size} needs "
-                                     f"{'a' if self.proj_size else 'no'} w_hr field")
-                if p.b_ih is not None:
-                    rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
-                    rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
-                if self.proj_size:
-                    rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
-        readout_sd = {"weight": np.array(params.readout.weight)}
-        if params.readout.bias is not None:
-            readout_sd["bias"] = np.array(params.readout.bias)
-        return rnn_sd, readout_sd
+        from jaxrnn._src import interop
 
+        return interop.to_torch(self, params)
 
 def loss_fn(model: RNN, loss: str, method: ScanMethod, params, xs, targets, state, lengths,
             dropout_key=None, last_only: bool = False):

@@ -1,0 +1,140 @@
+"""PyTorch interop: an ``RNN``'s parameters under ``torch.nn.RNN/LSTM/GRU``'s names.
+
+Functions of the model, behind ``RNN.torch_names``, ``RNN.from_torch`` and
+``RNN.to_torch`` (whose docstrings, the public ones, give the shapes). The module
+sits after the model: it imports the model's parameter types, and the model's
+methods import it when called. It never imports torch: it reads tensors through
+their ``detach().cpu().numpy()`` and hands back numpy arrays.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrnn._src.cells import Cell, CellParams, LSTMPParams
+from jaxrnn._src.model import ReadoutParams, RNNParams
+from jaxrnn._src.stack import layer_suffix
+
+if TYPE_CHECKING:
+    from jaxrnn._src.model import RNN
+
+# the cells with a PyTorch counterpart (torch.nn.RNN, LSTM, GRU): to_torch, from_torch
+_TORCH_CELLS = ("elman", "lstm", "gru")
+
+
+def _check_torch_cell(model: RNN, what: str) -> None:
+    """Raises a ValueError unless the cell is one of PyTorch's (elman, lstm, gru)."""
+    if isinstance(model.cell, Cell):
+        raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                         f"(torch.nn.RNN, LSTM, GRU); cell={model.cell!r} is a user cell")
+    if model.cell not in _TORCH_CELLS:
+        raise ValueError(f"{what} applies to the built-in cells {', '.join(_TORCH_CELLS)} "
+                         f"(torch.nn.RNN, LSTM, GRU); cell={model.cell!r} has no PyTorch "
+                         f"counterpart")
+
+
+def torch_names(model: RNN) -> list[str]:
+    """``RNN.torch_names``: the ``state_dict`` keys of ``model``'s PyTorch module, in order.
+
+    Args:
+        model: an ``RNN`` with a built-in PyTorch cell.
+    """
+    _check_torch_cell(model, "torch_names")
+    names = []
+    for l in range(model.num_layers):
+        for d in range(model.num_directions):
+            sfx = layer_suffix(l, d)
+            names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
+            if model.bias:
+                names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
+            if model.proj_size:
+                names += [f"weight_hr{sfx}"]
+    return names
+
+
+def from_torch(model: RNN, rnn_state_dict: Mapping[str, Any],
+               readout_state_dict: Mapping[str, Any], dtype=None) -> RNNParams:
+    """``RNN.from_torch``: ``model``'s parameters from PyTorch ``state_dict``s.
+
+    Args:
+        model: an ``RNN`` with a built-in PyTorch cell.
+        rnn_state_dict, readout_state_dict, dtype: as in ``RNN.from_torch``.
+    """
+    _check_torch_cell(model, "from_torch")
+    def arr(sd, key, shape, where):
+        a = sd[key]
+        if hasattr(a, "detach"):  # a torch tensor
+            a = a.detach().cpu().numpy()
+        a = jnp.asarray(a, dtype=dtype)
+        if a.shape != shape:
+            raise ValueError(f"{where}[{key!r}] must have shape {shape}, got shape {a.shape}")
+        return a
+
+    def check_keys(sd, expected, where):
+        missing = [k for k in expected if k not in sd]
+        unexpected = [k for k in sd if k not in expected]
+        if missing or unexpected:
+            raise ValueError(f"{where} does not match this model: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+
+    check_keys(rnn_state_dict, torch_names(model), "rnn_state_dict")
+    readout_keys = ["weight"] + (["bias"] if model.readout_bias else [])
+    check_keys(readout_state_dict, readout_keys, "readout_state_dict")
+    gh = model.cell_fn.num_gates * model.hidden_size
+    out = model.layer_output_size  # H, or P with proj_size=P
+    layers = []
+    for l in range(model.num_layers):
+        d_in = model.input_size if l == 0 else out * model.num_directions
+        dirs = []
+        for d in range(model.num_directions):
+            sfx = layer_suffix(l, d)
+            sd, w = rnn_state_dict, "rnn_state_dict"
+            p = CellParams(
+                w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
+                w_hh=arr(sd, f"weight_hh{sfx}", (gh, out), w),
+                b_ih=arr(sd, f"bias_ih{sfx}", (gh,), w) if model.bias else None,
+                b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if model.bias else None)
+            if model.proj_size:
+                p = LSTMPParams(*p, w_hr=arr(sd, f"weight_hr{sfx}",
+                                             (model.proj_size, model.hidden_size), w))
+            dirs.append(p)
+        layers.append(tuple(dirs))
+    features = out * model.num_directions
+    rd, w = readout_state_dict, "readout_state_dict"
+    readout = ReadoutParams(
+        weight=arr(rd, "weight", (model.output_size, features), w),
+        bias=arr(rd, "bias", (model.output_size,), w) if model.readout_bias else None)
+    return RNNParams(tuple(layers), readout)
+
+
+def to_torch(model: RNN, params: RNNParams) -> tuple[dict[str, np.ndarray],
+                                                    dict[str, np.ndarray]]:
+    """``RNN.to_torch``: ``(rnn_state_dict, readout_state_dict)`` of numpy arrays.
+
+    Args:
+        model: an ``RNN`` with a built-in PyTorch cell.
+        params: ``model``'s parameters.
+    """
+    _check_torch_cell(model, "to_torch")
+    rnn_sd = {}
+    for l, dirs in enumerate(params.layers):
+        for d, p in enumerate(dirs):
+            sfx = layer_suffix(l, d)
+            rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
+            rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
+            if ("w_hr" in getattr(p, "_fields", ())) != bool(model.proj_size):
+                raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
+                                 f"match this model: proj_size={model.proj_size} needs "
+                                 f"{'a' if model.proj_size else 'no'} w_hr field")
+            if p.b_ih is not None:
+                rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
+                rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
+            if model.proj_size:
+                rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
+    readout_sd = {"weight": np.array(params.readout.weight)}
+    if params.readout.bias is not None:
+        readout_sd["bias"] = np.array(params.readout.bias)
+    return rnn_sd, readout_sd
