@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxrnn._src.cells import Cell, CellParams, LSTMPParams
 from jaxrnn._src.model import ReadoutParams, RNNParams
-from jaxrnn._src.stack import layer_suffix
+from jaxrnn._src.stack import layer_directions
 
 if TYPE_CHECKING:
     from jaxrnn._src.model import RNN
@@ -44,15 +44,66 @@ def torch_names(model: RNN) -> list[str]:
     """
     _check_torch_cell(model, "torch_names")
     names = []
-    for l in range(model.num_layers):
-        for d in range(model.num_directions):
-            sfx = layer_suffix(l, d)
-            names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-            if model.bias:
-                names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-            if model.proj_size:
-                names += [f"weight_hr{sfx}"]
+    for _, _, sfx in layer_directions(model.num_layers, model.num_directions):
+        names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
+        if model.bias:
+            names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
+        if model.proj_size:
+            names += [f"weight_hr{sfx}"]
     return names
+
+
+def _check_keys(sd: Mapping[str, Any], expected: list[str], where: str) -> None:
+    """Raises a ValueError naming ``where``'s missing and unexpected keys, if any."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match this model: missing keys {missing}, "
+                         f"unexpected keys {unexpected}")
+
+
+def _array(sd: Mapping[str, Any], key: str, shape: tuple[int, ...], where: str, dtype):
+    """``sd[key]`` (a numpy array or a torch tensor) as a JAX array of ``shape``.
+
+    Raises:
+        ValueError: naming ``where[key]``, the expected and the actual shape.
+    """
+    a = sd[key]
+    if hasattr(a, "detach"):  # a torch tensor
+        a = a.detach().cpu().numpy()
+    a = jnp.asarray(a, dtype=dtype)
+    if a.shape != shape:
+        raise ValueError(f"{where}[{key!r}] must have shape {shape}, got shape {a.shape}")
+    return a
+
+
+def _cell_params(model: RNN, sd: Mapping[str, Any], l: int, sfx: str, dtype) -> CellParams:
+    """One layer and direction's ``CellParams`` (``LSTMPParams`` with ``proj_size``).
+
+    Args:
+        model: the ``RNN``.
+        sd: the ``rnn_state_dict``.
+        l: the layer, which sets the input width ``D_l``.
+        sfx: the layer and direction's ``layer_suffix``.
+        dtype: as in ``from_torch``.
+
+    Returns:
+        ``w_ih (G*H, D_l)``, ``w_hh (G*H, H)`` (or (G*H, P)), biases ``(G*H,)`` or
+        None, and with ``proj_size=P``, ``w_hr (P, H)``.
+    """
+    gh = model.cell_fn.num_gates * model.hidden_size
+    out = model.layer_output_size  # H, or P with proj_size=P
+    d_in = model.input_size if l == 0 else out * model.num_directions
+    w = "rnn_state_dict"
+    p = CellParams(
+        w_ih=_array(sd, f"weight_ih{sfx}", (gh, d_in), w, dtype),
+        w_hh=_array(sd, f"weight_hh{sfx}", (gh, out), w, dtype),
+        b_ih=_array(sd, f"bias_ih{sfx}", (gh,), w, dtype) if model.bias else None,
+        b_hh=_array(sd, f"bias_hh{sfx}", (gh,), w, dtype) if model.bias else None)
+    if model.proj_size:
+        p = LSTMPParams(*p, w_hr=_array(sd, f"weight_hr{sfx}",
+                                        (model.proj_size, model.hidden_size), w, dtype))
+    return p
 
 
 def from_torch(model: RNN, rnn_state_dict: Mapping[str, Any],
@@ -64,50 +115,27 @@ def from_torch(model: RNN, rnn_state_dict: Mapping[str, Any],
         rnn_state_dict, readout_state_dict, dtype: as in ``RNN.from_torch``.
     """
     _check_torch_cell(model, "from_torch")
-    def arr(sd, key, shape, where):
-        a = sd[key]
-        if hasattr(a, "detach"):  # a torch tensor
-            a = a.detach().cpu().numpy()
-        a = jnp.asarray(a, dtype=dtype)
-        if a.shape != shape:
-            raise ValueError(f"{where}[{key!r}] must have shape {shape}, got shape {a.shape}")
-        return a
-
-    def check_keys(sd, expected, where):
-        missing = [k for k in expected if k not in sd]
-        unexpected = [k for k in sd if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"{where} does not match this model: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
-
-    check_keys(rnn_state_dict, torch_names(model), "rnn_state_dict")
+    _check_keys(rnn_state_dict, torch_names(model), "rnn_state_dict")
     readout_keys = ["weight"] + (["bias"] if model.readout_bias else [])
-    check_keys(readout_state_dict, readout_keys, "readout_state_dict")
-    gh = model.cell_fn.num_gates * model.hidden_size
-    out = model.layer_output_size  # H, or P with proj_size=P
-    layers = []
-    for l in range(model.num_layers):
-        d_in = model.input_size if l == 0 else out * model.num_directions
-        dirs = []
-        for d in range(model.num_directions):
-            sfx = layer_suffix(l, d)
-            sd, w = rnn_state_dict, "rnn_state_dict"
-            p = CellParams(
-                w_ih=arr(sd, f"weight_ih{sfx}", (gh, d_in), w),
-                w_hh=arr(sd, f"weight_hh{sfx}", (gh, out), w),
-                b_ih=arr(sd, f"bias_ih{sfx}", (gh,), w) if model.bias else None,
-                b_hh=arr(sd, f"bias_hh{sfx}", (gh,), w) if model.bias else None)
-            if model.proj_size:
-                p = LSTMPParams(*p, w_hr=arr(sd, f"weight_hr{sfx}",
-                                             (model.proj_size, model.hidden_size), w))
-            dirs.append(p)
-        layers.append(tuple(dirs))
-    features = out * model.num_directions
+    _check_keys(readout_state_dict, readout_keys, "readout_state_dict")
+    layers = [[] for _ in range(model.num_layers)]
+    for l, _, sfx in layer_directions(model.num_layers, model.num_directions):
+        layers[l].append(_cell_params(model, rnn_state_dict, l, sfx, dtype))
+    features = model.layer_output_size * model.num_directions
     rd, w = readout_state_dict, "readout_state_dict"
     readout = ReadoutParams(
-        weight=arr(rd, "weight", (model.output_size, features), w),
-        bias=arr(rd, "bias", (model.output_size,), w) if model.readout_bias else None)
-    return RNNParams(tuple(layers), readout)
+        weight=_array(rd, "weight", (model.output_size, features), w, dtype),
+        bias=_array(rd, "bias", (model.output_size,), w, dtype) if model.readout_bias else None)
+    return RNNParams(tuple(tuple(dirs) for dirs in layers), readout)
+
+
+def _check_layers(model: RNN, params: RNNParams) -> None:
+    """Raises a ValueError unless ``params.layers`` is ``[num_layers][num_directions]``."""
+    got = [len(dirs) for dirs in params.layers]
+    if got != [model.num_directions] * model.num_layers:
+        raise ValueError(f"params.layers must have num_layers={model.num_layers} layers of "
+                         f"num_directions={model.num_directions} to match this model, got "
+                         f"{len(got)} layers of {got} directions")
 
 
 def to_torch(model: RNN, params: RNNParams) -> tuple[dict[str, np.ndarray],
@@ -119,21 +147,21 @@ def to_torch(model: RNN, params: RNNParams) -> tuple[dict[str, np.ndarray],
         params: ``model``'s parameters.
     """
     _check_torch_cell(model, "to_torch")
+    _check_layers(model, params)
     rnn_sd = {}
-    for l, dirs in enumerate(params.layers):
-        for d, p in enumerate(dirs):
-            sfx = layer_suffix(l, d)
-            rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
-            rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
-            if ("w_hr" in getattr(p, "_fields", ())) != bool(model.proj_size):
-                raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
-                                 f"match this model: proj_size={model.proj_size} needs "
-                                 f"{'a' if model.proj_size else 'no'} w_hr field")
-            if p.b_ih is not None:
-                rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
-                rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
-            if model.proj_size:
-                rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
+    for l, d, sfx in layer_directions(model.num_layers, model.num_directions):
+        p = params.layers[l][d]
+        rnn_sd[f"weight_ih{sfx}"] = np.array(p.w_ih)
+        rnn_sd[f"weight_hh{sfx}"] = np.array(p.w_hh)
+        if ("w_hr" in getattr(p, "_fields", ())) != bool(model.proj_size):
+            raise ValueError(f"params.layers[{l}][{d}] ({type(p).__name__}) does not "
+                             f"match this model: proj_size={model.proj_size} needs "
+                             f"{'a' if model.proj_size else 'no'} w_hr field")
+        if p.b_ih is not None:
+            rnn_sd[f"bias_ih{sfx}"] = np.array(p.b_ih)
+            rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
+        if model.proj_size:
+            rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
     readout_sd = {"weight": np.array(params.readout.weight)}
     if params.readout.bias is not None:
         readout_sd["bias"] = np.array(params.readout.bias)
