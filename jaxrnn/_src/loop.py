@@ -95,6 +95,18 @@ class LoopResult(NamedTuple):
 FitResult = LoopResult  # the name ``fit`` used
 
 
+def _check_loop_args(start: int, steps: int, log_every: int, eval_every: int,
+                     checkpoint_every: int, evaluate) -> None:
+    """Raises ``ValueError`` for a bad step range or cadence (see ``train_loop``)."""
+    check_int("start", start, 0)
+    check_int("steps", steps, max(start, 1))
+    check_int("log_every", log_every, 1)
+    check_int("eval_every", eval_every, 0)
+    check_int("checkpoint_every", checkpoint_every, 0)
+    if eval_every and evaluate is None:
+        raise ValueError("eval_every > 0 needs an evaluate(params) -> dict hook")
+
+
 def _batch_source(batches) -> Callable[[int], Batch]:
     """``step -> Batch`` from a function, one ``Batch`` or an iterable of batches."""
     if isinstance(batches, Batch):
@@ -117,11 +129,24 @@ def _batch_source(batches) -> Callable[[int], Batch]:
     return next_batch
 
 
-def _host(value):
-    """A 0-d array (jax or numpy) as a Python float; anything else as it is."""
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
-        return float(value)
-    return value
+def _call_step(step_fn: Callable[..., Any], params, opt_state, batch: Batch,
+               key: jax.Array | None, index: int):
+    """``step_fn`` on the step of 0-based ``index``, given its dropout key if ``key`` is set.
+
+    Returns:
+        ``(params, opt_state, metrics)``, as ``step_fn`` returns them.
+    """
+    if key is None:
+        return step_fn(params, opt_state, batch)
+    return step_fn(params, opt_state, batch, jax.random.fold_in(key, index))
+
+
+def _check_guarded(finite: tuple, metrics: dict) -> None:
+    """Raises ``ValueError`` if the NaN guard watches a metric the step does not return."""
+    missing = [k for k in finite if k not in metrics]
+    if missing:
+        raise ValueError(f"finite names metrics the step does not return: "
+                         f"{missing} (it returns {sorted(metrics)})")
 
 
 @jax.jit
@@ -134,6 +159,83 @@ def _first_bad(bad: jax.Array, values: tuple, step) -> jax.Array:
 def all_finite(tree) -> bool:
     """Whether every leaf of ``tree`` is finite (one host sync)."""
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+def _nonfinite_at(first_bad: int | None, bad: jax.Array, params, step: int) -> int | None:
+    """The run's first non-finite step once the loop has stopped at ``step``.
+
+    ``first_bad`` if the loop found one; else the guard's step ``bad`` (a scalar,
+    -1 for none) if a guarded metric went non-finite since the last cadence point;
+    else ``step`` if ``params`` are not finite; else None.
+    """
+    if first_bad is None and int(bad) >= 0:
+        first_bad = int(bad)
+    if first_bad is None and not all_finite(params):
+        first_bad = step
+    return first_bad
+
+
+def _due(step: int, steps: int, log_every: int, eval_every: int,
+         checkpoint_every: int) -> tuple[bool, bool, bool]:
+    """Whether step ``step`` is logged, evaluated and checkpointed (a cadence of 0: never)."""
+    logged = step % log_every == 0 or step == steps
+    evaluated = bool(eval_every) and (step % eval_every == 0 or step == steps)
+    checkpointed = bool(checkpoint_every) and step % checkpoint_every == 0
+    return logged, evaluated, checkpointed
+
+
+def _host(value):
+    """A 0-d array (jax or numpy) as a Python float; anything else as it is."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return float(value)
+    return value
+
+
+def _row(step: int, metrics: dict, steps_per_s: float | None) -> dict:
+    """The row logged after step ``step``, without the evaluation (keys: see ``train_loop``).
+
+    Args:
+        step: the step just run.
+        metrics: its metrics: ``loss`` and optionally ``grad_norm``, scalars, and others.
+        steps_per_s: the throughput since the previous row (None: the loop's first step).
+    """
+    row = {"step": step, "loss": float(metrics["loss"])}
+    if "grad_norm" in metrics:
+        row["grad_norm"] = float(metrics["grad_norm"])
+    row["steps_per_s"] = steps_per_s
+    for k in sorted(set(metrics) - {"loss", "grad_norm"}):
+        if isinstance(metrics[k], (jax.Array, np.ndarray, np.generic)):
+            v = float(metrics[k])  # e.g. the diagnostics' scalars
+            row[k] = v if math.isfinite(v) else None  # NaN is not JSON
+    return row
+
+
+class _Clock:
+    """The loop's wall times: the first step (compile plus run), between rows, after the first."""
+
+    def __init__(self, start: int):
+        self.start, self.compile_s, self.t_steady = start, 0.0, None
+        self.t_log, self.step_log = None, start
+
+    def first_step_done(self, t0: float, step: int) -> None:
+        """The first step, begun at ``t0``, has finished: its time is the compile time."""
+        self.t_steady = self.t_log = time.perf_counter()
+        self.compile_s, self.step_log = self.t_steady - t0, step
+
+    def rate(self, step: int) -> float | None:
+        """Steps per second since the previous row; None for the loop's first step."""
+        now = time.perf_counter()
+        return (step - self.step_log) / (now - self.t_log) if step > self.start + 1 else None
+
+    def lap(self, step: int) -> None:
+        """A row was logged after ``step``: the next rate counts from here."""
+        self.t_log, self.step_log = time.perf_counter(), step
+
+    def steps_per_s(self, step: int) -> float:
+        """The throughput of the steps after the first, up to ``step`` (0.0 if none)."""
+        wall = time.perf_counter() - self.t_steady if self.t_steady is not None else 0.0
+        steady = step - self.start - 1
+        return steady / wall if steady > 0 and wall > 0 else 0.0
 
 
 def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
@@ -223,20 +325,12 @@ def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
             metric the step does not return, or an iterable ``batches`` that ran out.
         TypeError: ``batches`` of another kind.
     """
-    check_int("start", start, 0)
-    check_int("steps", steps, max(start, 1))
-    check_int("log_every", log_every, 1)
-    check_int("eval_every", eval_every, 0)
-    check_int("checkpoint_every", checkpoint_every, 0)
-    if eval_every and evaluate is None:
-        raise ValueError("eval_every > 0 needs an evaluate(params) -> dict hook")
+    _check_loop_args(start, steps, log_every, eval_every, checkpoint_every, evaluate)
     finite = tuple(finite)
-    batch_at = _batch_source(batches)
-
+    batch_at, clock = _batch_source(batches), _Clock(start)
     history: list[dict] = []
-    status, first_bad, last_ckpt = "finished", None, None
-    compile_s, t_steady, metrics = 0.0, None, {}
-    bad = jnp.asarray(-1)
+    status, first_bad, last_ckpt, metrics = "finished", None, None, {}
+    bad = jnp.asarray(-1)  # the NaN guard's first non-finite step, on the device (-1: none)
     step = start
     with _progress_bar(steps, start, desc, progress) as bar:
         while step < steps:
@@ -245,73 +339,49 @@ def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
                 break
             batch = batch_at(step)
             t0 = time.perf_counter()
-            if key is None:
-                params, opt_state, metrics = step_fn(params, opt_state, batch)
-            else:
-                params, opt_state, metrics = step_fn(params, opt_state, batch,
-                                                     jax.random.fold_in(key, step))
+            params, opt_state, metrics = _call_step(step_fn, params, opt_state, batch, key, step)
             step += 1
-            if step == start + 1:
-                missing = [k for k in finite if k not in metrics]
-                if missing:
-                    raise ValueError(f"finite names metrics the step does not return: "
-                                     f"{missing} (it returns {sorted(metrics)})")
+            if step == start + 1:  # the first step: compile + run
+                _check_guarded(finite, metrics)
                 jax.block_until_ready(params)
-                t_steady = t_log = time.perf_counter()
-                compile_s, step_log = t_steady - t0, step  # the first step: compile + run
+                clock.first_step_done(t0, step)
                 bar.unpause()  # the bar's elapsed time and ETA start here, after the compile
             if on_step is not None:
                 on_step(step, metrics)
             if finite:  # the first non-finite step, tracked on the device (no sync)
                 bad = _first_bad(bad, tuple(metrics[k] for k in finite), step)
-            logged = step % log_every == 0 or step == steps
-            evaluated = bool(eval_every) and (step % eval_every == 0 or step == steps)
-            ckpt_due = (checkpoint is not None and bool(checkpoint_every)
-                        and step % checkpoint_every == 0)
+            logged, evaluated, ckpt_due = _due(
+                step, steps, log_every, eval_every, 0 if checkpoint is None else checkpoint_every)
             if (logged or evaluated or ckpt_due) and int(bad) >= 0:
                 first_bad = int(bad)
                 break
             if logged or evaluated:
-                now = time.perf_counter()
-                row = {"step": step, "loss": float(metrics["loss"])}
-                if "grad_norm" in metrics:
-                    row["grad_norm"] = float(metrics["grad_norm"])
-                row["steps_per_s"] = (step - step_log) / (now - t_log) if step > start + 1 \
-                    else None
-                for k in sorted(set(metrics) - {"loss", "grad_norm"}):
-                    if isinstance(metrics[k], (jax.Array, np.ndarray, np.generic)):
-                        v = float(metrics[k])  # e.g. the diagnostics' scalars
-                        row[k] = v if math.isfinite(v) else None  # NaN is not JSON
+                row = _row(step, metrics, clock.rate(step))
                 if evaluated:
                     row.update({k: _host(v) for k, v in evaluate(params).items()})
                 history.append(row)
                 if on_row is not None:
                     on_row(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
-                t_log, step_log = time.perf_counter(), step  # evaluation time not counted
+                clock.lap(step)  # evaluation time not counted
                 if target_loss is not None and row["loss"] <= target_loss:
                     status = "target"
-                    bar.update(step - bar.n)
-                    break
             bar.update(step - bar.n)
+            if status == "target":
+                break
             if ckpt_due:
                 if not all_finite(params):  # never checkpoint a broken state
                     first_bad = step
                     break
                 checkpoint(step, params, opt_state)
                 last_ckpt = step
-    if first_bad is None and int(bad) >= 0:  # a non-finite step since the last check
-        first_bad = int(bad)
-    if first_bad is None and not all_finite(params):
-        first_bad = step
-    wall = time.perf_counter() - t_steady if t_steady is not None else 0.0
-    steady = step - start - 1
-    steps_per_s = steady / wall if steady > 0 and wall > 0 else 0.0
+    first_bad = _nonfinite_at(first_bad, bad, params, step)
+    steps_per_s = clock.steps_per_s(step)
     if first_bad is not None:
         status = "nonfinite"
     elif checkpoint is not None and last_ckpt != step:
         checkpoint(step, params, opt_state)
-    return LoopResult(params, opt_state, history, compile_s, steps_per_s, status, step,
+    return LoopResult(params, opt_state, history, clock.compile_s, steps_per_s, status, step,
                       first_bad, jax.device_get(metrics))
 
 
