@@ -16,7 +16,7 @@ from jaxrnn._src.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, Layer
                                LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
 from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
 from jaxrnn._src.generate import sample
-from jaxrnn._src.loop import LoopResult, fit, train_loop
+from jaxrnn._src.loop import LoopResult, train_loop
 from jaxrnn._src.losses import half_sse, mse, xent
 from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, State, sequence_mask
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
@@ -70,7 +70,6 @@ __all__ = [
     "Metrics",
     "train_loop",
     "LoopResult",
-    "fit",
     # diagnostics and generation
     "gradient_diagnostics",
     "step_gradients",

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from conftest import assert_trees_rel_close, xla_flags
-from jaxrnn import RNN, Batch, fit, make_train_step
+from jaxrnn import RNN, Batch, make_train_step, train_loop
 from jaxrnn_app.sharding import (choose_devices, make_mesh, make_sharded_train_step, replicate,
                              shard_batch)
 
@@ -244,7 +244,7 @@ def test_replicate_keeps_none_leaves_and_key_arrays_and_copies():
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))  # ... but a copy
 
 
-def test_one_device_mesh_equals_make_train_step_and_works_with_fit():
+def test_one_device_mesh_equals_make_train_step_and_works_with_train_loop():
     model = RNN(cell="gru", input_size=2, hidden_size=5, output_size=1)
     k = jax.random.split(jax.random.key(3), 2)
     xs = jax.random.normal(k[0], (7, 4, 2), jnp.float64)
@@ -252,11 +252,12 @@ def test_one_device_mesh_equals_make_train_step_and_works_with_fit():
     params = model.init(k[1], jnp.float64)
     opt = optax.adam(1e-2)
     mesh = make_mesh(1)
-    plain = fit(make_train_step(model, opt, "mse", donate=False), params,
-                opt.init(params), batch, 5, progress=False)
-    sharded = fit(make_sharded_train_step(model, opt, mesh, "mse"),
-                  *replicate((params, opt.init(params)), mesh), shard_batch(batch, mesh), 5,
-                  progress=False)
+    plain = train_loop(make_train_step(model, opt, "mse", donate=False), params,
+                       opt.init(params), batch, 5, progress=False)
+    sharded = train_loop(make_sharded_train_step(model, opt, mesh, "mse"),
+                         *replicate((params, opt.init(params)), mesh),
+                         shard_batch(batch, mesh), 5, progress=False)
+    assert plain.status == sharded.status == "finished"
     assert [h["loss"] for h in sharded.history] == pytest.approx(
         [h["loss"] for h in plain.history], rel=1e-12)
     assert_trees_rel_close(sharded.params, plain.params, 1e-12)

@@ -1,4 +1,4 @@
-"""The jit-compiled optax train step and the fit loop."""
+"""The jit-compiled optax train step, and the training loop over it."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conftest import assert_trees_rel_close
-from jaxrnn import RNN, Batch, fit, make_optimizer, make_train_step
+from jaxrnn import RNN, Batch, make_optimizer, make_train_step, train_loop
 
 
 def problem(dtype, seed=0, T=12, B=4):
@@ -75,25 +75,27 @@ def test_donated_buffers_are_consumed():
         assert all(deleted)
 
 
-def test_fit_stops_at_target_loss_and_reports_compile_time():
+def test_train_loop_stops_at_target_loss_and_reports_compile_time():
     model, params, batch = problem(jnp.float32)
     opt = optax.adam(1e-2)
     step = make_train_step(model, opt, loss="mse")
-    res = fit(step, params, opt.init(params), batch, 5000, target_loss=0.05, progress=False)
-    assert res.stopped_early
+    res = train_loop(step, params, opt.init(params), batch, 5000, target_loss=0.05,
+                     progress=False)
+    assert res.status == "target"
     assert res.history[-1]["loss"] <= 0.05 < res.history[0]["loss"]
     assert res.history[-1]["step"] < 5000
     assert res.compile_s > 0 and res.steps_per_s > 0
     assert [h["step"] for h in res.history] == list(range(1, len(res.history) + 1))
 
 
-def test_fit_names_the_step_where_the_loss_became_nan():
+def test_train_loop_names_the_step_where_the_loss_became_nan():
     model, params, batch = problem(jnp.float32)
     bad = Batch(batch.xs, batch.targets.at[0, 0, 0].set(jnp.nan))
     opt = optax.sgd(0.1)
     step = make_train_step(model, opt, loss="mse")
-    with pytest.raises(FloatingPointError, match="at step 1"):
-        fit(step, params, opt.init(params), bad, 10, progress=False)
+    res = train_loop(step, params, opt.init(params), bad, 10, progress=False)
+    assert res.status == "nonfinite" and res.first_bad == 1 and res.step == 1
+    assert res.history == []
 
 
 @pytest.mark.parametrize("kw, match", [

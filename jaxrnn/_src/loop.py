@@ -22,8 +22,8 @@ point after a bad step and reports that step (``first_bad``); no row at or after
 it is logged, and ``checkpoint`` is never called with parameters that are not
 finite (they are checked before every call). A non-finite run is not an
 exception here: the loop returns with ``status="nonfinite"``, because to an
-experiment a divergence is a result to record; ``fit`` and ``jaxrnn_app.runner``
-turn it into an error.
+experiment a divergence is a result to record; ``jaxrnn_app.runner`` turns it
+into an error.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _progress_bar(total: int, initial: int, desc: str, show: bool):
 
 
 class LoopResult(NamedTuple):
-    """What ``train_loop`` (and ``fit``) return."""
+    """What ``train_loop`` returns."""
 
     params: Any  # the parameters at ``step``
     opt_state: Any  # the optimizer state at ``step``
@@ -85,14 +85,6 @@ class LoopResult(NamedTuple):
     step: int  # the last step run (``start`` if none was)
     first_bad: int | None  # status "nonfinite": the first step that was not finite
     metrics: dict  # the last step's metrics, on the host ({} if no step was run)
-
-    @property
-    def stopped_early(self) -> bool:
-        """Reached ``target_loss`` before ``steps`` (``fit``'s old field)."""
-        return self.status == "target"
-
-
-FitResult = LoopResult  # the name ``fit`` used
 
 
 def _check_loop_args(start: int, steps: int, log_every: int, eval_every: int,
@@ -383,30 +375,3 @@ def train_loop(step_fn: Callable[..., Any], params: Any, opt_state: Any,
         checkpoint(step, params, opt_state)
     return LoopResult(params, opt_state, history, clock.compile_s, steps_per_s, status, step,
                       first_bad, jax.device_get(metrics))
-
-
-def fit(step_fn: Callable[..., Any], params: Any, opt_state: Any,
-        batches: Batch | Callable[[int], Batch] | Iterable[Batch], steps: int, *,
-        target_loss: float | None = None, log_every: int = 1, progress: bool = True,
-        desc: str = "train", **hooks) -> LoopResult:
-    """``train_loop`` that raises on a non-finite loss (the library's first loop, kept).
-
-    Args:
-        step_fn, params, opt_state, batches, steps: as in ``train_loop``.
-        target_loss, log_every, progress, desc: as in ``train_loop``.
-        **hooks: any other keyword argument of ``train_loop`` (``evaluate``,
-            ``eval_every``, ``checkpoint``, ``on_row``, ``key`` ...).
-
-    Returns:
-        The ``LoopResult`` (``stopped_early``: reached ``target_loss``).
-
-    Raises:
-        FloatingPointError: the loss became NaN or infinite (the message names the
-            first such step).
-    """
-    res = train_loop(step_fn, params, opt_state, batches, steps, target_loss=target_loss,
-                     log_every=log_every, progress=progress, desc=desc, **hooks)
-    if res.status == "nonfinite":
-        raise FloatingPointError(f"the loss or the parameters became NaN or infinite at "
-                                 f"step {res.first_bad}")
-    return res
