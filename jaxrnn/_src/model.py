@@ -23,11 +23,11 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from jaxrnn._src import losses as losses_lib
+from jaxrnn._src import validation
 from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
-from jaxrnn._src.stack import reverse_sequences, run_stack
-from jaxrnn._src.validation import check_int
+from jaxrnn._src.stack import run_stack
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
 # with carry_size k > 1: a tuple of k arrays).
@@ -46,10 +46,6 @@ class RNNParams(NamedTuple):
 
     layers: tuple[tuple[CellParams, ...], ...]  # [layer][direction]
     readout: ReadoutParams
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def sequence_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None:
@@ -107,7 +103,7 @@ class RNN:
 
     def __post_init__(self):
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
-            check_int(name, getattr(self, name), 1)
+            validation.check_int(name, getattr(self, name), 1)
         if isinstance(self.cell, Cell):
             check_cell_class(self.cell)
             given = [f"{k}={getattr(self, k)!r}" for k, v in
@@ -127,7 +123,7 @@ class RNN:
                       forget_bias=self.forget_bias, hidden_size=self.hidden_size,
                       bias=self.bias)  # validates the cell's options
         if self.bptt_segment is not None:
-            check_int("bptt_segment", self.bptt_segment, 1)
+            validation.check_int("bptt_segment", self.bptt_segment, 1)
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
 
@@ -195,14 +191,14 @@ class RNN:
         A cell with ``carry_size`` k > 1 has a tuple of k such arrays, the k-th of
         width ``cell.state_sizes(H)[k]``.
         """
-        n = self.num_layers * self.num_directions
-        parts = tuple(jnp.zeros((n, batch, w), dtype)
-                      for w in self.cell_fn.state_sizes(self.hidden_size))
+        parts = tuple(jnp.zeros(shape, dtype) for shape in self._state_shapes(batch))
         return parts if len(parts) > 1 else parts[0]
 
-    # --- validation ----------------------------------------------------------
-    def _params_dtype(self, params: RNNParams):
-        return params.readout.weight.dtype
+    # --- validation (the rules: jaxrnn._src.validation) ---------------------
+    def _state_shapes(self, batch: int) -> list[tuple[int, int, int]]:
+        """The state's parts, ``(L*dirs, B, width)`` for each of the cell's carries."""
+        n = self.num_layers * self.num_directions
+        return [(n, batch, w) for w in self.cell_fn.state_sizes(self.hidden_size)]
 
     def check_inputs(self, params: RNNParams, xs, state=None, lengths=None):
         """Validates ``xs``, ``state`` and ``lengths``; returns them as arrays.
@@ -213,83 +209,22 @@ class RNN:
             ValueError: a wrong rank or size, an empty sequence or batch, lengths
                 outside ``[1, T]``.
         """
-        if not isinstance(params, RNNParams):
-            raise TypeError(f"params must be RNNParams (from RNN.init), got {type(params).__name__}")
-        xs = jnp.asarray(xs)
-        expected = f"(T, B, input_size={self.input_size})"
-        if xs.ndim != 3:
-            raise ValueError(f"xs must have shape {expected} (time-major), got shape {xs.shape}")
-        T, B, D = xs.shape
-        if T == 0:
-            raise ValueError(f"xs is an empty sequence: shape {xs.shape} has T=0 steps")
-        if B == 0:
-            raise ValueError(f"xs is an empty batch: shape {xs.shape} has B=0")
-        if D != self.input_size:
-            raise ValueError(f"xs must have shape {expected}, got shape {xs.shape}")
-        if not jnp.issubdtype(xs.dtype, jnp.floating):
-            raise TypeError(f"xs must be a floating array, got dtype {xs.dtype}")
-        pdtype = self._params_dtype(params)
-        if xs.dtype != pdtype:
-            raise TypeError(f"xs has dtype {xs.dtype} but the parameters have dtype {pdtype}; "
-                            f"cast one to the other")
+        validation.check_type("params", params, RNNParams, " (from RNN.init)")
+        dtype = params.readout.weight.dtype
+        xs = validation.check_xs(xs, self.input_size, dtype)
+        T, B, _ = xs.shape
         if state is not None:
-            state = self._check_state(state, B, pdtype)
+            state = validation.check_state(state, self._state_shapes(B), dtype,
+                                           cell_name=self.cell_name,
+                                           hidden_size=self.hidden_size,
+                                           proj_size=self.proj_size)
         if lengths is not None:
-            lengths = jnp.asarray(lengths)
-            if lengths.shape != (B,):
-                raise ValueError(f"lengths must have shape (B,) = ({B},), got shape {lengths.shape}")
-            if not jnp.issubdtype(lengths.dtype, jnp.integer):
-                raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
-            if _is_concrete(lengths):
-                lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
-                if lo < 1 or hi > T:
-                    raise ValueError(f"lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
+            lengths = validation.check_lengths(lengths, T, B)
         return xs, state, lengths
-
-    def _check_state(self, state, batch, dtype):
-        n = self.num_layers * self.num_directions
-        shapes = [(n, batch, w) for w in self.cell_fn.state_sizes(self.hidden_size)]
-        if len(shapes) > 1:
-            if not (isinstance(state, (tuple, list)) and len(state) == len(shapes)):
-                if len(shapes) == 2:
-                    what = "an LSTM" if "lstm" in self.cell_name else f"cell {self.cell_name!r}"
-                    raise ValueError(f"state of {what} must be a pair (h0, c0), of shapes "
-                                     f"{shapes[0]} and {shapes[1]}")
-                raise ValueError(f"state of cell {self.cell_name!r} must be a tuple of "
-                                 f"{len(shapes)} arrays, of shapes {', '.join(map(str, shapes))}")
-            parts = tuple(jnp.asarray(s) for s in state)
-        else:
-            parts = (jnp.asarray(state),)
-        for k, (s, shape) in enumerate(zip(parts, shapes)):
-            if s.shape != shape:
-                what = "state" if len(shapes) == 1 else f"state[{k}]"
-                width = ("hidden_size" if shape[2] == self.hidden_size else
-                         "proj_size" if self.proj_size and shape[2] == self.proj_size else "size")
-                raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
-                                 f"{width}) = {shape}, got shape {s.shape}")
-            if s.dtype != dtype:
-                raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
-        return parts if len(shapes) > 1 else parts[0]
 
     def check_targets(self, ys_shape, targets, loss: str):
         """Validates ``targets`` against the outputs' shape ``(T, B, O)`` for ``loss``."""
-        losses_lib.get_loss(loss)
-        targets = jnp.asarray(targets)
-        if loss == "xent":
-            if targets.shape != ys_shape[:2]:
-                raise ValueError(f"targets for loss='xent' must have shape (T, B) = {ys_shape[:2]}"
-                                 f", got shape {targets.shape}")
-            if not jnp.issubdtype(targets.dtype, jnp.integer):
-                raise TypeError(f"targets for loss='xent' must be integer classes, "
-                                f"got dtype {targets.dtype}")
-        else:
-            if targets.shape != ys_shape:
-                raise ValueError(f"targets must have shape (T, B, output_size) = {ys_shape}, "
-                                 f"got shape {targets.shape}")
-            if not jnp.issubdtype(targets.dtype, jnp.floating):
-                raise TypeError(f"targets for loss={loss!r} must be floating, "
-                                f"got dtype {targets.dtype}")
-        return targets
+        return validation.check_targets(ys_shape, targets, loss)
 
     # --- forward -------------------------------------------------------------
     def initial_carries(self, state, batch, dtype) -> list[Carry]:
