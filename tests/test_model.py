@@ -160,6 +160,37 @@ def test_from_torch_rejects_mismatches(key):
         model.from_torch(rnn_sd, {"weight": ro_sd["weight"]})
 
 
+def test_layer_directions_name_layers_as_pytorch():
+    """The one layer x direction order and naming; torch_names follows it, as PyTorch does."""
+    from jaxrnn._src.stack import layer_directions
+
+    assert list(layer_directions(2, 2)) == [(0, 0, "_l0"), (0, 1, "_l0_reverse"),
+                                            (1, 0, "_l1"), (1, 1, "_l1_reverse")]
+    assert list(layer_directions(2, 1)) == [(0, 0, "_l0"), (1, 0, "_l1")]
+    torch = pytest.importorskip("torch")
+    model = small(cell="gru", num_layers=2, bidirectional=True)
+    gru = torch.nn.GRU(3, 5, num_layers=2, bidirectional=True)
+    assert model.torch_names() == list(gru.state_dict())
+
+
+def test_to_torch_rejects_params_of_another_stack(key):
+    deep = small(num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match=r"params.layers must have num_layers=1 layers of "
+                                         r"num_directions=1 .* got 2 layers of \[2, 2\]"):
+        small().to_torch(deep.init(key))
+
+
+def test_interop_module_imports_no_torch():
+    """``jaxrnn._src.interop`` reads tensors without importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, jaxrnn._src.interop; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
 # --- bad input ---------------------------------------------------------------
 
 @pytest.mark.parametrize("kw, exc, match", [
@@ -182,6 +213,24 @@ def test_lstm_state_must_be_a_pair(key):
         model.apply(params, xs, state=jnp.zeros((1, 2, 5)))
     ys, (h, c) = model.apply(params, xs, state=(jnp.zeros((1, 2, 5), jnp.float32), jnp.ones((1, 2, 5), jnp.float32)))
     assert h.shape == c.shape == (1, 2, 5)
+
+
+def test_state_of_a_cell_with_three_carries_must_be_a_triple():
+    from jaxrnn._src.validation import check_state
+
+    shapes, f32 = [(1, 2, 5), (1, 2, 5), (1, 2, 3)], np.dtype(np.float32)  # as params' dtype
+    with pytest.raises(ValueError, match=r"state of cell 'mine' must be a tuple of 3 arrays, "
+                                         r"of shapes \(1, 2, 5\), \(1, 2, 5\), \(1, 2, 3\)"):
+        check_state(jnp.zeros((1, 2, 5)), shapes, f32, cell_name="mine", hidden_size=5)
+    state = tuple(jnp.zeros(s, jnp.float32) for s in shapes)
+    with pytest.raises(ValueError, match=r"state\[2\] must have shape .*, size\) = \(1, 2, 3\)"):
+        check_state(state[:2] + (jnp.zeros((1, 2, 4), jnp.float32),), shapes, f32,
+                    cell_name="mine", hidden_size=5)
+    with pytest.raises(TypeError, match="state must have dtype float32, got dtype float16"):
+        check_state(state[:2] + (state[2].astype(jnp.float16),), shapes, f32,
+                    cell_name="mine", hidden_size=5)
+    out = check_state(list(state), shapes, f32, cell_name="mine", hidden_size=5)
+    assert isinstance(out, tuple) and [o.shape for o in out] == shapes
 
 
 def test_gru_rejects_relu():
