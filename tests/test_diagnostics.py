@@ -32,7 +32,8 @@ from jaxrnn._src import diagnostics as diag_lib
 from jaxrnn._src.cells import CellParams
 from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients, summary
 from jaxrnn._src.losses import get_loss
-from jaxrnn._src.model import RNN, loss_fn, reverse_sequences
+from jaxrnn._src.model import RNN, loss_fn
+from jaxrnn._src.stack import reverse_sequences
 
 RTOL = 1e-10
 

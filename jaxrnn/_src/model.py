@@ -27,8 +27,7 @@ from jaxrnn._src import validation
 from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS, layer
-# reverse_sequences is unused here; tests/test_diagnostics.py imports it from this module
-from jaxrnn._src.stack import reverse_sequences, run_stack  # noqa: F401
+from jaxrnn._src.stack import run_stack
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
 # with carry_size k > 1: a tuple of k arrays).
