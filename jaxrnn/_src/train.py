@@ -138,6 +138,50 @@ def clip_recurrent(max_abs: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def check_train_options(method: str, diagnostics: bool = False) -> None:
+    """The options of ``make_train_step`` that do not depend on the model.
+
+    Args:
+        method: the gradient method, one of ``TRAIN_METHODS``.
+        diagnostics: whether the step logs per-step gradient diagnostics.
+
+    Raises:
+        ValueError: an unknown ``method``, or ``diagnostics`` with a method other than
+            ``"bptt"`` (the messages name the arguments).
+    """
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    if diagnostics and method != "bptt":
+        raise ValueError(f"diagnostics=True reads the handwritten reverse scan: it needs "
+                         f"method='bptt', got method={method!r}")
+
+
+def check_truncation(k1: int, k2: int | None = None, method: str = "bptt") -> int:
+    """The options of truncated BPTT(k1, k2) (``make_tbptt_step``).
+
+    Args:
+        k1: steps between updates, an integer >= 1.
+        k2: steps of backpropagation, an integer >= ``k1``; None: ``k1``.
+        method: the gradient method, one of ``METHODS`` (RTRL is a whole-sequence
+            method: truncation does not apply to it).
+
+    Returns:
+        ``k2`` (``k1`` where it was None).
+
+    Raises:
+        ValueError: ``method="rtrl"`` or another unknown method, ``k1 < 1``, ``k2 < k1``.
+    """
+    if method == "rtrl":
+        raise ValueError("method='rtrl' is not supported by truncated BPTT (make_tbptt_step): "
+                         "use method='bptt' or 'autodiff', or make_train_step for rtrl")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_int("k1", k1, 1)
+    k2 = k1 if k2 is None else k2
+    check_int("k2", k2, k1, bound=f"k1 = {k1}")
+    return k2
+
+
 def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
                     loss: LossName = "half_sse", method: Method = "bptt",
                     donate: bool = True, last_only: bool = False,
@@ -174,11 +218,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
             (and, when the step is first called, a batch too large for it).
     """
     losses_lib.get_loss(loss)
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
-    if diagnostics and method != "bptt":
-        raise ValueError(f"diagnostics=True reads the handwritten reverse scan: it needs "
-                         f"method='bptt', got method={method!r}")
+    check_train_options(method, diagnostics)
     if method == "rtrl":
         rtrl.check_model(model)  # the cell, layers and directions; the size at trace time
 
@@ -262,16 +302,8 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
         ValueError: ``k1 < 1``, ``k2 < k1``, ``method="rtrl"`` (a whole-sequence
             method; truncation is not supported), or a batch with ``lengths``.
     """
-    losses_lib.get_loss(loss)
-    if method == "rtrl":
-        raise ValueError("method='rtrl' is not supported by truncated BPTT (make_tbptt_step): "
-                         "use method='bptt' or 'autodiff', or make_train_step for rtrl")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_int("k1", k1, 1)
-    k2 = k1 if k2 is None else k2
-    check_int("k2", k2, k1, bound=f"k1 = {k1}")
     loss_f = losses_lib.get_loss(loss)
+    k2 = check_truncation(k1, k2, method)
 
     def chunk_update(params, opt_state, state, xs_a, xs_b, targets, key, n_loss):
         def f(params):
