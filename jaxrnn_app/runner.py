@@ -40,15 +40,16 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import RNN, extend, make_optimizer, make_tbptt_step, make_train_step, train_loop
-from jaxrnn.extend import TRAIN_METHODS, loss_fn
+from jaxrnn import (RNN, LoopResult, extend, make_optimizer, make_tbptt_step, make_train_step,
+                    train_loop)
+from jaxrnn.extend import loss_fn
 from jaxrnn_app import checkpoint as ckpt
 from jaxrnn_app import distributed, memory, sharding
 from jaxrnn_app.defaults import TASK_DEFAULTS
@@ -88,7 +89,7 @@ OPTION = {"seq_len": "--seq-len", "batch_size": "--batch", "batch": "--batch",
           "forget_bias": "--forget-bias", "num_layers": "--layers", "cell": "--cell",
           "bidirectional": "--bidirectional", "dropout": "--dropout", "method": "--method",
           "optimizer": "--optimizer", "lr": "--lr", "clip": "--clip", "k1": "--k1",
-          "k2": "--k2", "bptt_segment": "--bptt-segment"}
+          "k2": "--k2", "bptt_segment": "--bptt-segment", "diagnostics": "--diagnostics"}
 
 
 def option_message(message: str, anywhere: tuple[str, ...] = ()) -> str:
@@ -184,7 +185,11 @@ def build_config(**given) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks the options that no lower layer checks; raises ``RunError`` naming them."""
+    """Checks the options that no lower layer checks; raises ``RunError`` naming them.
+
+    The library's own rules (``--method``'s names, ``--k1`` >= 1, ``--k2`` >= ``--k1``)
+    are its step constructors' to check: ``run`` makes the step first (``make_step``).
+    """
     if cfg.schedule not in SCHEDULES:
         raise RunError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     for name in ("hidden", "layers", "batch", "seq_len", "steps", "log_every"):
@@ -199,13 +204,6 @@ def validate(cfg: RunConfig) -> None:
         raise RunError(f"--lr must be > 0, got {cfg.lr!r}")
     if cfg.k2 is not None and cfg.k1 is None:
         raise RunError("--k2 needs --k1 (truncated BPTT: k1 steps between updates)")
-    if cfg.k1 is not None:
-        if cfg.k1 < 1:
-            raise RunError(f"--k1 must be an integer >= 1, got {cfg.k1}")
-        if cfg.k2 is not None and cfg.k2 < cfg.k1:
-            raise RunError(f"--k2 must be >= --k1 = {cfg.k1}, got {cfg.k2}")
-    if cfg.method not in TRAIN_METHODS:
-        raise RunError(f"--method must be one of {TRAIN_METHODS}, got {cfg.method!r}")
     if cfg.method == "rtrl":
         if cfg.k1 is not None:
             raise RunError("--method rtrl computes each sequence's gradient forward in time; "
@@ -508,6 +506,11 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         log=print, warn=_warn, memory_available: int | None = None) -> RunResult:
     """Runs (or resumes) a training run, writing into ``out``.
 
+    The parts, in order: ``_check_out`` (a fresh or a resumable directory),
+    ``_build`` (task, model, optimizer, step, the process layout), ``_start`` (the
+    initial or the restored state), ``_resume_directory`` (the files of a resumed
+    run), ``_train`` (``train_loop`` with its hooks) and ``_finish`` (figures, samples).
+
     Args:
         cfg: the run's configuration (``build_config`` or ``prepare_resume``).
         out: the output directory. A new run refuses a directory that already holds
@@ -532,9 +535,46 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         RunFailed: the loss became NaN or infinite (the message names the step).
     """
     out = Path(out)
-    ckpt_dir = out / "checkpoints"
     if not distributed.is_writer():  # process 0 alone shows progress and messages
-        progress, log, warn = False, (lambda *a, **k: None), (lambda *a, **k: None)
+        progress, log, warn = False, _quiet, _quiet
+    _check_out(out, resume)
+    built = _build(cfg, memory_available)
+    start = _start(cfg, built, out / "checkpoints", resume)  # reads only: nothing written yet
+    if distributed.is_writer():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+    distributed.barrier("run-directory")  # every process has read what it needed; made
+    checkpointer = ckpt.Checkpointer(out / "checkpoints", keep=3)
+    try:
+        if resume:
+            _resume_directory(out, checkpointer, start, warn)
+            if start.step >= cfg.steps:
+                log(f"{out}: the run already reached step {start.step} (>= --steps "
+                    f"{cfg.steps}); pass a larger --steps to continue it")
+                return RunResult(out, start.step, start.step, [], 0.0, 0.0,
+                                 "already-finished")
+        if distributed.is_writer():
+            config = dataclasses.asdict(cfg) | {"versions": _versions(),
+                                                "devices_used": built.n_dev,
+                                                "processes_used": jax.process_count()}
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        res = _train(cfg, built, start, out, checkpointer, progress, warn)
+        result = RunResult(out, start.step, res.step, res.history, res.compile_s,
+                           res.steps_per_s, res.status)
+        if distributed.is_writer():
+            _finish(cfg, built.task, built.model, host_local(res.params), out, result, log)
+        return result
+    finally:
+        checkpointer.close()
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``log`` and ``warn`` of the processes other than process 0."""
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """Refuses a fresh run into a directory that holds one, and a resume without a
+    checkpoint; process 0 decides, before anything is written."""
     refusal = None
     if not resume and out.exists() and any(out.iterdir()):
         refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
@@ -543,12 +583,33 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
     refusal = distributed.from_writer("out-holds-a-run", refusal)
     if refusal:
         raise RunError(refusal)
+    ckpt_dir = out / "checkpoints"
     if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
         raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
 
+
+class _Built(NamedTuple):
+    """What a run trains: built once, before any state is made or restored."""
+
+    task: Task
+    model: RNN
+    optimizer: optax.GradientTransformation
+    step_fn: Any  # ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``
+    mesh: sharding.Mesh | None  # None: one device
+    n_dev: int
+    place_batch: Any  # ``place(step) -> Batch`` on the mesh
+
+
+def _build(cfg: RunConfig, memory_available: int | None) -> _Built:
+    """The task, model, optimizer and train step of ``cfg``, and the process layout.
+
+    The library's constructors check their options (``make_step``) before the memory
+    check, which comes before the parameters are made or a batch is drawn.
+    """
     task = build_task(cfg)
     model = make_model(cfg, task)
     optimizer = build_optimizer(cfg)
+    step_fn = make_step(cfg, task, model, optimizer)
     if task.last_step_only and cfg.k1 is not None:
         raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
                        f"{cfg.task!r} scores only the last step")
@@ -561,108 +622,137 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             raise RunError(option_message(str(e), anywhere=("batch",))) from None
     # Before the parameters are made, a batch drawn or the run directory written.
     check_memory(cfg, task, model, optimizer, memory_available)
-    params = init_params(cfg, task, model)
+    batch_size = task.batch(0).xs.shape[1]
+    n_dev, mesh = build_mesh(cfg, batch_size)
+    if mesh is not None:
+        step_fn = make_step(cfg, task, model, optimizer, mesh)
+    return _Built(task, model, optimizer, step_fn, mesh, n_dev,
+                  batch_placer(task, mesh, batch_size))
 
-    sample_batch = task.batch(0)
-    n_dev, mesh = build_mesh(cfg, sample_batch.xs.shape[1])
-    if cfg.k1 is None:
-        if mesh is None:
-            step_fn = make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
-                                      last_only=task.last_step_only,
-                                      diagnostics=cfg.diagnostics)
-        else:
-            step_fn = sharding.make_sharded_train_step(
-                model, optimizer, mesh, loss=task.loss, method=cfg.method,
-                last_only=task.last_step_only, diagnostics=cfg.diagnostics)
-    else:
-        step_fn = make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
-                                  method=cfg.method)
-    place_batch = batch_placer(task, mesh, sample_batch.xs.shape[1])
 
-    key = jax.random.key(cfg.seed)
-    opt_state = optimizer.init(params)
-    if mesh is not None:  # before a restore: it restores onto the same (global) layout
-        params, opt_state, key = sharding.replicate((params, opt_state, key), mesh)
-    metadata = {"model": cfg.model_fields()}
-    start = 0
-    if resume:  # read first: a refused resume changes nothing in ``out``
-        restored, skipped = _restore_for_resume(
-            ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
-        params, opt_state, key = restored.params, restored.opt_state, restored.key
-        start = int(restored.step)
-    if distributed.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_dir.mkdir(exist_ok=True)
-    distributed.barrier("run-directory")  # every process has read what it needed; made
-    checkpointer = ckpt.Checkpointer(ckpt_dir, keep=3)
+def make_step(cfg: RunConfig, task: Task, model: RNN, optimizer,
+              mesh: sharding.Mesh | None = None):
+    """The train step of ``cfg``: full BPTT (on ``mesh``, if given) or truncated BPTT.
+
+    Raises:
+        RunError: the library's message on a ``--method``, ``--diagnostics``, ``--k1``
+            or ``--k2`` it refuses, naming the options (``option_message``).
+    """
     try:
-        if resume:
-            if distributed.is_writer():
-                for bad_step, why in skipped:  # never deleted, never in the way of a save
-                    moved = checkpointer.set_aside(bad_step)
-                    warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
-                         f"from checkpoint {start}; moved it aside to {moved}")
-                _write_jsonl_prefix(out / "metrics.jsonl", start)
-            if skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
-                distributed.barrier("set-aside")
-                checkpointer.reload()
-            if start >= cfg.steps:
-                log(f"{out}: the run already reached step {start} (>= --steps {cfg.steps}); "
-                    f"pass a larger --steps to continue it")
-                return RunResult(out, start, start, [], 0.0, 0.0, "already-finished")
-        config = dataclasses.asdict(cfg) | {"versions": _versions(), "devices_used": n_dev,
-                                            "processes_used": jax.process_count()}
-        if distributed.is_writer():
-            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if cfg.k1 is not None:
+            return make_tbptt_step(model, optimizer, k1=cfg.k1, k2=cfg.k2, loss=task.loss,
+                                   method=cfg.method)
+        if mesh is None:
+            return make_train_step(model, optimizer, loss=task.loss, method=cfg.method,
+                                   last_only=task.last_step_only,
+                                   diagnostics=cfg.diagnostics)
+        return sharding.make_sharded_train_step(
+            model, optimizer, mesh, loss=task.loss, method=cfg.method,
+            last_only=task.last_step_only, diagnostics=cfg.diagnostics)
+    except ValueError as e:
+        raise RunError(option_message(str(e), anywhere=("k1",))) from None
 
-        def save(step, params, opt_state):
-            if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
-                checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
-                                                       metadata))
 
-        # The eval batch is whole in every process (it is computed once per run): each
-        # device scores all of it, as in a one-process run, so the eval loss is the same.
-        eval_batch = task.eval_batch()
-        if mesh is not None:
-            eval_batch = sharding.replicate(eval_batch, mesh)
-        eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
-                                                  b.targets, None, b.lengths, None,
-                                                  task.last_step_only))
+class _State(NamedTuple):
+    """Where the training starts: fresh, or a checkpoint read back."""
 
-        def evaluate(params):
-            ev = float(eval_loss(params, eval_batch))
-            return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
-                                        if task.loss == "xent" else {})}
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    step: int
+    metadata: dict  # stored with each checkpoint: the model's fields
+    skipped: list  # resume: the newer, unreadable checkpoints, ``(step, why)``
 
-        rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
-        with _Stop() as stop, open(rows_to, "a") as metrics_file:
-            def write_row(row):
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
 
-            if progress:  # the first step compiles (seconds to minutes): say so
-                warn(f"{cfg.task}: compiling the training step (the first step; the "
-                     f"progress bar's ETA starts after it)...")
-            res = train_loop(
-                step_fn, params, opt_state, place_batch, cfg.steps,
-                start=start, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
-                eval_every=cfg.eval_every, evaluate=evaluate,
-                checkpoint_every=cfg.checkpoint_every, checkpoint=save,
-                target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
-                on_row=write_row, progress=progress, desc=cfg.task)
-        if res.status == "nonfinite":
-            last = checkpointer.latest_step()
-            raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
-                            f"{res.first_bad}; stopped "
-                            f"without saving; the last good checkpoint is "
-                            f"{'step ' + str(last) if last else 'none'} in {ckpt_dir}")
-        result = RunResult(out, start, res.step, res.history, res.compile_s, res.steps_per_s,
-                           res.status)
-        if distributed.is_writer():
-            _finish(cfg, task, model, host_local(res.params), out, result, log)
-        return result
-    finally:
-        checkpointer.close()
+def _start(cfg: RunConfig, built: _Built, ckpt_dir: Path, resume: bool) -> _State:
+    """The initial parameters, optimizer state and key, or those of the newest readable
+    checkpoint (``resume``); replicated on the mesh. Nothing is written."""
+    params = init_params(cfg, built.task, built.model)
+    key = jax.random.key(cfg.seed)
+    opt_state = built.optimizer.init(params)
+    if built.mesh is not None:  # before a restore: it restores onto the same (global) layout
+        params, opt_state, key = sharding.replicate((params, opt_state, key), built.mesh)
+    metadata = {"model": cfg.model_fields()}
+    if not resume:
+        return _State(params, opt_state, key, 0, metadata, [])
+    restored, skipped = _restore_for_resume(
+        ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
+    return _State(restored.params, restored.opt_state, restored.key, int(restored.step),
+                  metadata, skipped)
+
+
+def _resume_directory(out: Path, checkpointer: ckpt.Checkpointer, start: _State,
+                      warn) -> None:
+    """A resumed run's files: damaged checkpoints moved aside (with a warning each), the
+    metrics rows after the checkpoint dropped."""
+    if distributed.is_writer():
+        for bad_step, why in start.skipped:  # never deleted, never in the way of a save
+            moved = checkpointer.set_aside(bad_step)
+            warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
+                 f"from checkpoint {start.step}; moved it aside to {moved}")
+        _write_jsonl_prefix(out / "metrics.jsonl", start.step)
+    if start.skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
+        distributed.barrier("set-aside")
+        checkpointer.reload()
+
+
+def _evaluator(task: Task, model: RNN, mesh: sharding.Mesh | None):
+    """``evaluate(params) -> {"eval_loss", ["eval_bpc"]}`` on the task's eval batch."""
+    # The eval batch is whole in every process (it is computed once per run): each
+    # device scores all of it, as in a one-process run, so the eval loss is the same.
+    eval_batch = task.eval_batch()
+    if mesh is not None:
+        eval_batch = sharding.replicate(eval_batch, mesh)
+    eval_loss = jax.jit(lambda p, b: loss_fn(model, task.loss, "autodiff", p, b.xs,
+                                              b.targets, None, b.lengths, None,
+                                              task.last_step_only))
+
+    def evaluate(params):
+        ev = float(eval_loss(params, eval_batch))
+        return {"eval_loss": ev, **({"eval_bpc": ev / math.log(2)}
+                                    if task.loss == "xent" else {})}
+
+    return evaluate
+
+
+def _train(cfg: RunConfig, built: _Built, start: _State, out: Path,
+           checkpointer: ckpt.Checkpointer, progress: bool, warn) -> LoopResult:
+    """``train_loop`` from ``start`` with the run's hooks: rows to ``metrics.jsonl``,
+    checkpoints, evaluation, the stop signals.
+
+    Raises:
+        RunFailed: a NaN or infinite loss (nothing saved after the last good checkpoint).
+    """
+    key, metadata = start.key, start.metadata
+
+    def save(step, params, opt_state):
+        if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
+            checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
+                                                   metadata))
+
+    evaluate = _evaluator(built.task, built.model, built.mesh)
+    rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
+    with _Stop() as stop, open(rows_to, "a") as metrics_file:
+        def write_row(row):
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+        if progress:  # the first step compiles (seconds to minutes): say so
+            warn(f"{cfg.task}: compiling the training step (the first step; the "
+                 f"progress bar's ETA starts after it)...")
+        res = train_loop(
+            built.step_fn, start.params, start.opt_state, built.place_batch, cfg.steps,
+            start=start.step, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
+            eval_every=cfg.eval_every, evaluate=evaluate,
+            checkpoint_every=cfg.checkpoint_every, checkpoint=save,
+            target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
+            on_row=write_row, progress=progress, desc=cfg.task)
+    if res.status == "nonfinite":
+        last = checkpointer.latest_step()
+        raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
+                        f"{res.first_bad}; stopped without saving; the last good checkpoint "
+                        f"is {'step ' + str(last) if last else 'none'} in {out / 'checkpoints'}")
+    return res
 
 
 # --- the process layout (small helpers, so that the training loop needs no more) ----

@@ -1,5 +1,6 @@
 """Training runs: outputs, resume (also after SIGKILL), NaN handling, Ctrl-C, bad input."""
 
+import dataclasses
 import json
 import re
 import os
@@ -141,7 +142,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     (["--cell", "transformer"], "invalid choice"),
     (["--optimizer", "nosuchopt"], "--optimizer must"),
     (["--hidden", "-4"], "expected an integer >= 1"),
-    (["--k1", "5", "--k2", "3", "--task", "sine"], "--k2 must be >= --k1"),
+    (["--k1", "5", "--k2", "3", "--task", "sine"], "--k2 must be an integer >= --k1 = 5"),
     (["--task", "adding", "--k1", "5"], "truncated BPTT"),
     (["--resume"], "--resume: "),
     (["--devices", "3", "--task", "sine", "--batch", "4"], "devices"),
@@ -158,6 +159,19 @@ def test_bad_input_exit_2(args, match, tmp_path, capsys):
     err = capsys.readouterr().err
     assert match in err, err
     assert "Traceback" not in err and err.count("\n") <= 2
+
+
+@pytest.mark.parametrize("given, match", [
+    (dict(k1=0), "--k1 must be an integer >= 1, got 0"),
+    (dict(k1=4, k2=2), "--k2 must be an integer >= --k1 = 4, got 2"),
+    (dict(method="forward"), "--method must be one of"),
+    (dict(method="autodiff", diagnostics=True), "--diagnostics reads the handwritten"),
+])
+def test_the_library_checks_its_options_before_anything_is_written(tmp_path, given, match):
+    cfg = dataclasses.replace(runner.build_config(**SMALL, steps=2), **given)
+    with pytest.raises(runner.RunError, match=match):
+        runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
 
 
 def test_never_overwrites_a_run(tmp_path, capsys):
