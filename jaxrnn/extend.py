@@ -9,8 +9,8 @@ These names may change between 0.x releases (see ``CHANGELOG.md``).
 from jaxrnn._src.cells import CELLS, Carry, gate_blocks, gate_constants, split_gates
 from jaxrnn._src.model import loss_fn
 from jaxrnn._src.rtrl import MAX_SENSITIVITY_ELEMENTS, check_model, sensitivity_size
-from jaxrnn._src.scan import (METHODS, BackwardTrace, ForwardTrace, backward_scan,
-                              dgi_over_residual, forward_scan, lean_bptt_layer, project_inputs,
+from jaxrnn._src.scan import (METHODS, BackwardTrace, BufferPlan, ForwardTrace, backward_plan,
+                              backward_scan, forward_scan, lean_bptt_layer, project_inputs,
                               sum_outer)
 from jaxrnn._src.train import TRAIN_METHODS, StepFn, clip_recurrent, truncation_windows
 
@@ -30,7 +30,8 @@ __all__ = [
     "project_inputs",
     "lean_bptt_layer",
     "sum_outer",
-    "dgi_over_residual",
+    "BufferPlan",
+    "backward_plan",
     # model and training
     "loss_fn",
     "TRAIN_METHODS",

@@ -42,9 +42,10 @@ summed (their scans are independent; XLA may overlap them):
 * ``bptt`` (``scan.forward_scan`` keeping residuals, ``scan.backward_scan``):
   stored = kept = ``T B (C + R)`` + copies: the carries ``(T, B, C)`` and the
   residuals (a gated cell's first residual, ``(T, B, GH)``, is written over the
-  input projection's buffer, so it *is* that buffer). backward = ``T B (GH [dgi;
-  0 when written over dhs, GH = P, or over that residual] + GH [dgh; 0 when
-  folded] + P [h_{t-1}
+  input projection's buffer, so it *is* that buffer). backward = the reverse
+  scan's own buffer plan (``extend.backward_plan``, the one ``backward_scan``
+  follows), ``BufferPlan.elements``: ``T B (GH [dgi; 0 when written over dhs or
+  over that residual, or shaped like dhs] + GH [dgh; 0 when folded] + P [h_{t-1}
   transposed for dW_hh] + D_l [x transposed for dW_ih] + D_l [dx])``.
 * ``bptt`` with ``bptt_segment=k`` (``scan.lean_bptt_layer``, ``S = ceil(T/k)``):
   stored = ``S B C`` (the carry at each segment's start) + copies, plus the
@@ -161,31 +162,25 @@ def _step_residuals(cell, params, state_sizes, dtype, autodiff: bool) -> int:
     return count(2) - count(1)
 
 
-def _has_gate_residual(cell, params, state_sizes, dtype) -> bool:
-    """Whether ``cell.step`` keeps a residual leaf shaped like its input projection, (B, G*H).
-
-    ``scan.backward_scan`` writes ``dgi`` over that leaf's (T, B, G*H) buffer.
-    """
-    gh = params.w_ih.shape[0]
-    carry = tuple(jax.ShapeDtypeStruct((2, w), dtype) for w in state_sizes)
-    saved = jax.eval_shape(cell.step, params, carry, jax.ShapeDtypeStruct((2, gh), dtype))[1]
-    return extend.dgi_over_residual(saved, (2, gh), jnp.dtype(dtype)) is not None
-
-
 def _layers(model, params):
     """Per (layer, direction): ``(D_l, GH, P)``, input width, projection width, output width."""
     P = model.layer_output_size
     return [[(p.w_ih.shape[1], p.w_ih.shape[0], P) for p in dirs] for dirs in params.layers]
 
 
-def _backward_buffers(T, B, D_l, GH, P, over_dhs, folded):
-    """Elements of one layer's reverse-scan buffers (``scan.backward_scan``) over T steps.
+def _backward_plans(model, params, B, dtype):
+    """Per (layer, direction): the reverse scan's ``extend.BufferPlan``, from shapes alone.
 
-    ``dgi`` (unless written over the incoming ``dhs``), ``dgh`` (unless folded),
-    ``h_{t-1}`` transposed for ``dW_hh`` (XLA fuses the shift into the transpose),
-    ``x`` transposed for ``dW_ih``, and ``dx``.
+    The plan is the one ``extend.backward_scan`` follows; its ``elements(T, B)`` are
+    that layer's reverse-scan buffers (``dgi`` unless written over ``dhs`` or over a
+    residual, ``dgh`` unless folded, ``h_{t-1}`` and ``x`` transposed, ``dx``).
     """
-    return T * B * ((0 if over_dhs else GH) + (0 if folded else GH) + P + 2 * D_l)
+    cell = model.cell_fn
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)  # noqa: E731
+    carry0 = tuple(shape(B, w) for w in cell.state_sizes(model.hidden_size))
+    return [[extend.backward_plan(cell, p, shape(1, B, D_l), carry0, shape(1, B, P))
+             for p, (D_l, _, P) in zip(dirs, dims)]
+            for dirs, dims in zip(params.layers, _layers(model, params))]
 
 
 def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -> int:
@@ -203,12 +198,11 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
     n = model.num_directions
     P = model.layer_output_size
     O = model.output_size
-    folded = cell.fold_recurrent_bias
     if method == "rtrl":
         D = model.input_size
         return 3 * extend.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
     R = _step_residuals(cell, params.layers[0][0], sizes, dtype, autodiff=(method == "autodiff"))
-    over_res = _has_gate_residual(cell, params.layers[0][0], sizes, dtype)
+    plans = _backward_plans(model, params, B, dtype) if method == "bptt" else None
     stored, kept, backward = [], [], []  # per layer, both directions summed
     for l, dirs in enumerate(_layers(model, params)):
         s_l = k_l = b_l = 0
@@ -217,10 +211,6 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
             # per layer) and the second direction's reversed input (its output, reversed
             # back, XLA writes straight into the concatenation)
             copies = T * B * D_l * ((l > 0 and n == 2 and d == 0) + (d == 1))
-            # dgi written over dhs (one gate) or over the gates' residual buffer.
-            # scan.backward_scan does not write over dhs where the loop sums
-            # per-example terms (IndRNN), but XLA then reuses a dead buffer instead
-            over = GH == P_ or over_res
             if method == "autodiff":  # jax.vjp's per-step values, stacked by lax.scan
                 s_l += T * B * R + copies
                 k_l += T * B * R + copies
@@ -228,7 +218,7 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
             elif segment is None:  # the carries and the cell's residuals
                 s_l += T * B * (C + R) + copies
                 k_l += T * B * (C + R) + copies
-                b_l += _backward_buffers(T, B, D_l, GH, P_, over, folded)
+                b_l += plans[l][d].elements(T, B)  # the reverse scan's own plan
             else:  # the outputs and the carry at each segment's start; recompute
                 k = segment
                 S = -(-T // k)
@@ -240,7 +230,7 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
                 b_l += (S * k * B * D_l + (T * B * D_l if pad else 0)  # dx stacked (and sliced)
                         + (S * k * B * (D_l + P_) if pad else 0)  # the padded x and dhs
                         + k * B * (C + R + GH)  # one segment's recomputed forward
-                        + _backward_buffers(k, B, D_l, GH, P_, over, folded))
+                        + plans[l][d].elements(k, B))  # the reverse scan over one segment
         stored.append(s_l)
         kept.append(k_l)
         backward.append(b_l)

@@ -225,3 +225,66 @@ def test_device_available_from_memory_stats():
     assert got.bytes == 700 and "gpu:0" in got.source
     assert memory.device_available(_FakeDevice("gpu", None)) is None
     assert memory.device_available(_FakeDevice("cpu", {"bytes_limit": 1000})) is None
+
+
+# --- the reverse scan's buffers: the plan the scan follows, read by the estimate ---------
+
+# (cell, proj_size) -> (where dgi is written, dgh is dgi): the built-in cells' plans
+BUILT_IN_PLANS = {
+    ("elman", 0): ("dhs", True),  # one gate: dgi over dhs
+    ("lstm", 0): ("residual", True),  # the gates' buffer
+    ("lstm", 3): ("residual", True),  # (w_hr an Outer field)
+    ("gru", 0): ("residual", False),  # dgh differs from dgi in the n block
+    ("indrnn", 0): ("output", True),  # its loop sums u's terms: not over dhs
+    ("peephole_lstm", 0): ("residual", True),
+    ("layernorm_lstm", 0): ("residual", False),
+}
+
+
+@pytest.mark.parametrize("cell, proj", sorted(BUILT_IN_PLANS))
+def test_backward_buffers_are_the_scans_plan(cell, proj):
+    """The estimate counts, per layer and direction, ``elements`` of extend.backward_plan."""
+    from jaxrnn import extend
+
+    Tp, Bp, Dp, Hp = 9, 3, 4, 6
+    model = RNN(cell=cell, input_size=Dp, hidden_size=Hp, output_size=2, num_layers=2,
+                bidirectional=True, proj_size=proj)
+    params = memory.abstract_params(model)
+    plans = memory._backward_plans(model, params, Bp, jnp.float32)
+    P = model.layer_output_size
+    for l, dirs in enumerate(params.layers):
+        assert len(plans[l]) == len(dirs) == 2
+        for p, plan in zip(dirs, plans[l]):
+            xs = jax.ShapeDtypeStruct((Tp, Bp, p.w_ih.shape[1]), jnp.float32)
+            carry0 = tuple(jax.ShapeDtypeStruct((Bp, w), jnp.float32)
+                           for w in model.cell_fn.state_sizes(Hp))
+            dhs = jax.ShapeDtypeStruct((Tp, Bp, P), jnp.float32)
+            assert plan == extend.backward_plan(model.cell_fn, p, xs, carry0, dhs)
+            assert (plan.dgi_over, plan.dgh_is_dgi) == BUILT_IN_PLANS[cell, proj]
+            GH, D_l = p.w_ih.shape
+            # dgi counted only where it is a stacked output not shaped like dhs; dgh
+            # unless it is dgi; h_{t-1} and x transposed, dx
+            dgi = GH if plan.dgi_over == "output" and GH != P else 0
+            dgh = 0 if plan.dgh_is_dgi else GH
+            assert plan.elements(Tp, Bp) == Tp * Bp * (dgi + dgh + P + 2 * D_l)
+
+
+def test_a_changed_scan_plan_changes_the_estimate(monkeypatch):
+    """The scan and the estimate read one plan: changed there, both follow.
+
+    With the plan's dgi moved from the LSTM's gates buffer to a stacked output, the
+    estimate grows by that (T, B, G*H) buffer and so does XLA's compiled step.
+    """
+    import jaxrnn._src.scan as scan_mod
+
+    original = scan_mod._plan
+    model = RNN(cell="lstm", input_size=D, hidden_size=H, output_size=O)
+    optimizer = optax.sgd(1e-3)
+    before = memory.estimate_step(model, optimizer, B, T, "bptt", "mse", dtype="float32")
+    xla_before = xla_peak(model, optimizer, "bptt")
+    monkeypatch.setattr(scan_mod, "_plan", lambda *args: original(*args)._replace(
+        dgi_over="output", residual_index=None))
+    after = memory.estimate_step(model, optimizer, B, T, "bptt", "mse", dtype="float32")
+    buffer = T * B * 4 * H * 4  # one (T, B, 4H) float32 buffer
+    assert after.activations - before.activations == buffer
+    assert xla_peak(model, optimizer, "bptt") - xla_before >= 0.5 * buffer

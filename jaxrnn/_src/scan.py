@@ -32,7 +32,7 @@ carry's cotangent through unchanged and contributes nothing to any gradient.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,8 @@ METHODS: tuple[ScanMethod, ...] = get_args(ScanMethod)  # ("bptt", "autodiff")
 # for the gated cells' bptt, whose buffers are then copied instead of updated in place
 # (docs/experiments/step_formulations/unroll).
 UNROLL = 1
+
+DgiOver = Literal["dhs", "residual", "output"]  # where the reverse scan writes dgi
 
 
 class ForwardTrace(NamedTuple):
@@ -330,6 +332,47 @@ def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None):
     return sum_outer(dg, a), (None if bias is None else dg.sum(axis=(0, 1)))
 
 
+def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
+    """``v (B, ...)`` with the examples where the (B,) mask is False set to zero."""
+    if m_t is None:
+        return v
+    return jnp.where(m_t.reshape(m_t.shape + (1,) * (v.ndim - 1)), v, 0)
+
+
+# --- the reverse scan's buffer plan: one object, read by the scan and the memory guard --
+
+class BufferPlan(NamedTuple):
+    """Where the reverse scan (``backward_scan``) keeps its per-step quantities.
+
+    Computed from shapes alone (``backward_plan``); ``backward_scan`` follows it and
+    the run application's memory estimate counts ``elements`` of it.
+    """
+
+    dgi_over: DgiOver  # dgi (T, B, G*H) written over "dhs", over a "residual" leaf, or a
+    #   stacked scan "output"
+    residual_index: int | None  # with "residual": that leaf's index in the flat residuals
+    dgh_is_dgi: bool  # the cell folds b_hh (fold_recurrent_bias): dgh is dgi, one buffer
+    summed: tuple[str, ...]  # the cell's own fields whose (B,) + shape terms the loop sums
+    outer: tuple[str, ...]  # the cell's own fields stacked as Outer(dg, a), one product after
+    input_size: int  # D, the width of xs (T, B, D)
+    output_size: int  # P, the width of dhs (T, B, P)
+    gate_size: int  # G*H, the width of dgi and dgh
+
+    def elements(self, T: int, B: int) -> int:
+        """Elements of the (T, B, .) buffers the reverse scan and the products after it make.
+
+        ``dgi`` where it is a stacked output, ``dgh`` unless it is ``dgi``, ``h_{t-1}``
+        transposed for ``dW_hh`` (XLA fuses the shift into the transpose), ``x``
+        transposed for ``dW_ih``, and ``dx``. A stacked ``dgi`` shaped like ``dhs``
+        (IndRNN, whose loop sums ``u``'s terms) is not counted: XLA gives it a dead
+        buffer of that shape. Not counted either: the Outer fields' stacked sides
+        (the projected LSTM's ``w_hr``: (T, B, P) and (T, B, H)).
+        """
+        dgi = self.dgi_over == "output" and self.gate_size != self.output_size
+        dgh = not self.dgh_is_dgi
+        return T * B * (self.gate_size * (dgi + dgh) + self.output_size + 2 * self.input_size)
+
+
 def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
     """Whether the reverse scan writes ``dgi`` over ``dhs``: when they have one shape."""
     return dhs.shape[-1] == params.w_ih.shape[0]
@@ -340,17 +383,226 @@ def dgi_over_residual(residuals, shape, dtype) -> int | None:
     return _first_leaf_like(residuals, shape, dtype)
 
 
-def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
-    """``v (B, ...)`` with the examples where the (B,) mask is False set to zero."""
-    if m_t is None:
-        return v
-    return jnp.where(m_t.reshape(m_t.shape + (1,) * (v.ndim - 1)), v, 0)
+def _cell_backward(cell: Cell, params, carries: Carry, carry0: Carry, t, carry, res, dcarry):
+    """``cell.backward_step`` at step ``t``, ``carries`` the forward's (T, B, H) carries."""
+    # carry_{t-1}, read from the stored carries (no shifted copy is made)
+    carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
+                       for c, c0 in zip(carries, carry0))
+    return cell.backward_step(params, carry_prev, carry, res, dcarry)
+
+
+def _backward_extra(cell: Cell, params, carry0: Carry, fwd: ForwardTrace, dhs) -> dict:
+    """The shapes of ``backward_step``'s fourth value, from one step traced for shapes only.
+
+    Every argument may be arrays or ``jax.ShapeDtypeStruct``. Raises the
+    ``check_backward_step`` errors.
+    """
+    at0 = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
+    probe = jax.eval_shape(partial(_cell_backward, cell), params, fwd.carries, carry0,
+                           jnp.asarray(dhs.shape[0] - 1), at0(fwd.carries),
+                           at0(fwd.residuals), tuple(carry0))
+    xp_shape = jax.ShapeDtypeStruct(dhs.shape[1:2] + (params.w_ih.shape[0],), dhs.dtype)
+    return check_backward_step(cell, params, tuple(carry0), xp_shape, probe)
+
+
+def _plan(cell: Cell, params, xs, fwd: ForwardTrace, dhs, extra: dict) -> BufferPlan:
+    """The ``BufferPlan`` of ``backward_scan`` (arguments as there, or their shapes)."""
+    summed = tuple(f for f, v in extra.items() if not isinstance(v, Outer))
+    outer = tuple(f for f, v in extra.items() if isinstance(v, Outer))
+    gh = params.w_ih.shape[0]
+    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
+    # read: no second (T, B, H) buffer is allocated and zero-filled. Not when the loop
+    # also sums per-example parameter terms (IndRNN's u): XLA then copies the whole
+    # buffer at every step, quadratic in T (IndRNN, T=1000, B=32, H=32: 956 ms per
+    # gradient in place, 11 ms without).
+    k = None
+    if _dgi_over_dhs(dhs, params) and not summed:
+        over = "dhs"
+    else:
+        # With more gates, dgi (T, B, G*H) is written over the residual leaf of that
+        # shape (the built-in gated cells' gates, themselves over the input
+        # projection's buffer), its step t dead once read: no zero-filled (T, B, G*H)
+        # output and one such buffer less (measured: LSTM T=1000, B=16, H=64 bptt
+        # 71 -> 50 ms; the peephole LSTM, whose loop also sums its peephole terms,
+        # 76 -> 49 ms).
+        k = dgi_over_residual(jax.tree.leaves(fwd.residuals), dhs.shape[:2] + (gh,), dhs.dtype)
+        over = "output" if k is None else "residual"
+    return BufferPlan(over, k, cell.fold_recurrent_bias, summed, outer, xs.shape[-1],
+                      dhs.shape[-1], gh)
+
+
+def backward_plan(cell: Cell, params: CellParams, xs, carry0: Carry, dhs) -> BufferPlan:
+    """The reverse scan's ``BufferPlan`` for a layer, from shapes alone (nothing is computed).
+
+    Args:
+        cell: the cell.
+        params: its parameters, arrays or ``jax.ShapeDtypeStruct``.
+        xs: the inputs (T, B, D), or their shape and dtype.
+        carry0: the initial carry, a tuple of (B, H), or their shapes.
+        dhs: the cotangent of the outputs (T, B, P), or its shape and dtype.
+
+    Returns:
+        The ``BufferPlan`` that ``backward_scan`` follows for these shapes.
+    """
+    fwd = jax.eval_shape(lambda p, x, c: forward_scan(cell, p, x, c)[2], params, xs, carry0)
+    return _plan(cell, params, xs, fwd, dhs, _backward_extra(cell, params, carry0, fwd, dhs))
+
+
+# --- the reverse loop ----------------------------------------------------------------
+
+class _Loop(NamedTuple):
+    """What every step of the reverse loop reads (closed over, not carried)."""
+
+    cell: Cell
+    params: CellParams
+    plan: BufferPlan
+    carries: Carry  # the forward's carries, each (T, B, H)
+    carry0: Carry  # the initial carry, each (B, H)
+    res_def: object  # the residuals' tree structure
+    with_trace: bool
+
+
+class _State(NamedTuple):
+    """The reverse loop's carry."""
+
+    dcarry: Carry  # dL/dcarry_t coming in from step t+1, each (B, H)
+    dhs_buf: jax.Array | None  # plan "dhs": dhs (T, B, H), dgi_t written over step t
+    res_buf: jax.Array | None  # plan "residual": that leaf (T, B, G*H), dgi_t over step t
+    res_t: jax.Array | None  # ... and its step t, read by the previous iteration (read-ahead)
+    acc: dict  # {summed field: (B,) + shape}: the per-example terms summed so far
+
+
+class _Stacked(NamedTuple):
+    """The reverse loop's stacked outputs (leading axis T); None where not stacked."""
+
+    dgi: jax.Array | None  # (T, B, G*H), plan "output"
+    dgh: jax.Array | None  # (T, B, G*H), unless dgh is dgi
+    outer: tuple  # Outer((T, B, M), (T, B, K)) per plan.outer field
+    dh: jax.Array | None = None  # with_trace: (T, B, H), total dL/dh_t
+    dh_next: jax.Array | None = None  # with_trace: (T, B, H), dL/dh_{t-1}
+    terms: dict | None = None  # with_trace: {summed field: (T, B) + shape}
+
+
+def _reverse_step(loop: _Loop, state: _State, inputs):
+    """One iteration of the reverse scan, step t (T-1 down to 0): ``(state, stacked)``."""
+    plan = loop.plan
+    t, carry, res, dh_t, m_t = inputs
+    res_buf, res_t = state.res_buf, state.res_t
+    if plan.dgi_over == "dhs":
+        dh_t = state.dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
+    if plan.dgi_over == "residual":
+        k = plan.residual_index
+        res = res[:k] + [res_t] + res[k:]  # res_t: read ahead by the last iteration
+    res = jax.tree.unflatten(loop.res_def, res)
+    dcarry_in = state.dcarry
+    dcarry = (dcarry_in[0] + dh_t,) + tuple(dcarry_in[1:])  # dh_t = dL/dh_t (loss) + dh_next
+    out = _cell_backward(loop.cell, loop.params, loop.carries, loop.carry0, t, carry, res,
+                         dcarry)
+    dcarry_prev, dgi, dgh = out[:3]
+    extra = out[3] if len(out) == 4 else {}
+    if m_t is not None:
+        # A masked step output a constant zero and left the carry unchanged:
+        # its cotangent passes straight through, ignoring dh_t.
+        dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
+        dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
+        dgh = jnp.where(m_t[:, None], dgh, 0)
+    # the cell's own small parameters: their per-example terms summed in the loop
+    terms = {f: _masked(m_t, extra[f]) for f in plan.summed}
+    acc = {f: state.acc[f] + terms[f] for f in plan.summed}
+    dhs_buf = state.dhs_buf
+    if plan.dgi_over == "dhs":
+        dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
+    elif plan.dgi_over == "residual":
+        # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
+        # next iteration: every reader of the buffer follows the write, so XLA
+        # updates it in place. Reading res_t from the buffer in this iteration made
+        # XLA copy the whole buffer at every step: dc_prev also reads res_t, off
+        # dgi's path, so not every reader precedes the write (an
+        # optimization_barrier does not order them: XLA:CPU drops barriers before
+        # copy insertion). At t = 0 the read is clamped and unused.
+        res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
+        res_t = res_buf[jnp.maximum(t - 1, 0)]
+    stacked = _Stacked(
+        dgi if plan.dgi_over == "output" else None, None if plan.dgh_is_dgi else dgh,
+        # the cell's own matrices: both sides stacked, one product after the loop
+        tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in plan.outer))
+    if loop.with_trace:
+        stacked = stacked._replace(dh=dcarry[0], dh_next=dcarry_prev[0], terms=terms)
+    return _State(dcarry_prev, dhs_buf, res_buf, res_t, acc), stacked
+
+
+class _Reversed(NamedTuple):
+    """The reverse loop's results, by name."""
+
+    dcarry0: Carry  # dL/dcarry0, each (B, H)
+    dgi: jax.Array  # (T, B, G*H), from whichever buffer the plan wrote it into
+    dgh: jax.Array  # (T, B, G*H), dgi itself when the plan says so
+    acc: dict  # {summed field: (B,) + shape}
+    stacked: _Stacked  # the per-step outputs (the trace's, the Outer fields')
+
+
+def _reverse_loop(loop: _Loop, fwd: ForwardTrace, dhs, dcarry_T, mask, extra) -> _Reversed:
+    """Runs the reverse ``lax.scan`` as ``loop.plan`` lays it out; its results by name."""
+    plan, T = loop.plan, dhs.shape[0]
+    in_place = plan.dgi_over == "dhs"
+    res_leaves = jax.tree.leaves(fwd.residuals)
+    k = plan.residual_index
+    res_in = res_leaves if k is None else res_leaves[:k] + res_leaves[k + 1:]
+    acc0 = {f: jnp.zeros(extra[f].shape, extra[f].dtype) for f in plan.summed}
+    res_buf, res_t = (None, None) if k is None else (res_leaves[k], res_leaves[k][T - 1])
+    state0 = _State(tuple(dcarry_T), dhs if in_place else None, res_buf, res_t, acc0)
+    final, stacked = jax.lax.scan(
+        partial(_reverse_step, loop), state0,
+        (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
+        reverse=True, unroll=UNROLL)
+    dgi = {"dhs": final.dhs_buf, "residual": final.res_buf, "output": stacked.dgi}
+    dgi = dgi[plan.dgi_over]
+    dgh = dgi if plan.dgh_is_dgi else stacked.dgh
+    return _Reversed(final.dcarry, dgi, dgh, final.acc, stacked)
+
+
+# --- after the loop: the weight gradients as matrix products ---------------------------
+
+def _weight_gradients(cell: Cell, params, plan: BufferPlan, xs, carry0, fwd: ForwardTrace,
+                      rev: _Reversed):
+    """``(dparams, dxs)``: every weight gradient one product over all T*B rows."""
+    dgi, dgh = rev.dgi, rev.dgh
+    hs = fwd.carries[0]  # (T, B, H): h_t
+    hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
+    grads = {}
+    # sum_t dgi_t^T x_t, and sum_t dgi_t for b_ih
+    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
+    if "w_hh" not in plan.summed + plan.outer and params.w_hh.ndim == 2:
+        # sum_t dgh_t^T h_{t-1}, and sum_t dgh_t for b_hh (folded: dgh is dgi, and XLA
+        # computes the one sum once)
+        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh)
+    else:
+        db_hh = None if params.b_hh is None else dgh.sum(axis=(0, 1))  # sum_t dgh_t
+    dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
+    if db_ih is not None:
+        grads["b_ih"] = db_ih
+    if db_hh is not None:
+        grads["b_hh"] = db_hh
+    grads.update({f: rev.acc[f].sum(axis=0) for f in plan.summed})  # sum_b of sum_t, in-loop
+    outer_terms = dict(zip(plan.outer, rev.stacked.outer))
+    grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
+    missing = [f for f in params._fields
+               if getattr(params, f) is not None and f not in grads]
+    if missing:
+        raise ValueError(f"{type(cell).__name__}.backward_step gives no gradient for the "
+                         f"parameter field(s) {missing}: return them as its fourth value, "
+                         f"{{field: per-example term (B,) + shape or Outer(dg, a)}}")
+    return params._replace(**grads), dxs
 
 
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                   fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
                   mask: jax.Array | None = None, with_trace: bool = False):
     """Handwritten BPTT: the reverse scan, then the weight gradients as matrix products.
+
+    The reverse scan's buffers follow ``backward_plan``'s ``BufferPlan`` (the same
+    plan the memory estimate reads).
 
     Args:
         cell: the cell.
@@ -371,135 +623,19 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         ValueError: ``backward_step`` returns the wrong structure or shapes, or no
             gradient for one of the cell's own parameter fields.
     """
-    T = dhs.shape[0]
-    same = cell.fold_recurrent_bias  # then dgh is dgi: keep one of them
-
-    def cell_backward(t, carry, res, dcarry):
-        # carry_{t-1}, read from the stored carries (no shifted copy is made)
-        carry_prev = tuple(jnp.where(t > 0, c[jnp.maximum(t - 1, 0)], c0)
-                           for c, c0 in zip(fwd.carries, carry0))
-        return cell.backward_step(params, carry_prev, carry, res, dcarry)
-
-    # The structure of backward_step's output, from one traced step (shapes only).
-    at0 = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
-    probe = jax.eval_shape(cell_backward, jnp.asarray(T - 1), at0(fwd.carries),
-                           at0(fwd.residuals), tuple(dcarry_T))
-    xp_shape = jax.ShapeDtypeStruct(dhs.shape[1:2] + (params.w_ih.shape[0],), dhs.dtype)
-    extra_shape = check_backward_step(cell, params, tuple(dcarry_T), xp_shape, probe)
-    summed = [f for f, v in extra_shape.items() if not isinstance(v, Outer)]
-    outers = [f for f, v in extra_shape.items() if isinstance(v, Outer)]
-    # With one gate, dgi (T, B, H) is written over dhs, whose step t is dead once
-    # read: no second (T, B, H) buffer is allocated and zero-filled. Not when the loop
-    # also sums per-example parameter terms (IndRNN's u): XLA then copies the whole
-    # buffer at every step, quadratic in T (IndRNN, T=1000, B=32, H=32: 956 ms per
-    # gradient in place, 11 ms without).
-    in_place = _dgi_over_dhs(dhs, params) and not summed
-    # With more gates, dgi (T, B, G*H) is written over the residual leaf of that shape
-    # (the built-in gated cells' gates, themselves over the input projection's
-    # buffer), its step t dead once read: no zero-filled (T, B, G*H) output and one
-    # such buffer less (measured: LSTM T=1000, B=16, H=64 bptt 71 -> 50 ms; the
-    # peephole LSTM, whose loop also sums its peephole terms, 76 -> 49 ms).
-    res_leaves, res_def = jax.tree.flatten(fwd.residuals)
-    kr = None
-    if not in_place:
-        kr = dgi_over_residual(res_leaves, (T,) + xp_shape.shape, dhs.dtype)
-    res_in = res_leaves if kr is None else res_leaves[:kr] + res_leaves[kr + 1:]
-
-    def body(state, inputs):
-        # res_t: step t of res_buf, read from it by the last iteration (the read-ahead)
-        dcarry, dhs_buf, (res_buf, res_t), acc = state
-        t, carry, res, dh_t, m_t = inputs
-        if in_place:
-            dh_t = dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
-        if kr is not None:
-            res = res[:kr] + [res_t] + res[kr:]
-        res = jax.tree.unflatten(res_def, res)
-        dcarry_in = dcarry
-        dcarry = (dcarry[0] + dh_t,) + tuple(dcarry[1:])  # dh_t = dL/dh_t (loss) + dh_next
-        out = cell_backward(t, carry, res, dcarry)
-        dcarry_prev, dgi, dgh = out[:3]
-        extra = out[3] if len(out) == 4 else {}
-        if m_t is not None:
-            # A masked step output a constant zero and left the carry unchanged:
-            # its cotangent passes straight through, ignoring dh_t.
-            dcarry_prev = _select(m_t, dcarry_prev, dcarry_in)
-            dgi = jnp.where(m_t[:, None], dgi, 0)  # ... and no gradient contribution
-            dgh = jnp.where(m_t[:, None], dgh, 0)
-        # the cell's own small parameters: their per-example terms summed in the loop
-        terms = {f: _masked(m_t, extra[f]) for f in summed}
-        acc = {f: acc[f] + terms[f] for f in summed}
-        outs = ()
-        if in_place:
-            dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
-        elif kr is not None:
-            # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
-            # next iteration: every reader of the buffer follows the write, so XLA
-            # updates it in place. Reading res_t from the buffer in this iteration made
-            # XLA copy the whole buffer at every step: dc_prev also reads res_t, off
-            # dgi's path, so not every reader precedes the write (an
-            # optimization_barrier does not order them: XLA:CPU drops barriers before
-            # copy insertion). At t = 0 the read is clamped and unused.
-            res_buf = jax.lax.dynamic_update_index_in_dim(res_buf, dgi, t, 0)
-            res_t = res_buf[jnp.maximum(t - 1, 0)]
-        else:
-            outs = (dgi,)
-        if not same:
-            outs = outs + (dgh,)
-        # the cell's own matrices: both sides stacked, one product after the loop
-        outs = outs + (tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in outers),)
-        if with_trace:
-            outs = outs + (dcarry[0], dcarry_prev[0], terms)
-        return (dcarry_prev, dhs_buf, (res_buf, res_t), acc), outs
-
-    acc0 = {f: jnp.zeros(extra_shape[f].shape, extra_shape[f].dtype) for f in summed}
-    ahead0 = (None, None) if kr is None else (res_leaves[kr], res_leaves[kr][T - 1])
-    (dcarry0, dhs_buf, (res_buf, _), acc), outs = jax.lax.scan(
-        body, (tuple(dcarry_T), dhs if in_place else None, ahead0, acc0),
-        (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
-        reverse=True, unroll=UNROLL)
-    if in_place:
-        dgi = dhs_buf
-    elif kr is not None:
-        dgi = res_buf
-    else:
-        dgi, outs = outs[0], outs[1:]
-    if same:
-        dgh = dgi
-    else:
-        dgh, outs = outs[0], outs[1:]
-    outer_terms, outs = dict(zip(outers, outs[0])), outs[1:]
-
-    # After the loop: every weight gradient is one product over all T*B rows.
-    hs = fwd.carries[0]  # (T, B, H): h_t
-    hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
-    grads = {}
-    # sum_t dgi_t^T x_t, and sum_t dgi_t for b_ih
-    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
-    if "w_hh" not in extra_shape and params.w_hh.ndim == 2:
-        # sum_t dgh_t^T h_{t-1}, and sum_t dgh_t for b_hh (folded: dgh is dgi, and XLA
-        # computes the one sum once)
-        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh)
-    else:
-        db_hh = None if params.b_hh is None else dgh.sum(axis=(0, 1))  # sum_t dgh_t
-    dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
-    if db_ih is not None:
-        grads["b_ih"] = db_ih
-    if db_hh is not None:
-        grads["b_hh"] = db_hh
-    grads.update({f: acc[f].sum(axis=0) for f in summed})  # sum_b of sum_t, from the loop
-    grads.update({f: sum_outer(o.dg, o.a) for f, o in outer_terms.items()})  # sum_t dg_t^T a_t
-    missing = [f for f in params._fields
-               if getattr(params, f) is not None and f not in grads]
-    if missing:
-        raise ValueError(f"{type(cell).__name__}.backward_step gives no gradient for the "
-                         f"parameter field(s) {missing}: return them as its fourth value, "
-                         f"{{field: per-example term (B,) + shape or Outer(dg, a)}}")
-    dparams = params._replace(**grads)
+    extra = _backward_extra(cell, params, carry0, fwd, dhs)
+    plan = _plan(cell, params, xs, fwd, dhs, extra)
+    loop = _Loop(cell, params, plan, fwd.carries, carry0,
+                 jax.tree.structure(fwd.residuals), with_trace)
+    rev = _reverse_loop(loop, fwd, dhs, dcarry_T, mask, extra)
+    dparams, dxs = _weight_gradients(cell, params, plan, xs, carry0, fwd, rev)
     if with_trace:
-        dextra = dict(outs[2])
-        dextra.update(outer_terms)
-        return dparams, dxs, dcarry0, BackwardTrace(outs[0], dgi, dgh, outs[1], dextra)
-    return dparams, dxs, dcarry0
+        dextra = dict(rev.stacked.terms)
+        dextra.update(zip(plan.outer, rev.stacked.outer))
+        st = rev.stacked
+        return dparams, dxs, rev.dcarry0, BackwardTrace(st.dh, rev.dgi, rev.dgh, st.dh_next,
+                                                        dextra)
+    return dparams, dxs, rev.dcarry0
 
 
 # --- custom_vjp wiring -------------------------------------------------------
