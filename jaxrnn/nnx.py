@@ -1,0 +1,181 @@
+"""A jaxrnn recurrent stack as a Flax NNX module: ``jaxrnn.nnx.RNN``.
+
+Imported on its own (``import jaxrnn.nnx``); ``import jaxrnn`` does not import flax.
+The module follows Flax's conventions (``rngs``, ``nnx.Param``s, batch-first, called
+as ``flax.nnx.RNN`` is) and runs ``jaxrnn.RNN.features``, so that reverse mode
+(``nnx.grad``, ``jax.grad``) differentiates it with the handwritten BPTT::
+
+    import jaxrnn.nnx
+    from flax import nnx
+
+    rnn = jaxrnn.nnx.RNN("lstm", 16, 32, num_layers=2, rngs=nnx.Rngs(0))
+    ys = rnn(xs)                       # xs (B, T, 16) -> ys (B, T, 32)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jaxrnn._frameworks as fw
+from jaxrnn import Cell, CellName, ScanMethod
+
+
+class RNN(nnx.Module):
+    """Layers x directions of a jaxrnn cell, with the weights as ``nnx.Param``s.
+
+    The weights are attributes under PyTorch's names: ``weight_ih_l0 (G*H, D)``,
+    ``weight_hh_l0 (G*H, H)``, ``bias_ih_l0 (G*H,)``, ``bias_hh_l0 (G*H,)``,
+    ``..._reverse`` for the second direction, ``weight_hr_l0 (P, H)`` with
+    ``proj_size=P`` (a user cell's other fields keep their own names, plus the
+    suffix); ``torch_names`` lists them in order.
+
+    Args:
+        cell: a built-in cell's name (``"lstm"``, ``"gru"``, ``"elman"``, ...) or an
+            instance of a ``jaxrnn.Cell`` subclass.
+        in_features: D, features per input step.
+        hidden_features: H, hidden units per layer and direction.
+        num_layers: stacked recurrent layers.
+        bidirectional: run each layer in both directions and concatenate.
+        bias: the layers have ``bias_ih`` and ``bias_hh``.
+        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman and IndRNN only).
+        proj_size: LSTM only: project ``h`` to P features (PyTorch's ``proj_size``).
+        forget_bias: LSTM-family cells: added to the forget gate's ``bias_ih`` at
+            initialisation.
+        dropout: probability of zeroing each output of every layer but the last
+            (inverted dropout, as PyTorch), applied as ``nnx.Dropout`` applies it:
+            unless ``deterministic`` (set by ``model.eval()``, cleared by
+            ``model.train()``, or passed to the call), with keys from the
+            ``"dropout"`` stream of the ``rngs`` given here (or to the call).
+        method: the gradient reverse mode computes: ``"bptt"`` (the handwritten
+            reverse scan) or ``"autodiff"`` (``jax.grad`` through the scan). The
+            outputs are the same.
+        bptt_segment: with ``method="bptt"``, memory-lean BPTT keeping the state
+            every ``bptt_segment`` steps (see ``jaxrnn.RNN``).
+        time_major: inputs and outputs are ``(T, B, ...)``; default batch-first
+            ``(B, T, ...)``, as ``flax.nnx.RNN``.
+        deterministic: the initial dropout mode, as ``nnx.Dropout``'s.
+        dtype: the compute dtype. Mixed precision is not implemented yet: only None
+            or ``param_dtype`` (the computation then runs in ``param_dtype``).
+        param_dtype: the parameters' dtype.
+        rngs: ``nnx.Rngs``; the ``"params"`` stream initialises the weights
+            (PyTorch's initialisation), the ``"dropout"`` stream drops.
+
+    Raises:
+        NotImplementedError: a ``dtype`` other than None or ``param_dtype``.
+        ValueError: a bad option, naming it.
+    """
+
+    def __init__(self, cell: CellName | Cell, in_features: int, hidden_features: int, *,
+                 num_layers: int = 1, bidirectional: bool = False, bias: bool = True,
+                 nonlinearity: str = "tanh", proj_size: int | None = None,
+                 forget_bias: float = 0.0, dropout: float = 0.0, method: ScanMethod = "bptt",
+                 bptt_segment: int | None = None, time_major: bool = False,
+                 deterministic: bool = False, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if dtype is not None and jnp.dtype(dtype) != jnp.dtype(param_dtype):
+            raise NotImplementedError(
+                f"dtype={jnp.dtype(dtype).name} with param_dtype={jnp.dtype(param_dtype).name}"
+                f": a compute dtype other than the parameters' (mixed precision) is not "
+                f"implemented yet; pass dtype=None")
+        self.model = fw.stack(cell, in_features, hidden_features, num_layers=num_layers,
+                              bidirectional=bidirectional, bias=bias, nonlinearity=nonlinearity,
+                              proj_size=proj_size, forget_bias=forget_bias, dropout=dropout,
+                              bptt_segment=bptt_segment, method=method)
+        self.method = method
+        self.time_major = time_major
+        self.deterministic = deterministic
+        self.param_dtype = jnp.dtype(param_dtype)
+        layers = fw.init_layers(self.model, rngs.params(), self.param_dtype)
+        self.treedef = jax.tree.structure(layers)
+        named = fw.named_params(self.model, layers)
+        self.names = tuple(named)
+        for name, value in named.items():
+            setattr(self, name, nnx.Param(value))
+        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
+
+    def torch_names(self) -> list[str]:
+        """The weights' attribute names, in PyTorch's ``state_dict`` order."""
+        return list(self.names)
+
+    def layers(self) -> tuple:
+        """The weights as jaxrnn's ``[layer][direction]`` cell parameters (``CellParams``)."""
+        return jax.tree.unflatten(self.treedef, [getattr(self, n)[...] for n in self.names])
+
+    def load_torch(self, rnn_state_dict: Mapping[str, Any]) -> None:
+        """Sets the weights, in place, from a ``torch.nn.RNN/LSTM/GRU`` ``state_dict``.
+
+        Args:
+            rnn_state_dict: tensors or arrays under PyTorch's names (``weight_ih_l0``,
+                ...), cast to ``param_dtype``.
+
+        Raises:
+            ValueError: missing or unexpected keys, a wrong shape, or a cell that is
+                not one of PyTorch's (``RNN.from_torch``'s checks).
+        """
+        layers = fw.from_torch(self.model, rnn_state_dict, self.param_dtype)
+        for name, value in fw.named_params(self.model, layers).items():
+            getattr(self, name)[...] = value
+
+    def set_view(self, deterministic: bool | None = None):
+        """As ``nnx.Dropout.set_view``: used by ``nnx.view`` to set ``deterministic``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def _dropout_key(self, deterministic, rngs) -> jax.Array | None:
+        if deterministic is None:
+            deterministic = self.deterministic
+        if self.model.dropout == 0 or deterministic:
+            return None
+        rngs = self.rngs if rngs is None else rngs
+        if isinstance(rngs, nnx.Rngs):
+            return rngs["dropout"]()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        return rngs  # a key
+
+    def __call__(self, inputs: jax.Array, *, initial_carry: Any = None,
+                 seq_lengths: jax.Array | None = None, return_carry: bool = False,
+                 deterministic: bool | None = None, rngs: Any = None):
+        """Runs the stack over a batch of sequences.
+
+        Args:
+            inputs: (B, T, in_features), or (T, B, in_features) with
+                ``time_major``; a floating array, cast to ``param_dtype``.
+            initial_carry: the initial state in PyTorch's shape,
+                (num_layers*dirs, B, H) (for the LSTM a pair ``(h, c)``, ``h``
+                (num_layers*dirs, B, P) with ``proj_size=P``); zeros if None.
+            seq_lengths: optional integer (B,) in [1, T]: steps at or past a
+                sequence's length give zero outputs and leave its carry unchanged.
+            return_carry: also return the final carry.
+            deterministic: overrides the module's dropout mode for this call.
+            rngs: overrides the module's dropout keys (``nnx.Rngs``, a stream or a key).
+
+        Returns:
+            The outputs (B, T, dirs*H) (``time_major``: (T, B, dirs*H); P instead of
+            H with ``proj_size``), or ``(carry, outputs)`` with ``return_carry``.
+
+        Raises:
+            ValueError: ``inputs``, ``initial_carry`` or ``seq_lengths`` of a wrong shape.
+            TypeError: non-floating ``inputs``, non-integer ``seq_lengths``.
+        """
+        m = self.model
+        shape = (f"({'T, B' if self.time_major else 'B, T'}, in_features={m.input_size})"
+                 + ("" if self.time_major else " (batch-first; time_major=False)"))
+        x = fw.check_inputs("inputs", inputs, shape, 3, m.input_size, self.param_dtype)
+        xs = x if self.time_major else jnp.swapaxes(x, 0, 1)
+        T, B, _ = xs.shape
+        if seq_lengths is not None:
+            seq_lengths = fw.check_lengths("seq_lengths", seq_lengths, (B,))
+        if initial_carry is not None:
+            n = m.num_layers * m.num_directions
+            shapes = [(n, B, w) for w in m.cell_fn.state_sizes(m.hidden_size)]
+            initial_carry = fw.check_state("initial_carry", initial_carry, shapes,
+                                           self.param_dtype)
+        hs, carry = fw.features(m, self.layers(), xs, initial_carry, seq_lengths,
+                                self.method, self._dropout_key(deterministic, rngs))
+        outputs = hs if self.time_major else jnp.swapaxes(hs, 0, 1)
+        return (carry, outputs) if return_carry else outputs
