@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
+from jaxrnn._src.formulation import Formulation, formulation
 from jaxrnn._src.names import ScanMethod
 
 METHODS: tuple[ScanMethod, ...] = get_args(ScanMethod)  # ("bptt", "autodiff")
@@ -101,11 +102,18 @@ def _select(m: jax.Array | None, new, old):
     return jax.tree.map(lambda a, b: jnp.where(m[:, None], a, b), new, old)
 
 
+def _formulation() -> Formulation:
+    """The formulation of the backend being traced for: ``jax.default_backend()``'s."""
+    return formulation(jax.default_backend())
+
+
 def _loop_params(params: CellParams):
     """``params`` as the loop body sees them: ``w_hh`` read from a row-major transpose.
 
-    XLA:CPU runs the in-loop product faster as ``h @ W`` with ``W (H, G*H)`` stored
-    row-major than as ``h @ w_hh.T`` with PyTorch's ``w_hh (G*H, H)``. So the
+    With the backend's ``transposed_w_hh`` (CPU, ``formulation.py``; otherwise the
+    params as they are). XLA:CPU runs the in-loop product faster as ``h @ W`` with
+    ``W (H, G*H)`` stored row-major than as ``h @ w_hh.T`` with PyTorch's
+    ``w_hh (G*H, H)``. So the
     transpose is made once, before the loop, behind an ``optimization_barrier`` (XLA
     would otherwise fold the two transposes away), and the body's ``w_hh`` is that
     copy transposed back: XLA folds this second transpose into the product's
@@ -117,6 +125,8 @@ def _loop_params(params: CellParams):
         A function of no arguments, called inside the loop body, giving the params.
     """
     w_hh = getattr(params, "w_hh", None)
+    if not _formulation().transposed_w_hh:
+        return lambda: params  # PyTorch's layout, the product's layout left to XLA
     if not isinstance(w_hh, jax.Array) or w_hh.ndim != 2:
         return lambda: params  # a recurrent weight that is not a matrix: as it is
     w_t = jax.lax.optimization_barrier(w_hh.T)  # (H, G*H): one copy per call, not per step
@@ -306,16 +316,21 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     """``sum_t dg_t^T a_t`` for ``dg (T, B, G)``, ``a (T, B, K)``: one (G, K) product.
 
-    Computed as ``((a^T) dg)^T`` with both transposes made explicit, each behind an
-    ``optimization_barrier``: the narrow ``a`` (K columns) is transposed into
-    ``(K, T, B)`` before the product, and the small (K, G) result after it. Left to
-    itself, XLA folds either transpose into the product's dimension numbers, and
-    XLA:CPU then runs it on its generic (Eigen) kernel instead of its fast one
-    (YNNPACK): 2.5-4.0 ms instead of 1.5 ms for dW_ih and 6.9-8.0 ms instead of 4.2 ms
-    for dW_hh of an LSTM at T=100, B=32, H=128 (docs/experiments/step_formulations).
+    In the backend's formulation (``formulation.py``, read at trace time). With
+    ``explicit_outer_transposes`` (CPU), computed as ``((a^T) dg)^T`` with both
+    transposes made explicit, each behind an ``optimization_barrier``: the narrow
+    ``a`` (K columns) is transposed into ``(K, T, B)`` before the product, and the
+    small (K, G) result after it. Left to itself, XLA folds either transpose into
+    the product's dimension numbers, and XLA:CPU then runs it on its generic (Eigen)
+    kernel instead of its fast one (YNNPACK): 2.5-4.0 ms instead of 1.5 ms for dW_ih
+    and 6.9-8.0 ms instead of 4.2 ms for dW_hh of an LSTM at T=100, B=32, H=128
+    (docs/experiments/step_formulations). Otherwise the plain contraction, its
+    layout left to XLA.
     """
     # Contract over (t, b) directly, without merging the two axes: a reshape would
     # make XLA gather a batch sharded over devices (tests/test_sharding.py).
+    if not _formulation().explicit_outer_transposes:
+        return jax.lax.dot_general(dg, a, (((0, 1), (0, 1)), ((), ())))  # (G, K)
     a_t = jax.lax.optimization_barrier(jnp.transpose(a, (2, 0, 1)))  # (K, T, B), row-major
     prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K, G)
     return jax.lax.optimization_barrier(prod).T
