@@ -187,8 +187,11 @@ def build_config(**given) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     """Checks the options that no lower layer checks; raises ``RunError`` naming them.
 
-    The library's own rules (``--method``'s names, ``--k1`` >= 1, ``--k2`` >= ``--k1``)
-    are its step constructors' to check: ``run`` makes the step first (``make_step``).
+    The library's own rules (``--method``'s names, ``--k1`` >= 1, ``--k2`` >= ``--k1``,
+    the models RTRL supports, diagnostics needing bptt) are its step constructors' to
+    check: ``run`` makes the step first (``make_step``). What stays here is the
+    command's own: its options' ranges, and how ``--k1`` (which picks truncated BPTT)
+    combines with ``--method rtrl`` and ``--diagnostics``.
     """
     if cfg.schedule not in SCHEDULES:
         raise RunError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
@@ -208,17 +211,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.k1 is not None:
             raise RunError("--method rtrl computes each sequence's gradient forward in time; "
                            "truncated BPTT (--k1/--k2) is not supported with it")
-        if cfg.cell != "elman" or cfg.layers != 1 or cfg.bidirectional:
-            got = f"--cell {cfg.cell} --layers {cfg.layers}" + (
-                " --bidirectional" if cfg.bidirectional else "")
-            raise RunError(f"--method rtrl supports one-layer, one-direction --cell elman "
-                           f"models only, got {got}; use --method bptt")
-    if cfg.diagnostics:
-        if cfg.method != "bptt":
-            raise RunError(f"--diagnostics reads the handwritten reverse scan: it needs "
-                           f"--method bptt, got --method {cfg.method}")
-        if cfg.k1 is not None:
-            raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
+    if cfg.diagnostics and cfg.k1 is not None:
+        raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
     if cfg.bptt_segment is not None:
         v = cfg.bptt_segment
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -181,13 +181,14 @@ def test_cli_train_diagnostics_then_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--method", "rtrl", "--cell", "lstm"], "--method rtrl supports one-layer, one-direction "
-                                             "--cell elman models only, got --cell lstm"),
-    (["--method", "rtrl", "--layers", "2"], "got --cell elman --layers 2"),
+    # the library's rules (rtrl.check_model, check_train_options), named as options
+    (["--method", "rtrl", "--cell", "lstm"], "--method 'rtrl' supports --cell 'elman' only, "
+                                             "got --cell 'lstm'"),
+    (["--method", "rtrl", "--layers", "2"], "supports --layers=1 only, got --layers=2"),
     (["--method", "rtrl", "--k1", "5"], "truncated BPTT (--k1/--k2) is not supported"),
     (["--method", "rtrl", "--hidden", "200", "--batch", "64"], "too large for this model"),
     (["--diagnostics", "--method", "autodiff"], "--diagnostics reads the handwritten reverse "
-                                                "scan: it needs --method bptt"),
+                                                "scan: it needs --method 'bptt'"),
     (["--diagnostics", "--k1", "5"], "--diagnostics is not supported with truncated BPTT"),
 ])
 def test_cli_train_bad_combinations_exit_2(tmp_path, capsys, args, match):
@@ -204,7 +205,7 @@ def test_cli_resume_refuses_diagnostics_for_another_method(tmp_path, capsys):
     assert main(["train", *SINE, "--method", "autodiff", "--steps", "1", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(out), "--steps", "2", "--diagnostics"]) == 2
-    assert "needs --method bptt, got --method autodiff" in capsys.readouterr().err
+    assert "needs --method 'bptt', got --method 'autodiff'" in capsys.readouterr().err
 
 
 # --- gradcheck ----------------------------------------------------------------------
