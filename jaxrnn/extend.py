@@ -12,7 +12,8 @@ from jaxrnn._src.rtrl import MAX_SENSITIVITY_ELEMENTS, check_model, sensitivity_
 from jaxrnn._src.scan import (METHODS, BackwardTrace, BufferPlan, ForwardTrace, backward_plan,
                               backward_scan, forward_scan, lean_bptt_layer, project_inputs,
                               sum_outer)
-from jaxrnn._src.train import TRAIN_METHODS, StepFn, clip_recurrent, truncation_windows
+from jaxrnn._src.train import (TRAIN_METHODS, StepFn, check_train_options, check_truncation,
+                               clip_recurrent, truncation_windows)
 
 __all__ = [
     # cells
@@ -36,6 +37,8 @@ __all__ = [
     "loss_fn",
     "TRAIN_METHODS",
     "StepFn",
+    "check_train_options",
+    "check_truncation",
     "clip_recurrent",
     "truncation_windows",
     # RTRL
