@@ -57,7 +57,7 @@ def test_import_jaxrnn_loads_no_application_dependency():
                          check=True).stdout
     loaded = set(ast.literal_eval(out.strip()))
     assert {"jax", "optax", "numpy"} <= loaded
-    heavy = {"orbax", "matplotlib", "tqdm", "torch", "flax", "tensorstore",
+    heavy = {"orbax", "matplotlib", "tqdm", "torch", "flax", "equinox", "tensorstore",
              "jaxrnn_app", "jaxrnn_lab"}
     assert not heavy & loaded, f"import jaxrnn loaded {sorted(heavy & loaded)}"
 
