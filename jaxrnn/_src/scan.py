@@ -31,6 +31,7 @@ carry's cotangent through unchanged and contributes nothing to any gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Literal, NamedTuple, get_args
 
@@ -243,6 +244,82 @@ def check_backward_step(cell: Cell, params, carry, xp, out) -> dict:
     return extra
 
 
+# --- varying manual axes (``jax.shard_map``): where a value differs between shards ---------
+
+def _varying(leaf) -> frozenset:
+    """The mesh axes ``leaf`` varies over: ``jax.typeof(leaf).manual_axis_type.varying``.
+
+    (JAX 0.10 removed the former spelling ``jax.typeof(leaf).vma``.) Inside
+    ``jax.shard_map`` (with its default ``check_vma=True``), a value sharded over an
+    axis, or computed from one, *varies* over it; a replicated one does not.
+    Outside ``shard_map`` the set is empty.
+    """
+    return frozenset(jax.typeof(leaf).manual_axis_type.varying)
+
+
+def varying_axes(*trees) -> frozenset:
+    """The mesh axes any leaf of ``trees`` varies over (empty outside ``shard_map``)."""
+    return frozenset().union(*(_varying(leaf) for leaf in jax.tree.leaves(trees)))
+
+
+def vary(tree, axes: frozenset):
+    """``tree`` with every leaf cast to vary over ``axes`` (``jax.lax.pcast(..., to="varying")``).
+
+    A leaf already varying over all of ``axes`` is returned as it is, so outside
+    ``shard_map`` (``axes`` empty) this adds nothing to the program. JAX transposes
+    the cast into a ``psum`` over the axes it added.
+    """
+    def cast(leaf):
+        missing = tuple(sorted(axes - _varying(leaf), key=str))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def _initial_carry(carry0: Carry, params, xs: jax.Array, mask) -> Carry:
+    """``carry0`` varying wherever the layer's inputs vary.
+
+    A carry after one step varies where ``params``, ``xs`` or ``mask`` do, and
+    ``lax.scan`` wants its carry's type unchanged by the step: a zero state built
+    with ``jnp.zeros`` (replicated) is cast to vary over the inputs' axes.
+    """
+    return vary(carry0, varying_axes(params, xs, mask))
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _PrimalAxes:
+    """A static residual: the mesh axes each leaf of each primal argument varies over."""
+
+    axes: tuple  # per primal argument, a tuple of frozensets, one per array leaf
+
+
+def _primal_axes(*primals) -> _PrimalAxes:
+    """Records, at forward time, where every leaf of ``primals`` varies (``_varying``)."""
+    return _PrimalAxes(tuple(tuple(_varying(leaf) for leaf in jax.tree.leaves(p))
+                             for p in primals))
+
+
+def _sum_over_replicas(cotangents: tuple, recorded: _PrimalAxes) -> tuple:
+    """Each cotangent summed over the mesh axes it varies on and its primal does not.
+
+    The handwritten backward pass computes, say, ``dW_ih`` from batch-sharded
+    activations, so it varies over the data axis, while a replicated ``W_ih`` does
+    not: the cotangent of a replicated primal is the sum of the shards' terms, as
+    JAX's own transpose (of the implicit ``pvary``) returns it. Nothing is summed
+    outside ``shard_map``.
+    """
+    def psum_to(ct, axes):
+        extra = tuple(sorted(_varying(ct) - axes, key=str))
+        return jax.lax.psum(ct, extra) if extra else ct
+
+    out = []
+    for ct, axes in zip(cotangents, recorded.axes):
+        leaves, treedef = jax.tree.flatten(ct)
+        out.append(jax.tree.unflatten(treedef, [psum_to(c, a) for c, a in zip(leaves, axes)]))
+    return tuple(out)
+
+
 def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                  mask: jax.Array | None = None, keep_residuals: bool = True
                  ) -> tuple[jax.Array, Carry, ForwardTrace]:
@@ -252,7 +329,9 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         cell: the cell.
         params: its parameters.
         xs: inputs, (T, B, D), time-major.
-        carry0: initial carry, a tuple of (B, H) arrays.
+        carry0: initial carry, a tuple of (B, H) arrays. Inside ``jax.shard_map`` it
+            is cast to vary over the mesh axes ``params``, ``xs`` or ``mask`` vary
+            over (a replicated zero state needs no marking).
         mask: optional boolean (T, B); False marks steps past a sequence's length.
         keep_residuals: store the cell's residuals for the backward pass. False
             (``method="autodiff"``, which saves its own) keeps only the carries.
@@ -271,6 +350,9 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     bias = input_bias(cell, params)
     loop_params = _loop_params(params)
     T = xs.shape[0]
+    carry0 = _initial_carry(carry0, params, xs, mask)  # under shard_map: varying as xs is
+    if cell.residual_over_input:
+        xp = vary(xp, varying_axes(carry0))  # the loop's buffer: varying as the carry is
 
     def step(carry, xp_t):
         if bias is not None:
@@ -565,6 +647,8 @@ def _reverse_loop(loop: _Loop, fwd: ForwardTrace, dhs, dcarry_T, mask, extra) ->
     k = plan.residual_index
     res_in = res_leaves if k is None else res_leaves[:k] + res_leaves[k + 1:]
     acc0 = {f: jnp.zeros(extra[f].shape, extra[f].dtype) for f in plan.summed}
+    # under shard_map the sums vary as the terms do (each a function of all of these)
+    acc0 = vary(acc0, varying_axes(loop.params, loop.carry0, fwd, dhs, dcarry_T, mask))
     res_buf, res_t = (None, None) if k is None else (res_leaves[k], res_leaves[k][T - 1])
     state0 = _State(tuple(dcarry_T), dhs if in_place else None, res_buf, res_t, acc0)
     final, stacked = jax.lax.scan(
@@ -669,6 +753,11 @@ def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
+
+    Inside ``jax.shard_map`` (``check_vma=True``), the backward pass returns each
+    cotangent summed over the mesh axes it varies on and its primal does not (a
+    replicated ``params``' gradient is the sum of every shard's), so the gradients
+    have the types and values ``jax.grad`` gives through the same scan.
     """
     hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
     return hs, carry_T
@@ -676,13 +765,16 @@ def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
 def _bptt_layer_fwd(cell, params, xs, carry0, mask):
     hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask)
-    return (hs, carry_T), (params, xs, carry0, fwd, mask)
+    axes = _primal_axes(params, xs, carry0)  # static: where each primal varies (shard_map)
+    return (hs, carry_T), (params, xs, carry0, fwd, mask, axes)
 
 
 def _bptt_layer_bwd(cell, saved, cotangents):
-    params, xs, carry0, fwd, mask = saved
+    params, xs, carry0, fwd, mask, axes = saved
     dhs, dcarry_T = cotangents
-    dparams, dxs, dcarry0 = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
+    grads = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
+    # under shard_map: summed over the shards where the primal is replicated
+    dparams, dxs, dcarry0 = _sum_over_replicas(grads, axes)
     dmask = None  # the mask is boolean: no cotangent
     return dparams, dxs, dcarry0, dmask
 
@@ -711,6 +803,7 @@ def _segments(xs: jax.Array, mask: jax.Array | None, segment: int):
 
 
 def _lean_forward(cell, params, xs, carry0, mask, segment):
+    carry0 = _initial_carry(carry0, params, xs, mask)  # the segments' loop carries it
     xs_s, mask_s, T = _segments(xs, mask, segment)
 
     def body(carry, inputs):
@@ -735,7 +828,8 @@ def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry
     scan over it (``backward_scan``) and adds the segment's weight gradients, each
     still one matrix product over the segment's ``segment * B`` rows. Memory for
     the residuals falls from O(T) to O(T / segment + segment) steps' worth, for one
-    extra forward pass. The gradients are those of ``bptt_layer``.
+    extra forward pass. The gradients are those of ``bptt_layer``, inside
+    ``jax.shard_map`` too.
 
     Args:
         cell: the cell (static).
@@ -754,11 +848,12 @@ def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry
 
 def _lean_fwd(cell, params, xs, carry0, mask, segment):
     hs, carry_T, starts = _lean_forward(cell, params, xs, carry0, mask, segment)
-    return (hs, carry_T), (params, xs, starts, mask)
+    axes = _primal_axes(params, xs, carry0)  # static: where each primal varies (shard_map)
+    return (hs, carry_T), (params, xs, starts, mask, axes)
 
 
 def _lean_bwd(cell, segment, saved, cotangents):
-    params, xs, starts, mask = saved
+    params, xs, starts, mask, axes = saved
     dhs, dcarry_T = cotangents
     T = xs.shape[0]
     xs_s, mask_s, _ = _segments(xs, mask, segment)
@@ -774,10 +869,14 @@ def _lean_bwd(cell, segment, saved, cotangents):
         dparams = jax.tree.map(jnp.add, dparams, dp)  # sum the segments' weight gradients
         return (dparams, dcarry), dx
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # the sum starts varying as each segment's terms do (under shard_map; else as is)
+    zeros = vary(jax.tree.map(jnp.zeros_like, params),
+                 varying_axes(params, xs, starts, mask, dhs, dcarry_T))
     (dparams, dcarry0), dxs = jax.lax.scan(
         body, (zeros, tuple(dcarry_T)), (xs_s, mask_s, starts, dhs_s), reverse=True)
     dxs = dxs.reshape((-1,) + dxs.shape[2:])[:T]
+    # under shard_map: summed over the shards where the primal is replicated
+    dparams, dxs, dcarry0 = _sum_over_replicas((dparams, dxs, dcarry0), axes)
     return dparams, dxs, dcarry0, None
 
 
@@ -806,6 +905,12 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         segment: with ``method="bptt"``, store the carry only every ``segment``
             steps and recompute segments in the backward pass (``lean_bptt_layer``);
             None stores every step.
+
+    Inside ``jax.shard_map`` (with its default ``check_vma=True``), a ``carry0``
+    that does not vary where ``xs`` (or ``params``, ``mask``) varies, such as a
+    replicated zero state, is cast to (``jax.lax.pcast(..., to="varying")``), and
+    every method returns gradients of the types and values ``jax.grad`` gives:
+    a replicated parameter's gradient summed over the shards.
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
