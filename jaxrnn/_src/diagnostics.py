@@ -44,6 +44,12 @@ method="bptt")``), so a train step can use it in place of ``jax.grad`` and log
 ``summary(diag)``. ``step_gradients`` returns the raw per-step arrays and
 per-step weight-gradient matrices (memory ``O(T G H D)`` per layer: for small
 models and research).
+
+Layout: the inputs follow the model's (``batch_first``: ``xs (B, T, D)``). The
+norms are ``(T,)`` (no batch axis) either way; ``StepGradients.dh`` and ``.dx``,
+which keep the batch, come back in the model's layout (``(B, T, ...)`` with
+``batch_first``), and the per-step weight terms ``dparams`` have a leading T axis
+either way (they have no batch axis). The walk itself runs time-major.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class StepGradients(NamedTuple):
 
     loss: jax.Array  # (): the scalar loss
     grads: RNNParams  # dL/dparams, equal to model.loss_and_grad(method="bptt")
+    # dh and dx in the model's layout: (B, T, ...) with batch_first
     dh: tuple[tuple[jax.Array, ...], ...]  # [layer][direction] (T, B, H): total dL/dh_t
     dx: tuple[jax.Array, ...]  # [layer] (T, B, D_l): dL/d(input of the layer at t)
     dparams: tuple[tuple[CellParams, ...], ...]  # [layer][direction]: leaves (T, ...); sum_t: grads
@@ -236,10 +243,11 @@ def _step_gradients(model, loss, last_only, params, xs, targets, state, lengths,
         t.update(_extra_terms(lw))  # the cell's own parameters
         return p._replace(**t)
 
+    out = model.from_time_major  # dh and dx in the caller's layout
     return StepGradients(
         loss=w.loss, grads=w.grads,
-        dh=tuple(tuple(lw.dh for lw in layer) for layer in w.layers),
-        dx=w.dx,
+        dh=tuple(tuple(out(lw.dh) for lw in layer) for layer in w.layers),
+        dx=tuple(out(dx) for dx in w.dx),
         dparams=tuple(tuple(terms(lw, p) for lw, p in zip(layer, ps))
                       for layer, ps in zip(w.layers, params.layers)))
 
@@ -278,8 +286,10 @@ def gradient_diagnostics(model: RNN, params: RNNParams, xs: jax.Array, targets: 
     Args:
         model: the ``RNN``.
         params: its parameters.
-        xs: inputs, (T, B, input_size), time-major.
-        targets: (T, B, O) floats for ``"half_sse"``/``"mse"``, (T, B) integers for ``"xent"``.
+        xs: inputs, (T, B, input_size), time-major; (B, T, input_size) with
+            ``model.batch_first``.
+        targets: (T, B, O) floats for ``"half_sse"``/``"mse"``, (T, B) integers for
+            ``"xent"``; (B, T, O) and (B, T) with ``batch_first``.
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
         state: initial state, (num_layers*dirs, B, H) (LSTM: a pair); zeros if None.
         lengths: optional integer (B,) in [1, T]; steps past a length report zeros.
@@ -290,11 +300,12 @@ def gradient_diagnostics(model: RNN, params: RNNParams, xs: jax.Array, targets: 
         ``Diagnostics``: ``loss`` (), ``grads`` (an ``RNNParams``, the gradient of
         ``method="bptt"``), and per layer the (T,) norms ``dh_norm[l][d]``,
         ``dx_norm[l]`` (the input cotangent of layer ``l``, both directions summed;
-        ``l = 0`` is ``dL/dxs``), ``dw_ih_norm[l][d]``, ``dw_hh_norm[l][d]``.
+        ``l = 0`` is ``dL/dxs``), ``dw_ih_norm[l][d]``, ``dw_hh_norm[l][d]``; the
+        norms have no batch axis, so they are ``(T,)`` whatever the layout.
 
     Raises:
-        ValueError, TypeError: bad inputs, as ``model.loss_and_grad``; ``last_only``
-            with ``lengths``.
+        ValueError, TypeError: bad inputs, as ``model.loss_and_grad`` (a model
+            without a readout among them); ``last_only`` with ``lengths``.
     """
     xs, targets, state, lengths = _validate(model, params, xs, targets, loss, state, lengths,
                                             last_only)
@@ -327,7 +338,8 @@ def step_gradients(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Ar
 
     Returns:
         ``StepGradients``: ``loss``, ``grads``, ``dh[l][d]`` (T, B, H) the total
-        ``dL/dh_t``, ``dx[l]`` (T, B, D_l), ``dparams[l][d]`` a ``CellParams``
+        ``dL/dh_t``, ``dx[l]`` (T, B, D_l) (both (B, T, ...) with ``batch_first``),
+        ``dparams[l][d]`` a ``CellParams``
         whose leaves have a leading T axis (``w_ih (T, G*H, D_l)``,
         ``w_hh (T, G*H, H)``, biases ``(T, G*H)`` or None).
     """

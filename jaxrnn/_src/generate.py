@@ -1,4 +1,8 @@
-"""Sampling from a trained model, one step at a time (character language models)."""
+"""Sampling from a trained model, one step at a time (character language models).
+
+The prompt runs through ``RNN.apply``; each sampled id is then fed back through
+``RNN.step``, one step of every layer on the raw (one-hot) input.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,22 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxrnn._src.model import RNN, RNNParams
-from jaxrnn._src.validation import check_int
+from jaxrnn._src.validation import check_int, check_readout
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _sample_ids(model: RNN, params: RNNParams, prompt_onehot: jax.Array, length: int,
                 temperature: jax.Array, key: jax.Array) -> jax.Array:
-    ys, state = model.apply(params, prompt_onehot)  # warm up on the prompt
+    ys, state = model.apply(params, prompt_onehot)  # warm up on the prompt (P, 1, V)
     logits = ys[-1, 0]
     vocab = model.output_size
 
     def body(carry, k):
         logits, state = carry
         nxt = jax.random.categorical(k, logits / temperature)  # sample the next id
-        x = jax.nn.one_hot(nxt, vocab, dtype=prompt_onehot.dtype)[None, None]  # (1, 1, V)
-        ys, state = model.apply(params, x, state)
-        return (ys[0, 0], state), nxt
+        x = jax.nn.one_hot(nxt, vocab, dtype=prompt_onehot.dtype)[None]  # (B=1, V)
+        state, y = model.step(params, state, x)
+        return (y[0], state), nxt
 
     _, ids = jax.lax.scan(body, (logits, state), jax.random.split(key, length))
     return ids
@@ -49,9 +53,10 @@ def sample(model: RNN, params: RNNParams, prompt_ids: ArrayLike, length: int, ke
         The sampled ids, (length,).
 
     Raises:
-        ValueError: a bidirectional model, mismatched sizes, an empty prompt, a
-            non-positive length or temperature.
+        ValueError: a bidirectional model or one without a readout, mismatched
+            sizes, an empty prompt, a non-positive length or temperature.
     """
+    check_readout(model.output_size, "sample")
     if model.bidirectional:
         raise ValueError("a bidirectional model cannot generate: it needs the future")
     if model.input_size != model.output_size:
@@ -66,4 +71,5 @@ def sample(model: RNN, params: RNNParams, prompt_ids: ArrayLike, length: int, ke
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     dtype = params.readout.weight.dtype
     onehot = jax.nn.one_hot(prompt_ids, model.input_size, dtype=dtype)[:, None, :]  # (P, 1, V)
-    return _sample_ids(model, params, onehot, length, jnp.asarray(temperature, dtype), key)
+    return _sample_ids(model.time_major(), params, onehot, length,  # the prompt is (P, 1, V)
+                       jnp.asarray(temperature, dtype), key)

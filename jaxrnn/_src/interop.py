@@ -107,7 +107,7 @@ def _cell_params(model: RNN, sd: Mapping[str, Any], l: int, sfx: str, dtype) -> 
 
 
 def from_torch(model: RNN, rnn_state_dict: Mapping[str, Any],
-               readout_state_dict: Mapping[str, Any], dtype=None) -> RNNParams:
+               readout_state_dict: Mapping[str, Any] | None, dtype=None) -> RNNParams:
     """``RNN.from_torch``: ``model``'s parameters from PyTorch ``state_dict``s.
 
     Args:
@@ -116,17 +116,33 @@ def from_torch(model: RNN, rnn_state_dict: Mapping[str, Any],
     """
     _check_torch_cell(model, "from_torch")
     _check_keys(rnn_state_dict, torch_names(model), "rnn_state_dict")
-    readout_keys = ["weight"] + (["bias"] if model.readout_bias else [])
-    _check_keys(readout_state_dict, readout_keys, "readout_state_dict")
+    _check_readout_given(model, readout_state_dict)
     layers = [[] for _ in range(model.num_layers)]
     for l, _, sfx in layer_directions(model.num_layers, model.num_directions):
         layers[l].append(_cell_params(model, rnn_state_dict, l, sfx, dtype))
+    layers = tuple(tuple(dirs) for dirs in layers)
+    if model.output_size is None:
+        return RNNParams(layers, None)
     features = model.layer_output_size * model.num_directions
     rd, w = readout_state_dict, "readout_state_dict"
     readout = ReadoutParams(
         weight=_array(rd, "weight", (model.output_size, features), w, dtype),
         bias=_array(rd, "bias", (model.output_size,), w, dtype) if model.readout_bias else None)
-    return RNNParams(tuple(tuple(dirs) for dirs in layers), readout)
+    return RNNParams(layers, readout)
+
+
+def _check_readout_given(model: RNN, readout_state_dict) -> None:
+    """A readout ``state_dict`` exactly when the model has a head (``output_size``)."""
+    if model.output_size is None:
+        if readout_state_dict is not None:
+            raise ValueError("readout_state_dict must be None: this RNN has output_size=None "
+                             "(no readout)")
+        return
+    if readout_state_dict is None:
+        raise ValueError(f"readout_state_dict is required: this RNN has a readout "
+                         f"(output_size={model.output_size})")
+    readout_keys = ["weight"] + (["bias"] if model.readout_bias else [])
+    _check_keys(readout_state_dict, readout_keys, "readout_state_dict")
 
 
 def _check_layers(model: RNN, params: RNNParams) -> None:
@@ -139,8 +155,10 @@ def _check_layers(model: RNN, params: RNNParams) -> None:
 
 
 def to_torch(model: RNN, params: RNNParams) -> tuple[dict[str, np.ndarray],
-                                                    dict[str, np.ndarray]]:
+                                                    dict[str, np.ndarray] | None]:
     """``RNN.to_torch``: ``(rnn_state_dict, readout_state_dict)`` of numpy arrays.
+
+    ``readout_state_dict`` is None for parameters without a readout.
 
     Args:
         model: an ``RNN`` with a built-in PyTorch cell.
@@ -162,6 +180,8 @@ def to_torch(model: RNN, params: RNNParams) -> tuple[dict[str, np.ndarray],
             rnn_sd[f"bias_hh{sfx}"] = np.array(p.b_hh)
         if model.proj_size:
             rnn_sd[f"weight_hr{sfx}"] = np.array(p.w_hr)
+    if params.readout is None:
+        return rnn_sd, None
     readout_sd = {"weight": np.array(params.readout.weight)}
     if params.readout.bias is not None:
         readout_sd["bias"] = np.array(params.readout.bias)

@@ -4,6 +4,10 @@ r"""The RNN model: layers x directions of one cell, a linear readout, losses and
     h^{(0)}_t = x_t, \qquad h^{(l)}_t = \mathrm{cell}(h^{(l)}_{t-1}, h^{(l-1)}_t), \qquad
     y_t = W_{hy} h^{(L)}_t + b_y
 
+With ``output_size=None`` there is no readout: ``apply`` returns :math:`h^{(L)}_t`.
+The scans run time-major; a ``batch_first=True`` model transposes its sequences at
+the boundary (``check_inputs`` / ``check_targets`` in, ``from_time_major`` out).
+
 ``RNN`` is a frozen dataclass (static configuration, hashable, usable as a static
 ``jax.jit`` argument); its parameters are an ``RNNParams`` pytree. Every recurrent
 layer goes through ``scan.layer``, so ``method="bptt"`` differentiates each layer
@@ -26,7 +30,7 @@ from jaxrnn._src import losses as losses_lib
 from jaxrnn._src import validation
 from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
-from jaxrnn._src.scan import METHODS, layer
+from jaxrnn._src.scan import METHODS, layer, project_inputs
 from jaxrnn._src.stack import run_stack
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
@@ -45,7 +49,14 @@ class RNNParams(NamedTuple):
     """All parameters of an ``RNN``."""
 
     layers: tuple[tuple[CellParams, ...], ...]  # [layer][direction]
-    readout: ReadoutParams
+    readout: ReadoutParams | None  # None for a model with output_size=None
+
+
+def params_dtype(params: RNNParams):
+    """The parameters' floating dtype: the readout's, or (no readout) the first layer's."""
+    if params.readout is not None:
+        return params.readout.weight.dtype
+    return jax.tree.leaves(params.layers)[0].dtype
 
 
 def sequence_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None:
@@ -59,13 +70,27 @@ def sequence_mask(lengths: jax.Array | None, num_steps: int) -> jax.Array | None
 class RNN:
     """A recurrent network: ``num_layers`` x directions of one cell, then a linear readout.
 
+    Sequences are time-major, ``(T, B, ...)`` as PyTorch's default, unless
+    ``batch_first=True``: then every call that takes or returns sequences
+    (``apply``, ``features``, ``loss``, ``loss_and_grad``, the train steps, the
+    diagnostics) takes and returns ``(B, T, ...)``; ``lengths`` stays ``(B,)`` and
+    states stay ``(L*dirs, B, H)`` (as PyTorch's ``batch_first``). We do not guess
+    the layout from the shapes: an array laid out the other way is read as this
+    layout, unless the sizes betray it (``lengths``, a state or ``targets`` whose
+    sizes fit only the other layout), which raises a ``ValueError`` naming the
+    argument and ``batch_first``.
+
     Args:
         cell: a built-in cell's name (``"elman"``, ``"lstm"``, ``"gru"``, ...: see
             ``jaxrnn._src.cells.CELLS``) or an instance of a ``jaxrnn.Cell`` subclass, a
             user's own cell (its options are then its own fields).
         input_size: D, features per input step.
         hidden_size: H, hidden units per layer and direction.
-        output_size: O, outputs per step of the readout.
+        output_size: O, outputs per step of the readout; a required keyword. None
+            builds a stack of recurrent layers without a head: ``apply`` returns the
+            top layer's outputs, ``params.readout`` is None, and the losses, train
+            steps and diagnostics refuse it (put your own head and loss on top;
+            ``jax.grad`` through ``apply`` still runs the handwritten BPTT).
         num_layers: stacked recurrent layers.
         bidirectional: run each layer in both directions and concatenate.
         bias: recurrent layers have ``b_ih`` and ``b_hh``.
@@ -81,8 +106,12 @@ class RNN:
             ``method="bptt"``, keep the state only every ``bptt_segment`` steps and
             recompute each segment in the backward pass (about sqrt(T) is best);
             None (the default) keeps every step.
+        batch_first: sequences are ``(B, T, ...)``; default False: time-major
+            ``(T, B, ...)``. The scans run time-major either way: the arrays are
+            transposed on the way in and out.
 
-    Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``,
+    Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``
+    (``(T, B, dirs*H)`` without a head; ``(B, T, ...)`` with ``batch_first``),
     states ``(num_layers * num_directions, B, H)`` (for the LSTM a pair ``(h, c)``;
     with ``proj_size=P``, ``h`` is (L*dirs, B, P)).
     """
@@ -90,7 +119,7 @@ class RNN:
     cell: CellName | Cell = "elman"
     input_size: int
     hidden_size: int
-    output_size: int
+    output_size: int | None
     num_layers: int = 1
     bidirectional: bool = False
     bias: bool = True
@@ -100,10 +129,14 @@ class RNN:
     bptt_segment: int | None = None
     proj_size: int = 0
     forget_bias: float = 0.0
+    batch_first: bool = False
 
     def __post_init__(self):
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
-            validation.check_int(name, getattr(self, name), 1)
+            if not (name == "output_size" and self.output_size is None):
+                validation.check_int(name, getattr(self, name), 1)
+        if not isinstance(self.batch_first, bool):
+            raise ValueError(f"batch_first must be True or False, got {self.batch_first!r}")
         if isinstance(self.cell, Cell):
             check_cell_class(self.cell)
             given = [f"{k}={getattr(self, k)!r}" for k, v in
@@ -161,7 +194,8 @@ class RNN:
         Returns:
             ``RNNParams``: per layer and direction ``CellParams`` (``w_ih (G*H, D_l)``,
             ``w_hh (G*H, H)``, biases ``(G*H,)``), and the readout
-            (``weight (O, dirs*H)``, ``bias (O,)``). With ``proj_size=P``: ``LSTMPParams``,
+            (``weight (O, dirs*H)``, ``bias (O,)``; None with ``output_size=None``,
+            the layers the same as with a head). With ``proj_size=P``: ``LSTMPParams``,
             with ``w_hh (4H, P)`` and ``w_hr (P, H)``, layers above the first read
             ``dirs*P`` features and the readout ``weight`` is (O, dirs*P).
         """
@@ -176,6 +210,8 @@ class RNN:
                 cell.init(keys[l * self.num_directions + d], d_in, self.hidden_size, self.bias,
                           dtype)
                 for d in range(self.num_directions)))
+        if self.output_size is None:
+            return RNNParams(tuple(layers), None)
         features = self.layer_output_size * self.num_directions
         bound = 1.0 / math.sqrt(features)
         kw, kb = jax.random.split(keys[-1])
@@ -201,7 +237,10 @@ class RNN:
         return [(n, batch, w) for w in self.cell_fn.state_sizes(self.hidden_size)]
 
     def check_inputs(self, params: RNNParams, xs, state=None, lengths=None):
-        """Validates ``xs``, ``state`` and ``lengths``; returns them as arrays.
+        """Validates ``xs``, ``state`` and ``lengths``; returns them as arrays, ``xs`` time-major.
+
+        ``xs`` is read in the model's layout (``batch_first``) and returned as
+        ``(T, B, D)``: the one way in for every call that takes sequences.
 
         Raises:
             TypeError: non-floating ``xs`` (or a dtype other than the parameters'),
@@ -210,21 +249,50 @@ class RNN:
                 outside ``[1, T]``.
         """
         validation.check_type("params", params, RNNParams, " (from RNN.init)")
-        dtype = params.readout.weight.dtype
-        xs = validation.check_xs(xs, self.input_size, dtype)
+        dtype = params_dtype(params)
+        xs = self.to_time_major(validation.check_xs(xs, self.input_size, dtype,
+                                                    self.batch_first))
         T, B, _ = xs.shape
         if state is not None:
             state = validation.check_state(state, self._state_shapes(B), dtype,
                                            cell_name=self.cell_name,
                                            hidden_size=self.hidden_size,
-                                           proj_size=self.proj_size)
+                                           proj_size=self.proj_size, num_steps=T,
+                                           batch_first=self.batch_first)
         if lengths is not None:
-            lengths = validation.check_lengths(lengths, T, B)
+            lengths = validation.check_lengths(lengths, T, B, self.batch_first)
         return xs, state, lengths
 
     def check_targets(self, ys_shape, targets, loss: str):
-        """Validates ``targets`` against the outputs' shape ``(T, B, O)`` for ``loss``."""
-        return validation.check_targets(ys_shape, targets, loss)
+        """Validates ``targets`` for ``loss``; returns them as an array, time-major.
+
+        Args:
+            ys_shape: the outputs' time-major shape ``(T, B, O)``.
+            targets: in the model's layout: ``(T, B, O)`` / ``(T, B)`` classes, or
+                ``(B, T, O)`` / ``(B, T)`` with ``batch_first``.
+            loss: the loss's name.
+
+        Raises:
+            ValueError: a model without a readout (``output_size=None``), an unknown
+                ``loss``, a wrong shape. TypeError: a wrong dtype.
+        """
+        validation.check_readout(self.output_size, "a loss")
+        shape = (ys_shape[1], ys_shape[0], *ys_shape[2:]) if self.batch_first else ys_shape
+        return self.to_time_major(validation.check_targets(shape, targets, loss,
+                                                           self.batch_first))
+
+    # --- layout: the one place where batch-first arrays are transposed ----------
+    def to_time_major(self, a: jax.Array) -> jax.Array:
+        """A sequence array in the model's layout -> ``(T, B, ...)``."""
+        return jnp.swapaxes(a, 0, 1) if self.batch_first else a
+
+    def from_time_major(self, a: jax.Array) -> jax.Array:
+        """``(T, B, ...)`` -> the model's layout (``(B, T, ...)`` with ``batch_first``)."""
+        return jnp.swapaxes(a, 0, 1) if self.batch_first else a
+
+    def time_major(self) -> RNN:
+        """This model with ``batch_first=False``: for code that already holds time-major arrays."""
+        return dataclasses.replace(self, batch_first=False) if self.batch_first else self
 
     # --- forward -------------------------------------------------------------
     def initial_carries(self, state, batch, dtype) -> list[Carry]:
@@ -245,11 +313,20 @@ class RNN:
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, State]:
         """The top recurrent layer's outputs, before the readout.
 
-        Args: as in ``apply``.
+        Args: as in ``apply`` (``params.readout`` is not read: it may be None).
 
         Returns:
-            ``(hs (T, B, dirs*H), final_state)``; ``hs`` is zero past each length.
+            ``(hs (T, B, dirs*H), final_state)`` (``(B, T, dirs*H)`` with
+            ``batch_first``; ``dirs*P`` with ``proj_size=P``); ``hs`` is zero past
+            each length.
         """
+        xs, state, lengths = self.check_inputs(params, xs, state, lengths)
+        hs, final = self._features(params, xs, state, lengths, method, dropout_key)
+        return self.from_time_major(hs), final
+
+    def _features(self, params: RNNParams, xs: jax.Array, state, lengths, method: ScanMethod,
+                  dropout_key) -> tuple[jax.Array, State]:
+        """``features`` on validated, time-major ``xs (T, B, D)``: ``(hs (T, B, dirs*H), state)``."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         T, B, _ = xs.shape
@@ -264,7 +341,10 @@ class RNN:
         return run.h, self._state(run.finals)
 
     def readout(self, params: RNNParams, hs: jax.Array, mask: jax.Array | None = None):
-        """``y_t = W h_t + b``, (T, B, dirs*H) -> (T, B, O); zero where ``mask`` is False."""
+        """``y_t = W h_t + b``, (T, B, dirs*H) -> (T, B, O); zero where ``mask`` is False.
+
+        Any leading axes work without ``mask`` (one step: (B, dirs*H) -> (B, O)).
+        """
         ys = hs @ params.readout.weight.T
         if params.readout.bias is not None:
             ys = ys + params.readout.bias
@@ -279,7 +359,8 @@ class RNN:
 
         Args:
             params: from ``init`` or ``from_torch``.
-            xs: inputs, (T, B, input_size), time-major.
+            xs: inputs, (T, B, input_size), time-major; (B, T, input_size) with
+                ``batch_first=True``.
             state: initial state, (num_layers*dirs, B, H) (LSTM: a pair); zeros if None.
             lengths: optional integer (B,) in [1, T]; steps at or past a sequence's
                 length give zero outputs and leave its state unchanged.
@@ -290,11 +371,64 @@ class RNN:
                 None (the default) applies none.
 
         Returns:
-            ``(ys (T, B, output_size), final_state)``, the state in ``state``'s shape.
+            ``(ys (T, B, output_size), final_state)``, the state in ``state``'s shape
+            (PyTorch's, whatever the layout). ``ys`` is ``(B, T, output_size)`` with
+            ``batch_first``, and the top layer's outputs ``(..., dirs*H)`` (``dirs*P``
+            with ``proj_size``) with ``output_size=None``.
         """
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
-        hs, final = self.features(params, xs, state, lengths, method, dropout_key)
-        return self.readout(params, hs, sequence_mask(lengths, xs.shape[0])), final
+        hs, final = self._features(params, xs, state, lengths, method, dropout_key)
+        if params.readout is None:
+            return self.from_time_major(hs), final
+        ys = self.readout(params, hs, sequence_mask(lengths, xs.shape[0]))
+        return self.from_time_major(ys), final
+
+    def step(self, params: RNNParams, state: State | None, x_t: jax.Array
+             ) -> tuple[State, jax.Array]:
+        r"""One step of every layer on a raw input: ``(state, x_t) -> (state, y_t)``.
+
+        .. math::
+            h^{(0)} = x_t, \qquad h^{(l)}_t = \mathrm{cell}(h^{(l)}_{t-1},
+            W^{(l)}_{ih} h^{(l-1)}_t + b^{(l)}), \qquad y_t = W_{hy} h^{(L)}_t + b_y
+
+        The order is ``lax.scan``'s ``(carry, out)``: ``jax.lax.scan(lambda s, x:
+        model.step(params, s, x), state, xs)`` equals ``apply`` (to rounding) for
+        time-major ``xs``. For generation and online use; dropout is never applied,
+        and ``jax.grad`` of a step is JAX's own (one step has no reverse scan).
+
+        Args:
+            params: from ``init``.
+            state: the state, (num_layers, B, H) (LSTM: a pair); zeros if None.
+            x_t: one step's inputs, (B, input_size) (no time axis, so no layout).
+
+        Returns:
+            ``(state, y_t)``: the next state in PyTorch's shape, and ``y_t (B, O)``,
+            or with ``output_size=None`` the top layer's ``h_t (B, H)`` (P with
+            ``proj_size``).
+
+        Raises:
+            ValueError: a bidirectional model (its backward direction needs the
+                whole sequence), or bad shapes. TypeError: a wrong dtype.
+        """
+        if self.bidirectional:
+            raise ValueError("step runs forward in time one step at a time: a bidirectional "
+                             "RNN (bidirectional=True) needs the whole sequence; use apply")
+        validation.check_type("params", params, RNNParams, " (from RNN.init)")
+        dtype = params_dtype(params)
+        x_t = validation.check_step_input(x_t, self.input_size, dtype)
+        B = x_t.shape[0]
+        if state is not None:
+            state = validation.check_state(state, self._state_shapes(B), dtype,
+                                           cell_name=self.cell_name,
+                                           hidden_size=self.hidden_size,
+                                           proj_size=self.proj_size)
+        cell, h, carries = self.cell_fn, x_t, []
+        for (p,), carry in zip(params.layers, self.initial_carries(state, B, dtype)):
+            carry, _ = cell.step(p, carry, project_inputs(cell, p, h))  # this layer's step
+            carries.append(carry)
+            h = carry[0]  # the next layer's input
+        y = h if params.readout is None else self.readout(params, h)
+        return self._state(carries), y
 
     # --- losses and gradients -----------------------------------------------
     def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
@@ -305,14 +439,19 @@ class RNN:
 
         Args:
             targets: (T, B, O) floats for ``"half_sse"``/``"mse"``; (T, B) integer
-                classes for ``"xent"``.
+                classes for ``"xent"``; (B, T, O) and (B, T) with ``batch_first``.
             loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (see ``jaxrnn._src.losses``).
 
         The other arguments are as in ``apply``.
+
+        Raises:
+            ValueError: a model without a readout (``output_size=None``); bad
+                inputs, as ``apply``.
         """
-        ys, _ = self.apply(params, xs, state, lengths, method, dropout_key)
-        targets = self.check_targets(ys.shape, targets, loss)
-        return losses_lib.get_loss(loss)(ys, targets, sequence_mask(lengths, ys.shape[0]))
+        validation.check_readout(self.output_size, "loss")
+        xs, state, lengths = self.check_inputs(params, xs, state, lengths)
+        targets = self.check_targets((*xs.shape[:2], self.output_size), targets, loss)
+        return loss_fn(self, loss, method, params, xs, targets, state, lengths, dropout_key)
 
     def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
                       loss: LossName = "half_sse", method: Method = "bptt",
@@ -328,7 +467,12 @@ class RNN:
 
         Returns:
             ``(loss, grads)``, ``grads`` an ``RNNParams`` like ``params``.
+
+        Raises:
+            ValueError: a model without a readout (``output_size=None``), an unknown
+                ``method``; bad inputs, as ``apply``.
         """
+        validation.check_readout(self.output_size, "loss_and_grad")
         if method == "rtrl":  # forward-mode, exact, for small single-layer Elman models
             if dropout_key is not None:
                 raise ValueError("method='rtrl' takes no dropout_key")
@@ -338,9 +482,9 @@ class RNN:
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS + ('rtrl',)}, got {method!r}")
-        self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
-        return _loss_and_grad(self, loss, method, params, xs, jnp.asarray(targets), state,
-                              lengths, dropout_key)
+        targets = self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
+        return _loss_and_grad(self, loss, method, params, xs, targets, state, lengths,
+                              dropout_key)
 
     # --- PyTorch interop (jaxrnn._src.interop) --------------------------------
     def torch_names(self) -> list[str]:
@@ -358,14 +502,15 @@ class RNN:
         return interop.torch_names(self)
 
     def from_torch(self, rnn_state_dict: Mapping[str, Any],
-                   readout_state_dict: Mapping[str, Any], dtype=None) -> RNNParams:
+                   readout_state_dict: Mapping[str, Any] | None = None, dtype=None
+                   ) -> RNNParams:
         """Parameters from PyTorch ``state_dict``s (numpy arrays or tensors).
 
         Args:
             rnn_state_dict: keys as in ``torch.nn.RNN/LSTM/GRU`` (``weight_ih_l0``,
                 ``bias_hh_l1_reverse``, ...).
             readout_state_dict: keys ``weight`` (O, dirs*H) and ``bias`` (O,) of an
-                ``nn.Linear``. With ``proj_size=P``, P replaces H here, in
+                ``nn.Linear``; None (and only None) for ``output_size=None``. With ``proj_size=P``, P replaces H here, in
                 ``weight_hh`` (4H, P) and in the input width of layers above the
                 first; ``weight_hr`` is (P, H).
             dtype: cast to this dtype; default: keep the arrays' own.
@@ -378,8 +523,11 @@ class RNN:
 
         return interop.from_torch(self, rnn_state_dict, readout_state_dict, dtype)
 
-    def to_torch(self, params: RNNParams) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def to_torch(self, params: RNNParams
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
         """``(rnn_state_dict, readout_state_dict)`` of numpy arrays under PyTorch's names.
+
+        ``readout_state_dict`` is None for parameters without a readout.
 
         The arrays are writable copies; load them with
         ``module.load_state_dict({k: torch.from_numpy(v) ...})``. With ``proj_size``,
@@ -397,10 +545,13 @@ def loss_fn(model: RNN, loss: str, method: ScanMethod, params, xs, targets, stat
             dropout_key=None, last_only: bool = False):
     """The scalar loss, without input validation (callers validate); jit-friendly.
 
+    ``xs (T, B, D)`` and ``targets`` are time-major whatever ``model.batch_first``
+    (as ``check_inputs`` and ``check_targets`` return them).
+
     With ``last_only`` (static), only the last step's outputs are scored against
     ``targets[-1:]`` (tasks such as the adding problem); ``lengths`` must then be None.
     """
-    hs, _ = model.features(params, xs, state, lengths, method, dropout_key)
+    hs, _ = model._features(params, xs, state, lengths, method, dropout_key)
     mask = sequence_mask(lengths, xs.shape[0])
     if last_only:
         if lengths is not None:

@@ -25,14 +25,14 @@ from jaxrnn._src.diagnostics import gradient_diagnostics, summary
 from jaxrnn._src.model import RNN, RNNParams, loss_fn
 from jaxrnn._src.names import LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS
-from jaxrnn._src.validation import check_int
+from jaxrnn._src.validation import check_int, check_readout
 
 
 class Batch(NamedTuple):
-    """One training batch, time-major."""
+    """One training batch, time-major (batch-first for a ``batch_first=True`` model)."""
 
-    xs: jax.Array  # (T, B, D)
-    targets: jax.Array  # (T, B, O) floats, or (T, B) integer classes for xent
+    xs: jax.Array  # (T, B, D); (B, T, D) with batch_first
+    targets: jax.Array  # (T, B, O) floats, or (T, B) integer classes for xent; (B, T, ...)
     lengths: jax.Array | None = None  # (B,) integers in [1, T], or None
 
 
@@ -208,29 +208,33 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
     Returns:
         ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``
         where ``batch`` is a ``jaxrnn.Batch`` (``xs (T, B, D)``, ``targets``,
-        ``lengths``), ``key`` an optional PRNG key for dropout between layers, and
+        ``lengths``; ``(B, T, ...)`` for a ``batch_first`` model), ``key`` an optional PRNG key for dropout between layers, and
         ``metrics`` holds ``loss`` and ``grad_norm`` (before any clipping), plus the
         diagnostics' scalars with ``diagnostics=True``.
 
     Raises:
-        ValueError: an unknown ``loss`` or ``method``; ``diagnostics`` with a method
-            other than ``"bptt"``; ``method="rtrl"`` for a model it does not support
-            (and, when the step is first called, a batch too large for it).
+        ValueError: a model without a readout (``output_size=None``); an unknown
+            ``loss`` or ``method``; ``diagnostics`` with a method other than
+            ``"bptt"``; ``method="rtrl"`` for a model it does not support (and, when
+            the step is first called, a batch too large for it).
     """
+    check_readout(model.output_size, "make_train_step")
     losses_lib.get_loss(loss)
     check_train_options(method, diagnostics)
     if method == "rtrl":
         rtrl.check_model(model)  # the cell, layers and directions; the size at trace time
 
+    tm = model.time_major()  # the arrays below are time-major, already converted
+
     def gradient(params, xs, targets, lengths, key):
-        """``(loss, grads, extra metrics)`` by the chosen method."""
+        """``(loss, grads, extra metrics)`` by the chosen method, on time-major arrays."""
         if diagnostics:
-            diag = gradient_diagnostics(model, params, xs, targets, loss, None, lengths,
+            diag = gradient_diagnostics(tm, params, xs, targets, loss, None, lengths,
                                         key, last_only)
             return diag.loss, diag.grads, summary(diag)
         if method == "rtrl":
             # One layer: dropout (between layers) never applies, so the key is unused.
-            value, grads = rtrl.rtrl_loss_and_grad(model, params, xs, targets, loss, None,
+            value, grads = rtrl.rtrl_loss_and_grad(tm, params, xs, targets, loss, None,
                                                    lengths, last_only=last_only)
             return value, grads, {}
         value, grads = jax.value_and_grad(loss_fn, argnums=3)(
@@ -240,8 +244,9 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
     def step(params: RNNParams, opt_state: optax.OptState, batch: Batch,
              key: jax.Array | None = None) -> tuple[RNNParams, optax.OptState, Metrics]:
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
-        model.check_targets((xs.shape[0], xs.shape[1], model.output_size), batch.targets, loss)
-        value, grads, extra = gradient(params, xs, batch.targets, lengths, key)
+        targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size),
+                                      batch.targets, loss)
+        value, grads, extra = gradient(params, xs, targets, lengths, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **extra}
@@ -299,11 +304,14 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
         per distinct chunk shape, a handful at most).
 
     Raises:
-        ValueError: ``k1 < 1``, ``k2 < k1``, ``method="rtrl"`` (a whole-sequence
-            method; truncation is not supported), or a batch with ``lengths``.
+        ValueError: a model without a readout (``output_size=None``), ``k1 < 1``,
+            ``k2 < k1``, ``method="rtrl"`` (a whole-sequence method; truncation is not
+            supported), or a batch with ``lengths``.
     """
+    check_readout(model.output_size, "make_tbptt_step")
     loss_f = losses_lib.get_loss(loss)
     k2 = check_truncation(k1, k2, method)
+    tm = model.time_major()  # the chunks are cut from time-major arrays
 
     def chunk_update(params, opt_state, state, xs_a, xs_b, targets, key, n_loss):
         def f(params):
@@ -312,7 +320,7 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
             for i, xs_part in enumerate((xs_a, xs_b)):
                 if xs_part.shape[0] > 0:
                     pkey = None if key is None else jax.random.fold_in(key, i)
-                    ys, st_end = model.apply(params, xs_part, st, None, method, pkey)
+                    ys, st_end = tm.apply(params, xs_part, st, None, method, pkey)
                     parts.append(ys)
                     if xs_part is xs_a:
                         carried = st_end  # the state at the next window's start
@@ -336,16 +344,16 @@ def make_tbptt_step(model: RNN, optimizer: optax.GradientTransformation, k1: int
         if batch.lengths is not None:
             raise ValueError("truncated BPTT takes full-length sequences: batch.lengths must "
                              "be None")
-        xs, _, _ = model.check_inputs(params, batch.xs)
+        xs, _, _ = model.check_inputs(params, batch.xs)  # time-major from here on
         T, B = xs.shape[0], xs.shape[1]
-        model.check_targets((T, B, model.output_size), batch.targets, loss)
+        targets = model.check_targets((T, B, model.output_size), batch.targets, loss)
         state = model.zero_state(B, xs.dtype)
         total, count, grad_norm = 0.0, 0, None
         windows = truncation_windows(T, k1, k2)
         for c, (ws, nws, s, e) in enumerate(windows):
             ckey = None if key is None else jax.random.fold_in(key, c)
             params, opt_state, state, value, grad_norm = chunk_update(
-                params, opt_state, state, xs[ws:nws], xs[nws:e], batch.targets[s:e], ckey,
+                params, opt_state, state, xs[ws:nws], xs[nws:e], targets[s:e], ckey,
                 n_loss=e - s)
             total = total + value * (e - s)
             count += e - s

@@ -48,7 +48,58 @@ def check_forget_bias(forget_bias, bias: bool, what: str) -> None:
 
 
 # --- a model's inputs, state and targets ---------------------------------------
-# RNN.check_inputs and RNN.check_targets compose these; the model supplies its sizes.
+# RNN.check_inputs and RNN.check_targets compose these; the model supplies its sizes
+# and its layout. Arrays are read time-major (T, B, ...) unless the model has
+# batch_first=True; we never guess. Where the sizes show that an argument was laid
+# out the other way (a swapped pair of axes, T != B), the message says so and names
+# batch_first (``layout_hint``).
+
+def sequence_axes(batch_first: bool) -> str:
+    """The leading axes of a sequence array in words: ``"T, B"`` or ``"B, T"``."""
+    return "B, T" if batch_first else "T, B"
+
+
+def layout_hint(got: tuple, expected: tuple, batch_first: bool) -> str:
+    """A sentence for a shape error when ``got`` is ``expected`` with T and B swapped.
+
+    Args:
+        got: the shape given, its leading entries in the layout's order.
+        expected: the expected shape (same rank), T != B among its leading entries.
+        batch_first: the model's layout.
+
+    Returns:
+        ``""`` unless ``got`` equals ``expected`` with its first two entries swapped;
+        then ``"; it looks ..."``, a sentence naming ``batch_first``.
+    """
+    if len(got) < 2 or len(got) != len(expected) or got[0] == got[1]:
+        return ""
+    if (got[1], got[0]) + tuple(got[2:]) != tuple(expected):
+        return ""
+    return "; " + _other_layout(batch_first)
+
+
+def _other_layout(batch_first: bool) -> str:
+    if batch_first:
+        return ("it looks time-major (T, B, ...), but this RNN has batch_first=True and "
+                "reads (B, T, ...): transpose it, or build the RNN with batch_first=False")
+    return ("it looks batch-first (B, T, ...), but this RNN reads time-major (T, B, ...) "
+            "(we do not guess): transpose it, or build the RNN with batch_first=True")
+
+
+def check_readout(output_size: int | None, what: str) -> None:
+    """A loss needs the model's readout: ``output_size`` must not be None.
+
+    Args:
+        output_size: the model's ``output_size`` (None: a stack without a head).
+        what: the call that needs it, first in the message (``"loss_and_grad"``).
+
+    Raises:
+        ValueError: naming ``output_size``.
+    """
+    if output_size is None:
+        raise ValueError(f"{what} needs a readout, but this RNN has output_size=None (layers "
+                         f"without a head): build it with output_size=O, or put your own head "
+                         f"and loss on apply's outputs")
 
 def check_type(name: str, value, expected: type, hint: str = "") -> None:
     """``value`` must be an instance of ``expected``.
@@ -60,23 +111,29 @@ def check_type(name: str, value, expected: type, hint: str = "") -> None:
         raise TypeError(f"{name} must be {expected.__name__}{hint}, got {type(value).__name__}")
 
 
-def check_xs(xs, input_size: int, dtype) -> jax.Array:
+def check_xs(xs, input_size: int, dtype, batch_first: bool = False) -> jax.Array:
     """``xs`` as an array: (T, B, input_size), T and B at least 1, of ``dtype``.
 
     Args:
-        xs: inputs, (T, B, input_size), time-major (anything ``jnp.asarray`` takes).
+        xs: inputs, (T, B, input_size), time-major (anything ``jnp.asarray`` takes);
+            (B, T, input_size) with ``batch_first``.
         input_size: D, the model's features per step.
         dtype: the parameters' floating dtype.
+        batch_first: the model's layout.
+
+    Returns:
+        ``xs`` as an array, in the layout it was given.
 
     Raises:
         ValueError: a rank other than 3, T=0, B=0, or a last axis other than D.
         TypeError: a non-floating dtype, or a dtype other than ``dtype``.
     """
     xs = jnp.asarray(xs)
-    expected = f"(T, B, input_size={input_size})"
+    expected = f"({sequence_axes(batch_first)}, input_size={input_size})"
+    layout = "batch-first, batch_first=True" if batch_first else "time-major"
     if xs.ndim != 3:
-        raise ValueError(f"xs must have shape {expected} (time-major), got shape {xs.shape}")
-    T, B, D = xs.shape
+        raise ValueError(f"xs must have shape {expected} ({layout}), got shape {xs.shape}")
+    T, B, D = (xs.shape[1], xs.shape[0], xs.shape[2]) if batch_first else xs.shape
     if T == 0:
         raise ValueError(f"xs is an empty sequence: shape {xs.shape} has T=0 steps")
     if B == 0:
@@ -91,17 +148,38 @@ def check_xs(xs, input_size: int, dtype) -> jax.Array:
     return xs
 
 
+def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
+    """One step's inputs as an array: (B, input_size), B at least 1, of ``dtype``.
+
+    Raises:
+        ValueError: a rank other than 2, B=0, or a last axis other than D.
+        TypeError: a non-floating dtype, or a dtype other than ``dtype``.
+    """
+    x_t = jnp.asarray(x_t)
+    if x_t.ndim != 2 or x_t.shape[0] == 0 or x_t.shape[1] != input_size:
+        raise ValueError(f"x_t must have shape (B, input_size={input_size}), one step with "
+                         f"B >= 1, got shape {x_t.shape}")
+    if not jnp.issubdtype(x_t.dtype, jnp.floating):
+        raise TypeError(f"x_t must be a floating array, got dtype {x_t.dtype}")
+    if x_t.dtype != dtype:
+        raise TypeError(f"x_t has dtype {x_t.dtype} but the parameters have dtype {dtype}; "
+                        f"cast one to the other")
+    return x_t
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_lengths(lengths, num_steps: int, batch: int) -> jax.Array:
+def check_lengths(lengths, num_steps: int, batch: int, batch_first: bool = False) -> jax.Array:
     """``lengths`` as an integer (B,) array; its values, when known at trace time, in [1, T].
 
     Args:
         lengths: per-sequence lengths (anything ``jnp.asarray`` takes).
         num_steps: T.
         batch: B.
+        batch_first: the model's layout, for the message when ``lengths`` has T
+            entries (xs laid out the other way).
 
     Raises:
         ValueError: a shape other than (B,), or (concrete values) outside [1, T].
@@ -109,7 +187,12 @@ def check_lengths(lengths, num_steps: int, batch: int) -> jax.Array:
     """
     lengths = jnp.asarray(lengths)
     if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape (B,) = ({batch},), got shape {lengths.shape}")
+        hint = ""
+        if lengths.shape == (num_steps,) and num_steps != batch:
+            hint = (f"; it has one entry per step of xs (T={num_steps}), so xs may be laid "
+                    f"out the other way: {_other_layout(batch_first)}")
+        raise ValueError(f"lengths must have shape (B,) = ({batch},), got shape "
+                         f"{lengths.shape}{hint}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
     if _is_concrete(lengths):
@@ -120,7 +203,8 @@ def check_lengths(lengths, num_steps: int, batch: int) -> jax.Array:
 
 
 def check_state(state, shapes: list[tuple[int, int, int]], dtype, *, cell_name: str,
-                hidden_size: int, proj_size: int = 0):
+                hidden_size: int, proj_size: int = 0, num_steps: int | None = None,
+                batch_first: bool = False):
     """An initial state in PyTorch's shape: one array, or a tuple of ``len(shapes)``.
 
     Args:
@@ -130,6 +214,8 @@ def check_state(state, shapes: list[tuple[int, int, int]], dtype, *, cell_name: 
         dtype: the parameters' dtype.
         cell_name: the cell's name, for the message.
         hidden_size, proj_size: the model's, to name a width in the message.
+        num_steps, batch_first: xs's T and the model's layout, for the message when
+            the state's batch axis has T entries (xs laid out the other way).
 
     Returns:
         The state as an array, or a tuple of k arrays.
@@ -154,21 +240,31 @@ def check_state(state, shapes: list[tuple[int, int, int]], dtype, *, cell_name: 
             what = "state" if len(shapes) == 1 else f"state[{k}]"
             width = ("hidden_size" if shape[2] == hidden_size else
                      "proj_size" if proj_size and shape[2] == proj_size else "size")
+            hint = ""
+            if (num_steps is not None and num_steps != shape[1] and s.ndim == 3
+                    and s.shape[1] == num_steps and (s.shape[0], s.shape[2]) == (shape[0], shape[2])):
+                hint = (f"; its batch axis has xs's T={num_steps} entries, so xs may be laid "
+                        f"out the other way: {_other_layout(batch_first)}")
             raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
-                             f"{width}) = {shape}, got shape {s.shape}")
+                             f"{width}) = {shape}, got shape {s.shape}{hint}")
         if s.dtype != dtype:
             raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
     return parts if len(shapes) > 1 else parts[0]
 
 
-def check_targets(ys_shape: tuple[int, int, int], targets, loss: str) -> jax.Array:
+def check_targets(ys_shape: tuple[int, int, int], targets, loss: str,
+                  batch_first: bool = False) -> jax.Array:
     """``targets`` as an array that ``loss`` can score against outputs of ``ys_shape``.
 
     Args:
-        ys_shape: the outputs' shape, (T, B, O).
+        ys_shape: the outputs' shape, (T, B, O); (B, T, O) with ``batch_first``.
         targets: (T, B, O) floats for ``"half_sse"``/``"mse"``; (T, B) integer
-            classes for ``"xent"``.
+            classes for ``"xent"``; (B, T, O) and (B, T) with ``batch_first``.
         loss: the loss's name.
+        batch_first: the layout of ``ys_shape`` and ``targets``.
+
+    Returns:
+        ``targets`` as an array, in the layout it was given.
 
     Raises:
         ValueError: an unknown ``loss``, or a wrong shape.
@@ -176,17 +272,20 @@ def check_targets(ys_shape: tuple[int, int, int], targets, loss: str) -> jax.Arr
     """
     losses_lib.get_loss(loss)
     targets = jnp.asarray(targets)
+    axes = sequence_axes(batch_first)
     if loss == "xent":
         if targets.shape != ys_shape[:2]:
-            raise ValueError(f"targets for loss='xent' must have shape (T, B) = {ys_shape[:2]}"
-                             f", got shape {targets.shape}")
+            hint = layout_hint(targets.shape, ys_shape[:2], batch_first)
+            raise ValueError(f"targets for loss='xent' must have shape ({axes}) = "
+                             f"{ys_shape[:2]}, got shape {targets.shape}{hint}")
         if not jnp.issubdtype(targets.dtype, jnp.integer):
             raise TypeError(f"targets for loss='xent' must be integer classes, "
                             f"got dtype {targets.dtype}")
     else:
         if targets.shape != ys_shape:
-            raise ValueError(f"targets must have shape (T, B, output_size) = {ys_shape}, "
-                             f"got shape {targets.shape}")
+            hint = layout_hint(targets.shape, ys_shape, batch_first)
+            raise ValueError(f"targets must have shape ({axes}, output_size) = {ys_shape}, "
+                             f"got shape {targets.shape}{hint}")
         if not jnp.issubdtype(targets.dtype, jnp.floating):
             raise TypeError(f"targets for loss={loss!r} must be floating, "
                             f"got dtype {targets.dtype}")
