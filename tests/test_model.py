@@ -337,3 +337,55 @@ def test_rtrl_method_equals_bptt(key):
     with pytest.raises(ValueError, match="rtrl"):
         lstm = small(cell="lstm")
         lstm.loss_and_grad(lstm.init(key, jnp.float64), xs, targets, method="rtrl")
+
+
+# --- layers without a head (output_size=None) ----------------------------------
+
+def test_layers_without_a_head(key):
+    head = small(cell="lstm", num_layers=2)
+    model = small(cell="lstm", num_layers=2, output_size=None)
+    params = model.init(key)
+    assert params.readout is None  # the same layers as with a head, from the same key
+    assert_trees_rel_close(params.layers, head.init(key).layers, 0.0)
+    xs, targets = data()
+    hs, (h, c) = model.apply(params, xs)
+    assert hs.shape == (6, 2, 5) and h.shape == (2, 2, 5)
+    np.testing.assert_array_equal(hs, head.features(head.init(key), xs)[0])
+    np.testing.assert_array_equal(hs, model.features(params, xs)[0])
+    sd, readout_sd = model.to_torch(params)
+    assert readout_sd is None
+    assert_trees_rel_close(model.from_torch(sd), params, 0.0)
+    with pytest.raises(ValueError, match="readout_state_dict must be None"):
+        model.from_torch(sd, {"weight": np.zeros((2, 5))})
+    refusals = [lambda: model.loss(params, xs, targets),
+                lambda: model.loss_and_grad(params, xs, targets),
+                lambda: model.loss_and_grad(params, xs, targets, method="rtrl"),
+                lambda: jaxrnn.make_train_step(model, jaxrnn.make_optimizer()),
+                lambda: jaxrnn.make_tbptt_step(model, jaxrnn.make_optimizer(), 2),
+                lambda: jaxrnn.gradient_diagnostics(model, params, xs, targets),
+                lambda: jaxrnn.sample(model, params, jnp.array([0]), 3, key)]
+    for refuse in refusals:
+        with pytest.raises(ValueError, match="needs a readout, but this RNN has output_size=None"):
+            refuse()
+
+
+@pytest.mark.parametrize("kw, with_lengths", [
+    (dict(cell="elman", num_layers=2, bidirectional=True), True),
+    (dict(cell="gru", bidirectional=True), False),
+    (dict(cell="lstm", num_layers=2, proj_size=2), True),
+], ids=["elman-2-bi-lengths", "gru-1-bi", "lstm-2-proj-lengths"])
+def test_headless_bptt_gradient_equals_autodiff(key, kw, with_lengths):
+    """The cotangent of the top layer's outputs comes from the user's own head."""
+    model = small(output_size=None, **kw)
+    params = model.init(key, jnp.float64)
+    xs, _ = data(dtype=jnp.float64)
+    lengths = jnp.array([6, 3]) if with_lengths else None
+    w = jax.random.normal(jax.random.key(5), (model.layer_output_size * model.num_directions,),
+                          jnp.float64)
+
+    def user_loss(p, method):  # a user's head and loss on the features
+        hs, state = model.apply(p, xs, lengths=lengths, method=method)
+        return jnp.sum(jnp.tanh(hs @ w) ** 2) + jnp.sum(jax.tree.leaves(state)[0] ** 3)
+
+    grad = jax.jit(jax.grad(user_loss), static_argnums=1)
+    assert_trees_rel_close(grad(params, "bptt"), grad(params, "autodiff"), 1e-10)
