@@ -5,6 +5,7 @@ The public API::
     model = jaxrnn.RNN(cell="elman", input_size=D, hidden_size=H, output_size=O)
     params = model.init(jax.random.key(0))
     ys, state = model.apply(params, xs)                       # xs (T, B, D) -> ys (T, B, O)
+    # time-major as PyTorch; RNN(..., batch_first=True): (B, T, D); output_size=None: no head
     loss, grads = model.loss_and_grad(params, xs, targets, method="bptt")
 
 Everything here is re-exported from the private modules under ``jaxrnn._src``;
