@@ -8,7 +8,7 @@ learning, forward in time; single-layer one-direction Elman models only). With
 reverse scan (``jaxrnn._src.diagnostics``) and logs their summary. Clipping,
 schedules and the like belong in the optax chain (``make_optimizer``), never
 inside the gradient. The loop that runs a step (hooks, NaN guard, progress bar)
-is ``jaxrnn._src.loop.train_loop``; ``fit`` lives there too.
+is ``jaxrnn._src.loop.train_loop``.
 """
 
 from __future__ import annotations
