@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-import jaxrnn._frameworks as fw
+from jaxrnn._src import frameworks as fw
 from jaxrnn import RNN as Stack
 from jaxrnn import Cell, CellName, ScanMethod
 

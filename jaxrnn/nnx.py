@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import jaxrnn._frameworks as fw
+from jaxrnn._src import frameworks as fw
 from jaxrnn import Cell, CellName, ScanMethod
 
 
