@@ -32,12 +32,15 @@ carry's cotangent through unchanged and contributes nothing to any gradient.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from functools import partial
 from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 
+from jaxrnn._src import hiscan
 from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
 from jaxrnn._src.formulation import Formulation, formulation
 from jaxrnn._src.names import ScanMethod
@@ -883,6 +886,67 @@ def _lean_bwd(cell, segment, saved, cotangents):
 lean_bptt_layer.defvjp(_lean_fwd, _lean_bwd)
 
 
+# --- the same rules as a hijax primitive: forward mode too (JAXRNN_BPTT_RULE=hijax) -----
+
+BPTT_RULES = ("custom_vjp", "hijax")
+_warned_fallback = []
+
+
+def bptt_rule() -> str:
+    """How ``method="bptt"`` is wired into JAX, from ``JAXRNN_BPTT_RULE`` (read at trace time).
+
+    ``"custom_vjp"`` (the default): ``bptt_layer`` / ``lean_bptt_layer``, reverse
+    mode only. ``"hijax"``: ``hiscan.HiLayer``, the same reverse-mode rules plus
+    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``); on a jax without
+    the experimental API (``hiscan.SUPPORTED``) it falls back to ``"custom_vjp"``
+    with a warning.
+
+    Raises:
+        ValueError: ``JAXRNN_BPTT_RULE`` is not one of ``BPTT_RULES``.
+    """
+    rule = os.environ.get("JAXRNN_BPTT_RULE", "custom_vjp")
+    if rule not in BPTT_RULES:
+        raise ValueError(f"JAXRNN_BPTT_RULE must be one of {BPTT_RULES}, got {rule!r}")
+    if rule == "hijax" and not hiscan.AVAILABLE:
+        if not _warned_fallback:
+            _warned_fallback.append(True)
+            warnings.warn("JAXRNN_BPTT_RULE=hijax needs jax.experimental.hijax "
+                          f"({hiscan.REASON}); using custom_vjp: forward mode (jax.jvp, "
+                          "jax.jacfwd, jax.linearize) through method='bptt' will raise",
+                          stacklevel=3)
+        return "custom_vjp"
+    return rule
+
+
+def _bptt_primal(static, params, xs, carry0, mask):
+    (cell,) = static
+    return autodiff_layer(cell, params, xs, carry0, mask)
+
+
+def _bptt_fwd_rule(static, params, xs, carry0, mask):
+    return _bptt_layer_fwd(static[0], params, xs, carry0, mask)
+
+
+def _bptt_bwd_rule(static, saved, cotangents):
+    return _bptt_layer_bwd(static[0], saved, cotangents)
+
+
+def _lean_primal(static, params, xs, carry0, mask):
+    cell, segment = static
+    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment)
+    return hs, carry_T
+
+
+def _lean_fwd_rule(static, params, xs, carry0, mask):
+    cell, segment = static
+    return _lean_fwd(cell, params, xs, carry0, mask, segment)
+
+
+def _lean_bwd_rule(static, saved, cotangents):
+    cell, segment = static
+    return _lean_bwd(cell, segment, saved, cotangents)
+
+
 def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                    mask: jax.Array | None) -> tuple[jax.Array, Carry]:
     """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
@@ -918,8 +982,14 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     if segment is not None:
         if method != "bptt":
             raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")
+        if bptt_rule() == "hijax":
+            return hiscan.hi_layer(_lean_primal, _lean_fwd_rule, _lean_bwd_rule, (cell, segment),
+                                   params, xs, carry0, mask)
         return lean_bptt_layer(cell, params, xs, carry0, mask, segment)
     if method == "bptt":
+        if bptt_rule() == "hijax":
+            return hiscan.hi_layer(_bptt_primal, _bptt_fwd_rule, _bptt_bwd_rule, (cell,),
+                                   params, xs, carry0, mask)
         return bptt_layer(cell, params, xs, carry0, mask)
     if method == "autodiff":
         return autodiff_layer(cell, params, xs, carry0, mask)

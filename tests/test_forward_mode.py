@@ -1,0 +1,120 @@
+"""Forward mode through ``method="bptt"`` (``JAXRNN_BPTT_RULE=hijax``): jvp, linearize,
+jacfwd and both second orders equal ``method="autodiff"``; reverse mode still runs the
+handwritten reverse scan, its gradients bit for bit those of the ``custom_vjp`` path."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import assert_trees_rel_close
+from jaxrnn import RNN
+from jaxrnn._src import hiscan, scan
+from jaxrnn.extend import CELLS
+
+pytestmark = pytest.mark.skipif(not hiscan.AVAILABLE, reason=f"no hijax: {hiscan.REASON}")
+
+T, B, D, H, O = 5, 3, 2, 3, 2
+TOL = 1e-10
+OPTIONS = {"plain": {}, "lengths": {"lengths": True},
+           "segment": {"segment": 2, "lengths": True}}
+# pairwise: every cell, every option, each cell with one option (all 18 pairs passed
+# once, in 118 s on two cores; too slow for the suite)
+CASES = [(cell, list(OPTIONS)[i % len(OPTIONS)]) for i, cell in enumerate(CELLS)]
+
+
+def setup(cell, opt, method):
+    o = OPTIONS[opt]
+    model = RNN(cell=cell, input_size=D, hidden_size=H, output_size=O,
+                bptt_segment=o.get("segment") if method == "bptt" else None)
+    k = jax.random.split(jax.random.key(len(cell) + len(opt)), 4)
+    params = model.init(k[0], jnp.float64)
+    xs = jax.random.normal(k[1], (T, B, D), jnp.float64)
+    targets = jax.random.normal(k[2], (T, B, O), jnp.float64)
+    lengths = jnp.array([T, 1, 3]) if o.get("lengths") else None
+    tangent = jax.tree.map(lambda a: jax.random.normal(k[3], a.shape, a.dtype), params)
+
+    def loss(p, x):
+        return model.loss(p, x, targets, method=method, lengths=lengths)
+    return model, params, xs, tangent, loss, lengths
+
+
+def all_derivatives(cell, opt, method, second_order):
+    model, params, xs, tangent, loss, lengths = setup(cell, opt, method)
+
+    @jax.jit
+    def run(p, x, tp):
+        lossp = lambda p: loss(p, x)  # noqa: E731
+        jvp = jax.jvp(lossp, (p,), (tp,))
+        lin = jax.linearize(lossp, p)[1](tp)
+        jacfwd_x = jax.jacfwd(loss, argnums=1)(p, x)
+        ys_vmap = jax.vmap(lambda xb: model.apply(p, xb[:, None], method=method)[0])(
+            x.transpose(1, 0, 2))
+        out = dict(jvp=jvp, lin=lin, jacfwd_x=jacfwd_x, ys_vmap=ys_vmap)
+        if second_order:
+            out["fwd_over_rev"] = jax.jvp(jax.grad(lossp), (p,), (tp,))[1]
+            out["rev_over_fwd"] = jax.grad(lambda p: jax.jvp(lossp, (p,), (tp,))[1])(p)
+        return out
+
+    return run(params, xs, tangent)
+
+
+# both second orders (jvp of grad, grad of jvp) on two cases, to keep the suite short
+SECOND_ORDER = {("lstm", "lengths"), ("gru", "segment")}
+
+
+@pytest.mark.parametrize("cell, opt", CASES)
+def test_forward_mode_through_bptt_equals_autodiff(cell, opt, monkeypatch):
+    monkeypatch.setenv("JAXRNN_BPTT_RULE", "hijax")
+    second = (cell, opt) in SECOND_ORDER
+    got = all_derivatives(cell, opt, "bptt", second)
+    want = all_derivatives(cell, opt, "autodiff", second)
+    assert_trees_rel_close(got, want, TOL)
+
+
+def reverse_scans_carrying_weights(closed_jaxpr) -> list:
+    """Reverse scans whose carry holds an array without the batch axis B (as in
+    tests/test_frameworks.py): autodiff accumulates the weight gradients there, the
+    handwritten reverse scan carries only per-example arrays."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan" and eqn.params["reverse"]:
+                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
+                found.extend(v.aval.shape for v in eqn.invars[k:k + n]
+                             if B not in v.aval.shape)
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reverse_mode_is_the_handwritten_scan_bit_for_bit(cell, monkeypatch):
+    _, params, xs, _, loss, _ = setup(cell, "lengths", "bptt")
+    grad = jax.grad(loss, argnums=(0, 1))
+    monkeypatch.setenv("JAXRNN_BPTT_RULE", "custom_vjp")
+    g_vjp = jax.jit(grad)(params, xs)
+    monkeypatch.setenv("JAXRNN_BPTT_RULE", "hijax")
+    g_hi = jax.jit(lambda p, x: grad(p, x))(params, xs)
+    jax.tree.map(lambda a, b: None if bool(jnp.all(a == b)) else pytest.fail("not bit-identical"),
+                 g_hi, g_vjp)
+    jaxpr = jax.make_jaxpr(jax.jit(lambda p, x: grad(p, x)))(params, xs)
+    assert reverse_scans_carrying_weights(jaxpr) == []
+    _, _, _, _, loss_ad, _ = setup(cell, "lengths", "autodiff")
+    assert reverse_scans_carrying_weights(jax.make_jaxpr(jax.grad(loss_ad))(params, xs)) != []
+
+
+def test_custom_vjp_path_still_refuses_forward_mode(monkeypatch):
+    monkeypatch.delenv("JAXRNN_BPTT_RULE", raising=False)
+    assert scan.bptt_rule() == "custom_vjp"  # the default
+    _, params, xs, tangent, loss, _ = setup("elman", "plain", "bptt")
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda p: loss(p, xs), (params,), (tangent,))
+    monkeypatch.setenv("JAXRNN_BPTT_RULE", "bogus")
+    with pytest.raises(ValueError, match="JAXRNN_BPTT_RULE"):
+        scan.bptt_rule()
