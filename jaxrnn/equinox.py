@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn._src import frameworks as fw
+from jaxrnn._src import validation
 from jaxrnn import RNN as Stack
 from jaxrnn import Cell, CellName, ScanMethod
 
@@ -54,7 +55,7 @@ class RNN(eqx.Module):
         layers: ``[layer][direction]`` the cell's parameters (``jaxrnn.CellParams``:
             ``w_ih (G*H, D_l)``, ``w_hh (G*H, H)``, ``b_ih``, ``b_hh (G*H,)``;
             ``LSTMPParams`` adds ``w_hr (P, H)``), as ``jaxrnn.RNNParams.layers``.
-        stack: the static ``jaxrnn.RNN`` configuration (its readout is unused).
+        stack: the static ``jaxrnn.RNN`` configuration (``output_size=None``: no readout).
         method: static.
     """
 
@@ -120,14 +121,16 @@ class RNN(eqx.Module):
         dtype = jax.tree.leaves(self.layers)[0].dtype
         shape = (f"(T, input_size={m.input_size}), one sequence (jax.vmap or "
                  f"eqx.filter_vmap for a batch)")
-        x = fw.check_inputs("x", x, shape, 2, m.input_size, dtype)
+        x = validation.check_xs(x, m.input_size, None, name="x", expected=shape,
+                                per_example=True).astype(dtype)
         lengths = None
         if length is not None:
-            lengths = fw.check_lengths("length", length, ())[None]
+            lengths = validation.check_lengths(length, x.shape[0], None, None,
+                                               name="length")[None]
         if state is not None:
-            n = m.num_layers * m.num_directions
-            shapes = [(n, w) for w in m.cell_fn.state_sizes(m.hidden_size)]
-            state = jax.tree.map(lambda s: s[:, None], fw.check_state("state", state, shapes,
-                                                                      dtype))
+            state = validation.check_state(state, fw.state_shapes(m, None), None,
+                                           cell_name=m.cell_name, hidden_size=m.hidden_size,
+                                           proj_size=m.proj_size, name="state")
+            state = jax.tree.map(lambda s: s.astype(dtype)[:, None], state)
         hs, final = fw.features(m, self.layers, x[:, None], state, lengths, self.method)
         return hs[:, 0], jax.tree.map(lambda s: s[:, 0], final)

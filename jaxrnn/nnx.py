@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrnn._src import frameworks as fw
+from jaxrnn._src import validation
 from jaxrnn import Cell, CellName, ScanMethod
 
 
@@ -84,7 +85,8 @@ class RNN(nnx.Module):
         self.model = fw.stack(cell, in_features, hidden_features, num_layers=num_layers,
                               bidirectional=bidirectional, bias=bias, nonlinearity=nonlinearity,
                               proj_size=proj_size, forget_bias=forget_bias, dropout=dropout,
-                              bptt_segment=bptt_segment, method=method)
+                              bptt_segment=bptt_segment, method=method,
+                              batch_first=not time_major)
         self.method = method
         self.time_major = time_major
         self.deterministic = deterministic
@@ -165,17 +167,17 @@ class RNN(nnx.Module):
         m = self.model
         shape = (f"({'T, B' if self.time_major else 'B, T'}, in_features={m.input_size})"
                  + ("" if self.time_major else " (batch-first; time_major=False)"))
-        x = fw.check_inputs("inputs", inputs, shape, 3, m.input_size, self.param_dtype)
-        xs = x if self.time_major else jnp.swapaxes(x, 0, 1)
-        T, B, _ = xs.shape
+        x = validation.check_xs(inputs, m.input_size, None, m.batch_first, name="inputs",
+                                expected=shape).astype(self.param_dtype)
+        B, T = x.shape[:2] if m.batch_first else x.shape[1::-1]
         if seq_lengths is not None:
-            seq_lengths = fw.check_lengths("seq_lengths", seq_lengths, (B,))
+            seq_lengths = validation.check_lengths(seq_lengths, T, B, None, name="seq_lengths")
         if initial_carry is not None:
-            n = m.num_layers * m.num_directions
-            shapes = [(n, B, w) for w in m.cell_fn.state_sizes(m.hidden_size)]
-            initial_carry = fw.check_state("initial_carry", initial_carry, shapes,
-                                           self.param_dtype)
-        hs, carry = fw.features(m, self.layers(), xs, initial_carry, seq_lengths,
-                                self.method, self._dropout_key(deterministic, rngs))
-        outputs = hs if self.time_major else jnp.swapaxes(hs, 0, 1)
+            initial_carry = jax.tree.map(
+                lambda s: s.astype(self.param_dtype),
+                validation.check_state(initial_carry, fw.state_shapes(m, B), None,
+                                       cell_name=m.cell_name, hidden_size=m.hidden_size,
+                                       proj_size=m.proj_size, name="initial_carry"))
+        outputs, carry = fw.features(m, self.layers(), x, initial_carry, seq_lengths,
+                                     self.method, self._dropout_key(deterministic, rngs))
         return (carry, outputs) if return_carry else outputs

@@ -255,7 +255,8 @@ def test_outputs_equal_rnn_features(framework, cell):
     if framework == "nnx":
         rnn = jaxrnn.nnx.RNN(options.pop("cell"), D, H, param_dtype=F64, rngs=nnx.Rngs(0),
                              **options)
-        model = rnn.model
+        assert rnn.model.batch_first and rnn.model.output_size is None
+        model = rnn.model.time_major()  # the reference reads time-major xs
         named = {k: v[...] for k, v in nnx.state(rnn, nnx.Param).items()}
         state = jax.tree.map(lambda s: s + 0.1, model.zero_state(B, F64))
         carry, ys = nnx.jit(lambda m, x, s, n: m(x, initial_carry=s, seq_lengths=n,
@@ -265,6 +266,7 @@ def test_outputs_equal_rnn_features(framework, cell):
     else:
         rnn = jaxrnn.equinox.RNN(options.pop("cell"), D, H, key=jax.random.key(0), **options)
         model = rnn.stack
+        assert model.output_size is None
         named = dict(zip(rnn.torch_names(), jax.tree.leaves(rnn.layers)))
         state = jax.tree.map(lambda s: s + 0.1, model.zero_state(B, F64))
         ys, carry = jax.jit(jax.vmap(lambda x, s, n: rnn(x, state=s, length=n),
@@ -409,10 +411,18 @@ def test_errors_name_the_argument():
         rnn(jnp.ones((5, 3)))
     with pytest.raises(ValueError, match=r"inputs must have shape .*got shape \(2, 5, 4\)"):
         rnn(jnp.ones((2, 5, 4)))
-    with pytest.raises(ValueError, match=r"seq_lengths must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"seq_lengths must have shape \(B,\) = \(2,\), "
+                                         r"got shape \(3,\)$"):
         rnn(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([5, 5, 5]))
-    with pytest.raises(ValueError, match=r"initial_carry must be a tuple of 2 arrays"):
+    with pytest.raises(ValueError, match=r"seq_lengths must lie in \[1, T=5\], got values in "
+                                         r"\[0, 5\]"):
+        rnn(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([5, 0]))
+    with pytest.raises(ValueError, match=r"initial_carry of an LSTM must be a pair \(h0, c0\)"):
         rnn(jnp.ones((2, 5, 3)), initial_carry=jnp.zeros((1, 2, H)))
+    with pytest.raises(ValueError, match=r"initial_carry\[1\] must have shape "
+                                         r"\(num_layers\*num_directions, B, hidden_size\) = "
+                                         r"\(1, 2, 4\), got shape \(1, 5, 4\)$"):
+        rnn(jnp.ones((2, 5, 3)), initial_carry=(jnp.zeros((1, 2, H)), jnp.zeros((1, 5, H))))
     with pytest.raises(NotImplementedError, match=r"dtype=bfloat16"):
         jaxrnn.nnx.RNN("lstm", D, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"method must be one of"):
@@ -423,9 +433,15 @@ def test_errors_name_the_argument():
         eq(jnp.ones((2, 5, 3)))
     with pytest.raises(ValueError, match=r"x must have shape .*got shape \(5, 2\)"):
         eq(jnp.ones((5, 2)))
-    with pytest.raises(ValueError, match=r"state must have shape \(1, 4\), got shape \(1, 1, 4\)"):
+    with pytest.raises(ValueError, match=r"state must have shape \(num_layers\*num_directions, "
+                                         r"hidden_size\) = \(1, 4\), got shape \(1, 1, 4\)"):
         eq(jnp.ones((5, 3)), state=jnp.zeros((1, 1, H)))
     with pytest.raises(TypeError, match=r"length must be an integer array"):
         eq(jnp.ones((5, 3)), length=2.0)
+    with pytest.raises(ValueError, match=r"length must be a scalar \(one sequence's length\), "
+                                         r"got shape \(1,\)"):
+        eq(jnp.ones((5, 3)), length=jnp.array([2]))
+    with pytest.raises(ValueError, match=r"length must lie in \[1, T=5\], got values in \[6, 6\]"):
+        eq(jnp.ones((5, 3)), length=6)
     with pytest.raises(ValueError, match=r"proj_size"):
         jaxrnn.equinox.RNN("gru", D, H, proj_size=2, key=jax.random.key(0))

@@ -111,39 +111,50 @@ def check_type(name: str, value, expected: type, hint: str = "") -> None:
         raise TypeError(f"{name} must be {expected.__name__}{hint}, got {type(value).__name__}")
 
 
-def check_xs(xs, input_size: int, dtype, batch_first: bool = False) -> jax.Array:
+def check_xs(xs, input_size: int, dtype, batch_first: bool = False, *, name: str = "xs",
+             expected: str | None = None, per_example: bool = False) -> jax.Array:
     """``xs`` as an array: (T, B, input_size), T and B at least 1, of ``dtype``.
 
     Args:
         xs: inputs, (T, B, input_size), time-major (anything ``jnp.asarray`` takes);
-            (B, T, input_size) with ``batch_first``.
+            (B, T, input_size) with ``batch_first``; (T, input_size) with ``per_example``.
         input_size: D, the model's features per step.
-        dtype: the parameters' floating dtype.
+        dtype: the parameters' floating dtype; None: any floating dtype (the caller casts).
         batch_first: the model's layout.
+        name: the argument's name, first in every message.
+        expected: the expected shape in words, naming the caller's options; default
+            ``(T, B, input_size=D)`` and the layout.
+        per_example: ``xs`` is one sequence, without a batch axis (a module that runs
+            one example per call).
 
     Returns:
         ``xs`` as an array, in the layout it was given.
 
     Raises:
-        ValueError: a rank other than 3, T=0, B=0, or a last axis other than D.
+        ValueError: a rank other than 3 (2 with ``per_example``), T=0, B=0, or a last
+            axis other than D.
         TypeError: a non-floating dtype, or a dtype other than ``dtype``.
     """
     xs = jnp.asarray(xs)
-    expected = f"({sequence_axes(batch_first)}, input_size={input_size})"
-    layout = "batch-first, batch_first=True" if batch_first else "time-major"
-    if xs.ndim != 3:
-        raise ValueError(f"xs must have shape {expected} ({layout}), got shape {xs.shape}")
-    T, B, D = (xs.shape[1], xs.shape[0], xs.shape[2]) if batch_first else xs.shape
+    axes = "T" if per_example else sequence_axes(batch_first)
+    words = f"({axes}, input_size={input_size})"
+    layout = ("one sequence" if per_example else
+              "batch-first, batch_first=True" if batch_first else "time-major")
+    if xs.ndim != len(axes.split(", ")) + 1:
+        raise ValueError(f"{name} must have shape {expected or f'{words} ({layout})'}, "
+                         f"got shape {xs.shape}")
+    T = xs.shape[1 if batch_first and not per_example else 0]
+    B = 1 if per_example else xs.shape[0 if batch_first else 1]
     if T == 0:
-        raise ValueError(f"xs is an empty sequence: shape {xs.shape} has T=0 steps")
+        raise ValueError(f"{name} is an empty sequence: shape {xs.shape} has T=0 steps")
     if B == 0:
-        raise ValueError(f"xs is an empty batch: shape {xs.shape} has B=0")
-    if D != input_size:
-        raise ValueError(f"xs must have shape {expected}, got shape {xs.shape}")
+        raise ValueError(f"{name} is an empty batch: shape {xs.shape} has B=0")
+    if xs.shape[-1] != input_size:
+        raise ValueError(f"{name} must have shape {expected or words}, got shape {xs.shape}")
     if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(f"xs must be a floating array, got dtype {xs.dtype}")
-    if xs.dtype != dtype:
-        raise TypeError(f"xs has dtype {xs.dtype} but the parameters have dtype {dtype}; "
+        raise TypeError(f"{name} must be a floating array, got dtype {xs.dtype}")
+    if dtype is not None and xs.dtype != dtype:
+        raise TypeError(f"{name} has dtype {xs.dtype} but the parameters have dtype {dtype}; "
                         f"cast one to the other")
     return xs
 
@@ -171,51 +182,60 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_lengths(lengths, num_steps: int, batch: int, batch_first: bool = False) -> jax.Array:
+def check_lengths(lengths, num_steps: int, batch: int | None, batch_first: bool | None = False,
+                  *, name: str = "lengths") -> jax.Array:
     """``lengths`` as an integer (B,) array; its values, when known at trace time, in [1, T].
 
     Args:
         lengths: per-sequence lengths (anything ``jnp.asarray`` takes).
         num_steps: T.
-        batch: B.
+        batch: B; None for one sequence's length, a scalar (shape ``()``).
         batch_first: the model's layout, for the message when ``lengths`` has T
-            entries (xs laid out the other way).
+            entries (xs laid out the other way); None: a caller without that option
+            (no such hint).
+        name: the argument's name, first in every message.
 
     Raises:
-        ValueError: a shape other than (B,), or (concrete values) outside [1, T].
+        ValueError: a shape other than (B,) (``()`` for one sequence), or (concrete
+            values) outside [1, T].
         TypeError: a non-integer dtype.
     """
     lengths = jnp.asarray(lengths)
-    if lengths.shape != (batch,):
+    if batch is None and lengths.shape != ():
+        raise ValueError(f"{name} must be a scalar (one sequence's length), got shape "
+                         f"{lengths.shape}")
+    if batch is not None and lengths.shape != (batch,):
         hint = ""
-        if lengths.shape == (num_steps,) and num_steps != batch:
+        if batch_first is not None and lengths.shape == (num_steps,) and num_steps != batch:
             hint = (f"; it has one entry per step of xs (T={num_steps}), so xs may be laid "
                     f"out the other way: {_other_layout(batch_first)}")
-        raise ValueError(f"lengths must have shape (B,) = ({batch},), got shape "
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got shape "
                          f"{lengths.shape}{hint}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be an integer array, got dtype {lengths.dtype}")
+        raise TypeError(f"{name} must be an integer array, got dtype {lengths.dtype}")
     if _is_concrete(lengths):
         lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
         if lo < 1 or hi > num_steps:
-            raise ValueError(f"lengths must lie in [1, T={num_steps}], got values in [{lo}, {hi}]")
+            raise ValueError(f"{name} must lie in [1, T={num_steps}], got values in [{lo}, {hi}]")
     return lengths
 
 
-def check_state(state, shapes: list[tuple[int, int, int]], dtype, *, cell_name: str,
+def check_state(state, shapes: list[tuple[int, ...]], dtype, *, cell_name: str,
                 hidden_size: int, proj_size: int = 0, num_steps: int | None = None,
-                batch_first: bool = False):
+                batch_first: bool = False, name: str = "state"):
     """An initial state in PyTorch's shape: one array, or a tuple of ``len(shapes)``.
 
     Args:
         state: an array (L*dirs, B, H), or for a cell with k > 1 carries (the LSTM's
             pair ``(h0, c0)``) a tuple or list of k arrays.
-        shapes: the k expected shapes ``(L*dirs, B, width)``.
-        dtype: the parameters' dtype.
+        shapes: the k expected shapes ``(L*dirs, B, width)``, or ``(L*dirs, width)``
+            for one example's state (a module that runs one example per call).
+        dtype: the parameters' dtype; None: any dtype (the caller casts).
         cell_name: the cell's name, for the message.
         hidden_size, proj_size: the model's, to name a width in the message.
         num_steps, batch_first: xs's T and the model's layout, for the message when
             the state's batch axis has T entries (xs laid out the other way).
+        name: the argument's name, first in every message.
 
     Returns:
         The state as an array, or a tuple of k arrays.
@@ -228,27 +248,28 @@ def check_state(state, shapes: list[tuple[int, int, int]], dtype, *, cell_name: 
         if not (isinstance(state, (tuple, list)) and len(state) == len(shapes)):
             if len(shapes) == 2:
                 what = "an LSTM" if "lstm" in cell_name else f"cell {cell_name!r}"
-                raise ValueError(f"state of {what} must be a pair (h0, c0), of shapes "
+                raise ValueError(f"{name} of {what} must be a pair (h0, c0), of shapes "
                                  f"{shapes[0]} and {shapes[1]}")
-            raise ValueError(f"state of cell {cell_name!r} must be a tuple of "
+            raise ValueError(f"{name} of cell {cell_name!r} must be a tuple of "
                              f"{len(shapes)} arrays, of shapes {', '.join(map(str, shapes))}")
         parts = tuple(jnp.asarray(s) for s in state)
     else:
         parts = (jnp.asarray(state),)
     for k, (s, shape) in enumerate(zip(parts, shapes)):
         if s.shape != shape:
-            what = "state" if len(shapes) == 1 else f"state[{k}]"
-            width = ("hidden_size" if shape[2] == hidden_size else
-                     "proj_size" if proj_size and shape[2] == proj_size else "size")
+            what = name if len(shapes) == 1 else f"{name}[{k}]"
+            width = ("hidden_size" if shape[-1] == hidden_size else
+                     "proj_size" if proj_size and shape[-1] == proj_size else "size")
+            axes = "num_layers*num_directions, " + ("B, " if len(shape) == 3 else "")
             hint = ""
             if (num_steps is not None and num_steps != shape[1] and s.ndim == 3
                     and s.shape[1] == num_steps and (s.shape[0], s.shape[2]) == (shape[0], shape[2])):
                 hint = (f"; its batch axis has xs's T={num_steps} entries, so xs may be laid "
                         f"out the other way: {_other_layout(batch_first)}")
-            raise ValueError(f"{what} must have shape (num_layers*num_directions, B, "
-                             f"{width}) = {shape}, got shape {s.shape}{hint}")
-        if s.dtype != dtype:
-            raise TypeError(f"state must have dtype {dtype}, got dtype {s.dtype}")
+            raise ValueError(f"{what} must have shape ({axes}{width}) = {shape}, "
+                             f"got shape {s.shape}{hint}")
+        if dtype is not None and s.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got dtype {s.dtype}")
     return parts if len(shapes) > 1 else parts[0]
 
 
