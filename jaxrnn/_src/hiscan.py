@@ -31,7 +31,7 @@ SUPPORTED = ((0, 10), (0, 11))  # [lowest, first unsupported) jax (major, minor)
 try:
     if not SUPPORTED[0] <= tuple(jax.__version_info__[:2]) < SUPPORTED[1]:
         raise ImportError(f"jax {jax.__version__} is outside {SUPPORTED}")
-    from jax.experimental.hijax import VJPHiPrimitive, Zero
+    from jax.experimental.hijax import VJPHiPrimitive, Zero, instantiate_zeros
     AVAILABLE, REASON = True, ""
 except (ImportError, AttributeError) as e:  # pragma: no cover - depends on the jax installed
     VJPHiPrimitive, Zero = object, None
@@ -44,7 +44,7 @@ def _is_zero(t) -> bool:
 
 def _instantiate(tree):
     """Symbolic zero tangents as arrays of zeros of their type."""
-    return jax.tree.map(lambda t: jax.numpy.zeros(t.aval.shape, t.aval.dtype) if _is_zero(t) else t,
+    return jax.tree.map(lambda t: instantiate_zeros(t) if _is_zero(t) else t,  # keeps the vma
                         tree, is_leaf=_is_zero)
 
 
