@@ -895,22 +895,22 @@ _warned_fallback = []
 def bptt_rule() -> str:
     """How ``method="bptt"`` is wired into JAX, from ``JAXRNN_BPTT_RULE`` (read at trace time).
 
-    ``"custom_vjp"`` (the default): ``bptt_layer`` / ``lean_bptt_layer``, reverse
-    mode only. ``"hijax"``: ``hiscan.HiLayer``, the same reverse-mode rules plus
-    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``); on a jax without
-    the experimental API (``hiscan.SUPPORTED``) it falls back to ``"custom_vjp"``
-    with a warning.
+    ``"hijax"`` (the default): ``hiscan.HiLayer``, the handwritten reverse-mode
+    rules plus forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``); on a
+    jax without the experimental API (``hiscan.SUPPORTED``) it falls back to
+    ``"custom_vjp"`` with a warning. ``"custom_vjp"``: ``bptt_layer`` /
+    ``lean_bptt_layer``, reverse mode only, the same gradients bit for bit.
 
     Raises:
         ValueError: ``JAXRNN_BPTT_RULE`` is not one of ``BPTT_RULES``.
     """
-    rule = os.environ.get("JAXRNN_BPTT_RULE", "custom_vjp")
+    rule = os.environ.get("JAXRNN_BPTT_RULE", "hijax")
     if rule not in BPTT_RULES:
         raise ValueError(f"JAXRNN_BPTT_RULE must be one of {BPTT_RULES}, got {rule!r}")
     if rule == "hijax" and not hiscan.AVAILABLE:
         if not _warned_fallback:
             _warned_fallback.append(True)
-            warnings.warn("JAXRNN_BPTT_RULE=hijax needs jax.experimental.hijax "
+            warnings.warn("JAXRNN_BPTT_RULE=hijax (the default) needs jax.experimental.hijax "
                           f"({hiscan.REASON}); using custom_vjp: forward mode (jax.jvp, "
                           "jax.jacfwd, jax.linearize) through method='bptt' will raise",
                           stacklevel=3)
