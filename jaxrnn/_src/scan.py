@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 
-from jaxrnn._src import hiscan
+from jaxrnn._src import hiscan, validation
 from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
 from jaxrnn._src.formulation import Formulation, formulation
 from jaxrnn._src.names import ScanMethod
@@ -292,15 +292,38 @@ def _initial_carry(carry0: Carry, params, xs: jax.Array, mask) -> Carry:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class _PrimalAxes:
-    """A static residual: the mesh axes each leaf of each primal argument varies over."""
+    """A static residual: where each leaf of each primal argument varies, and its dtype."""
 
     axes: tuple  # per primal argument, a tuple of frozensets, one per array leaf
+    dtypes: tuple  # per primal argument, a tuple of dtypes, one per array leaf
 
 
 def _primal_axes(*primals) -> _PrimalAxes:
-    """Records, at forward time, where every leaf of ``primals`` varies (``_varying``)."""
+    """Records, at forward time, where every leaf of ``primals`` varies (``_varying``)
+    and its dtype."""
     return _PrimalAxes(tuple(tuple(_varying(leaf) for leaf in jax.tree.leaves(p))
+                             for p in primals),
+                       tuple(tuple(jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(p))
                              for p in primals))
+
+
+def _cast_to_primals(cotangents: tuple, recorded: _PrimalAxes) -> tuple:
+    """Each cotangent in its primal's dtype, as ``jax.grad`` returns it.
+
+    The backward pass computes in the dtype the forward pass computed in, the
+    parameters': a narrower input's gradient (bfloat16 ``xs``, float32 parameters)
+    comes out of ``dgi @ W_ih`` in float32 and is rounded to the input's dtype, as
+    JAX's transpose of the promotion does. A cotangent already in its primal's dtype
+    is returned as it is.
+    """
+    def cast(ct, dtype):
+        return ct if ct.dtype == dtype else ct.astype(dtype)
+
+    out = []
+    for ct, dtypes in zip(cotangents, recorded.dtypes):
+        leaves, treedef = jax.tree.flatten(ct)
+        out.append(jax.tree.unflatten(treedef, [cast(c, d) for c, d in zip(leaves, dtypes)]))
+    return tuple(out)
 
 
 def _sum_over_replicas(cotangents: tuple, recorded: _PrimalAxes) -> tuple:
@@ -777,7 +800,8 @@ def _bptt_layer_bwd(cell, saved, cotangents):
     dhs, dcarry_T = cotangents
     grads = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
     # under shard_map: summed over the shards where the primal is replicated
-    dparams, dxs, dcarry0 = _sum_over_replicas(grads, axes)
+    grads = _sum_over_replicas(grads, axes)
+    dparams, dxs, dcarry0 = _cast_to_primals(grads, axes)  # each in its primal's dtype
     dmask = None  # the mask is boolean: no cotangent
     return dparams, dxs, dcarry0, dmask
 
@@ -879,7 +903,8 @@ def _lean_bwd(cell, segment, saved, cotangents):
         body, (zeros, tuple(dcarry_T)), (xs_s, mask_s, starts, dhs_s), reverse=True)
     dxs = dxs.reshape((-1,) + dxs.shape[2:])[:T]
     # under shard_map: summed over the shards where the primal is replicated
-    dparams, dxs, dcarry0 = _sum_over_replicas((dparams, dxs, dcarry0), axes)
+    grads = _sum_over_replicas((dparams, dxs, dcarry0), axes)
+    dparams, dxs, dcarry0 = _cast_to_primals(grads, axes)  # each in its primal's dtype
     return dparams, dxs, dcarry0, None
 
 
@@ -976,9 +1001,18 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     every method returns gradients of the types and values ``jax.grad`` gives:
     a replicated parameter's gradient summed over the shards.
 
+    Dtypes: the layer computes in the parameters' dtype; ``xs`` may be narrower
+    (bfloat16 or float16 inputs with float32 parameters: promoted by the input
+    projection), and every method returns each gradient in its primal's dtype.
+
     Returns:
         ``(hs (T, B, H), carry_T)``.
+
+    Raises:
+        TypeError: ``xs`` wider than the parameters, or ``carry0`` of a dtype other
+            than the parameters' (``validation.check_layer_dtypes``).
     """
+    validation.check_layer_dtypes(params, xs, carry0)
     if segment is not None:
         if method != "bptt":
             raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")

@@ -159,6 +159,51 @@ def check_xs(xs, input_size: int, dtype, batch_first: bool = False, *, name: str
     return xs
 
 
+def check_layer_dtypes(params, xs, carry0, *, xs_name: str = "xs",
+                       carry_name: str = "carry0"):
+    """The dtypes one recurrent layer runs in: ``params``' dtype, ``xs`` no wider.
+
+    The layer computes in the parameters' dtype: narrower inputs (bfloat16 or float16
+    inputs, float32 parameters) are promoted to it by the input projection, and their
+    gradient comes back in their own dtype. The scan's carry keeps that dtype from
+    step to step, so the initial carry must have it.
+
+    Args:
+        params: the cell's parameters; their floating leaves' common dtype is the
+            compute dtype.
+        xs: inputs, (T, B, D).
+        carry0: the initial carry, a tuple of (B, H) arrays.
+        xs_name, carry_name: the arguments' names, first in the messages.
+
+    Returns:
+        The compute dtype: the parameters' dtype.
+
+    Raises:
+        TypeError: no floating parameter, non-floating ``xs``, ``xs`` wider than the
+            parameters (it would promote them), or a floating carry of a dtype other
+            than the compute dtype; each message names the argument and both dtypes.
+    """
+    floating = [p.dtype for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)]
+    if not floating:
+        raise TypeError("params must hold floating arrays, got none")
+    dtype = jnp.dtype(jnp.result_type(*floating))
+    x_dtype = jnp.dtype(xs.dtype)
+    if not jnp.issubdtype(x_dtype, jnp.floating):
+        raise TypeError(f"{xs_name} must be a floating array, got dtype {x_dtype.name}")
+    if jnp.promote_types(x_dtype, dtype) != dtype:
+        raise TypeError(f"{xs_name} has dtype {x_dtype.name} but the parameters have dtype "
+                        f"{dtype.name}, and {xs_name} must not be wider (the layer computes "
+                        f"in the parameters' dtype); cast one to the other")
+    leaves = jax.tree.leaves(carry0)
+    for k, c in enumerate(leaves):
+        if jnp.issubdtype(c.dtype, jnp.floating) and jnp.dtype(c.dtype) != dtype:
+            what = carry_name if len(leaves) == 1 else f"{carry_name}[{k}]"
+            raise TypeError(f"{what} has dtype {jnp.dtype(c.dtype).name} but the layer "
+                            f"computes in the parameters' dtype {dtype.name}; cast {what} "
+                            f"to {dtype.name}")
+    return dtype
+
+
 def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
     """One step's inputs as an array: (B, input_size), B at least 1, of ``dtype``.
 
