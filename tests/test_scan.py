@@ -214,14 +214,15 @@ def test_in_place_buffers_need_less_memory(monkeypatch, cell, undo):
     The same bptt loss + gradient is compiled with the reuse undone; XLA's temp
     memory of the library's version must be smaller by at least half such a buffer
     (XLA's plan reuses freed buffers differently per cell: one whole buffer for the
-    LSTM and Elman here, 0.58 of one for the GRU).
+    LSTM's and GRU's dgi and the Elman's, about half of one for the LSTM's gates, 0.30
+    of one for the GRU's).
     """
     import jaxrnn._src.scan as scan_mod
 
     model = RNN(cell=cell, input_size=4, hidden_size=16, output_size=4)
     params = model.init(jax.random.key(0))
-    xs = jnp.ones((50, 8, 4))
-    targets = jnp.ones((50, 8, 4))
+    xs = jnp.ones((50, 8, 4), jnp.float32)  # the params' dtype: a mix is refused
+    targets = jnp.ones((50, 8, 4), jnp.float32)
 
     def temp_bytes():
         f = jax.jit(jax.grad(lambda p: loss_fn(model, "mse", "bptt", p, xs, targets, None, None)))
@@ -232,5 +233,10 @@ def test_in_place_buffers_need_less_memory(monkeypatch, cell, undo):
     stacked = temp_bytes()
     G = model.cell_fn.num_gates
     buffer = 50 * 8 * G * 16 * 4  # one (T, B, G*H) float32 buffer
-    assert stacked - reused >= 0.5 * buffer, (reused, stacked, buffer)
+    # XLA's plan saves a whole buffer, or about half of one, except the GRU's gates over
+    # the input projection: 0.30 of one (float32 params and inputs). Until the layer
+    # refused mixed dtypes this test ran float64 inputs with float32 params, a program
+    # that computed in float64 and where that saving measured 0.58.
+    least = 0.25 if (cell, undo) == ("gru", "_inplace_index") else 0.5
+    assert stacked - reused >= least * buffer, (reused, stacked, buffer)
 
