@@ -38,7 +38,7 @@ def test_cpu_gets_the_measured_rewrites_and_other_backends_the_plain_form():
 def _lowered(cell):
     model = RNN(cell=cell, input_size=3, hidden_size=4, output_size=2)
     params = model.init(jax.random.key(0))
-    xs, ys = jnp.ones((5, 2, 3)), jnp.ones((5, 2, 2))
+    xs, ys = jnp.ones((5, 2, 3), jnp.float32), jnp.ones((5, 2, 2), jnp.float32)  # as params
     f = jax.jit(jax.grad(lambda p: loss_fn(model, "mse", "bptt", p, xs, ys, None, None)))
     return f.lower(params).as_text()
 
