@@ -78,3 +78,72 @@ def all_pairs(factors: dict) -> list[dict]:
         chosen.append(best)
         todo -= pairs(best)
     return chosen
+
+
+# --- shared by several test files -------------------------------------------------------
+
+import dataclasses  # noqa: E402
+from typing import ClassVar, NamedTuple  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+
+from jaxrnn import Cell  # noqa: E402
+
+
+class LeakyParams(NamedTuple):
+    """A cell's own parameters: CellParams' four fields and a leak per unit."""
+
+    w_ih: jax.Array  # (H, D)
+    w_hh: jax.Array  # (H, H)
+    b_ih: jax.Array | None  # (H,)
+    b_hh: jax.Array | None  # (H,)
+    leak: jax.Array  # (H,): h = (1 - s) h_prev + s tanh(a), s = sigmoid(leak)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakyElman(Cell):
+    name: ClassVar[str] = "leaky"
+
+    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        p = super().init(k1, input_size, hidden_size, bias, dtype)
+        return LeakyParams(*p, leak=jax.random.uniform(k2, (hidden_size,), dtype, -2.0, 2.0))
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        u = jnp.tanh(xp + self.recurrent_preactivation(params, h_prev))
+        s = jax.nn.sigmoid(params.leak)
+        return ((1 - s) * h_prev + s * u,), u
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        (h_prev,), u, (dh,) = carry_prev, res, dcarry
+        s = jax.nn.sigmoid(params.leak)
+        da = dh * s * (1 - u * u)  # through s * tanh(a)
+        dh_prev = dh * (1 - s) + da @ params.w_hh  # leak path and W_hh path
+        dleak = dh * (u - h_prev) * s * (1 - s)  # h = h_prev + s (u - h_prev), per example
+        return (dh_prev,), da, da, {"leak": dleak}
+
+
+def weight_accumulating_scans(closed_jaxpr, batch: int) -> list:
+    """The reverse scans whose carry holds an array without the batch axis.
+
+    ``jax.grad`` through ``lax.scan`` accumulates the weights' gradients in the
+    transposed scan's carry; the handwritten reverse scan carries only per-example
+    arrays (``dh_next``) and forms the weight gradients after the loop.
+    """
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan" and eqn.params["reverse"]:
+                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
+                found.extend(v.aval.shape for v in eqn.invars[k:k + n]
+                             if batch not in v.aval.shape)
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_trees_rel_close
+from conftest import assert_trees_rel_close, weight_accumulating_scans
 from jaxrnn import RNN
 from jaxrnn._src import hiscan, scan
 from jaxrnn.extend import CELLS
@@ -71,28 +71,6 @@ def test_forward_mode_through_bptt_equals_autodiff(cell, opt, monkeypatch):
     assert_trees_rel_close(got, want, TOL)
 
 
-def reverse_scans_carrying_weights(closed_jaxpr) -> list:
-    """Reverse scans whose carry holds an array without the batch axis B (as in
-    tests/test_frameworks.py): autodiff accumulates the weight gradients there, the
-    handwritten reverse scan carries only per-example arrays."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan" and eqn.params["reverse"]:
-                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
-                found.extend(v.aval.shape for v in eqn.invars[k:k + n]
-                             if B not in v.aval.shape)
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return found
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_reverse_mode_is_the_handwritten_scan_bit_for_bit(cell, monkeypatch):
     _, params, xs, _, loss, _ = setup(cell, "lengths", "bptt")
@@ -104,9 +82,9 @@ def test_reverse_mode_is_the_handwritten_scan_bit_for_bit(cell, monkeypatch):
     jax.tree.map(lambda a, b: None if bool(jnp.all(a == b)) else pytest.fail("not bit-identical"),
                  g_hi, g_vjp)
     jaxpr = jax.make_jaxpr(jax.jit(lambda p, x: grad(p, x)))(params, xs)
-    assert reverse_scans_carrying_weights(jaxpr) == []
+    assert weight_accumulating_scans(jaxpr, B) == []
     _, _, _, _, loss_ad, _ = setup(cell, "lengths", "autodiff")
-    assert reverse_scans_carrying_weights(jax.make_jaxpr(jax.grad(loss_ad))(params, xs)) != []
+    assert weight_accumulating_scans(jax.make_jaxpr(jax.grad(loss_ad))(params, xs), B) != []
 
 
 def test_custom_vjp_path_still_refuses_forward_mode(monkeypatch):

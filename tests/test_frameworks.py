@@ -8,9 +8,7 @@ and vmap. In float64 the whole model's gradients with ``method="bptt"`` equal
 ``state_dict``; the gradient's jaxpr shows the handwritten reverse scan.
 """
 
-import dataclasses
 import itertools
-from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import all_pairs, assert_trees_rel_close
+from conftest import LeakyElman, all_pairs, assert_trees_rel_close, weight_accumulating_scans
 import jaxrnn
-from jaxrnn import Cell
 
 nnx = pytest.importorskip("flax.nnx")
 eqx = pytest.importorskip("equinox")
@@ -30,42 +27,6 @@ import jaxrnn.nnx  # noqa: E402
 RTOL = 1e-10
 V, D, H, O = 7, 3, 4, 2  # vocabulary, embedding, hidden, head sizes
 F64 = jnp.float64
-
-
-class LeakyParams(NamedTuple):
-    """A user cell's parameters: CellParams' four fields and a leak per unit."""
-
-    w_ih: jax.Array  # (H, D)
-    w_hh: jax.Array  # (H, H)
-    b_ih: jax.Array | None  # (H,)
-    b_hh: jax.Array | None  # (H,)
-    leak: jax.Array  # (H,)
-
-
-@dataclasses.dataclass(frozen=True)
-class Leaky(Cell):
-    """h = (1 - s) h_prev + s tanh(a), s = sigmoid(leak): a user's cell."""
-
-    name: ClassVar[str] = "leaky"
-
-    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
-        k1, k2 = jax.random.split(key)
-        p = super().init(k1, input_size, hidden_size, bias, dtype)
-        return LeakyParams(*p, leak=jax.random.uniform(k2, (hidden_size,), dtype, -2.0, 2.0))
-
-    def step(self, params, carry, xp):
-        (h_prev,) = carry
-        u = jnp.tanh(xp + self.recurrent_preactivation(params, h_prev))
-        s = jax.nn.sigmoid(params.leak)
-        return ((1 - s) * h_prev + s * u,), u
-
-    def backward_step(self, params, carry_prev, carry, res, dcarry):
-        (h_prev,), u, (dh,) = carry_prev, res, dcarry
-        s = jax.nn.sigmoid(params.leak)
-        da = dh * s * (1 - u * u)  # through s * tanh(a)
-        dh_prev = dh * (1 - s) + da @ params.w_hh  # leak path and W_hh path
-        dleak = dh * (u - h_prev) * s * (1 - s)  # per example
-        return (dh_prev,), da, da, {"leak": dleak}
 
 
 # --- the models, as a user writes them -----------------------------------------------
@@ -178,7 +139,7 @@ def test_cases_cover_every_cell_and_every_pair_of_options():
 def cell_options(cell: str) -> dict:
     if cell == "lstm_proj":
         return {"cell": "lstm", "proj_size": 3}
-    return {"cell": Leaky() if cell == "user" else cell}
+    return {"cell": LeakyElman() if cell == "user" else cell}
 
 
 def model_and_loss(framework: str, method: str, **options):
@@ -310,31 +271,6 @@ def test_equinox_loads_a_torch_gru():
 
 
 # --- reverse mode runs the handwritten reverse scan -------------------------------------
-
-def weight_accumulating_scans(closed_jaxpr, batch: int) -> list:
-    """The reverse scans whose carry holds an array without the batch axis.
-
-    ``jax.grad`` through ``lax.scan`` accumulates the weights' gradients in the
-    transposed scan's carry; the handwritten reverse scan carries only per-example
-    arrays (``dh_next``) and forms the weight gradients after the loop.
-    """
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan" and eqn.params["reverse"]:
-                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
-                found.extend(v.aval.shape for v in eqn.invars[k:k + n]
-                             if batch not in v.aval.shape)
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return found
-
 
 @pytest.mark.parametrize("framework", ["nnx", "equinox"])
 def test_reverse_mode_runs_the_handwritten_reverse_scan(framework):

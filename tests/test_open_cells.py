@@ -12,7 +12,6 @@ training steps, diagnostics, checkpoints) with ``method="bptt"`` equal to
 import dataclasses
 import re
 from pathlib import Path
-from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import assert_trees_rel_close, tree_max_rel_error
+from conftest import LeakyElman, LeakyParams, assert_trees_rel_close, tree_max_rel_error
 import jaxrnn
 from jaxrnn_app import checkpoint
 from jaxrnn import RNN, Cell, CellParams, check_cell
@@ -42,40 +41,6 @@ def readme():
     ns = {}
     exec(compile(readme_cell_example(), "README.md (Writing your own cell)", "exec"), ns)
     return ns
-
-
-class LeakyParams(NamedTuple):
-    """A cell's own parameters: CellParams' four fields and a leak per unit."""
-
-    w_ih: jax.Array  # (H, D)
-    w_hh: jax.Array  # (H, H)
-    b_ih: jax.Array | None  # (H,)
-    b_hh: jax.Array | None  # (H,)
-    leak: jax.Array  # (H,): h = (1 - s) h_prev + s tanh(a), s = sigmoid(leak)
-
-
-@dataclasses.dataclass(frozen=True)
-class LeakyElman(Cell):
-    name: ClassVar[str] = "leaky"
-
-    def init(self, key, input_size, hidden_size, bias=True, dtype=jnp.float32):
-        k1, k2 = jax.random.split(key)
-        p = super().init(k1, input_size, hidden_size, bias, dtype)
-        return LeakyParams(*p, leak=jax.random.uniform(k2, (hidden_size,), dtype, -2.0, 2.0))
-
-    def step(self, params, carry, xp):
-        (h_prev,) = carry
-        u = jnp.tanh(xp + self.recurrent_preactivation(params, h_prev))
-        s = jax.nn.sigmoid(params.leak)
-        return ((1 - s) * h_prev + s * u,), u
-
-    def backward_step(self, params, carry_prev, carry, res, dcarry):
-        (h_prev,), u, (dh,) = carry_prev, res, dcarry
-        s = jax.nn.sigmoid(params.leak)
-        da = dh * s * (1 - u * u)  # through s * tanh(a)
-        dh_prev = dh * (1 - s) + da @ params.w_hh  # leak path and W_hh path
-        dleak = dh * (u - h_prev) * s * (1 - s)  # h = h_prev + s (u - h_prev), per example
-        return (dh_prev,), da, da, {"leak": dleak}
 
 
 def _inputs(model, seed, T=6, B=3, lengths=None, state="given"):
