@@ -131,8 +131,8 @@ def test_mismatched_dtypes_one_line_naming_argument(method):
     cell = jaxrnn.LSTM()
     params, xs, carry0 = _case(cell, f32, f32, T=3, B=2, D=4, H=5)
     bf16_carry = (carry0[0], carry0[1].astype(bf16))
-    with pytest.raises(TypeError, match=r"^carry0\[1\] has dtype bfloat16 but the layer computes "
-                                        r"in the parameters' dtype float32"):
+    with pytest.raises(TypeError, match=r"^carry0\[1\] has dtype bfloat16 but the layer keeps "
+                                        r"its carry in the parameters' dtype float32"):
         jaxrnn.layer(cell, params, xs, bf16_carry, None, method)
     with pytest.raises(TypeError, match=r"^xs has dtype float64 but the parameters have dtype "
                                         r"float32, and xs must not be wider"):

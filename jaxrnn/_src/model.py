@@ -30,7 +30,7 @@ from jaxrnn._src import losses as losses_lib
 from jaxrnn._src import validation
 from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
 from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
-from jaxrnn._src.scan import METHODS, layer, project_inputs
+from jaxrnn._src.scan import METHODS, layer, step_layer
 from jaxrnn._src.stack import run_stack
 
 # A state in PyTorch's shape: (L*dirs, B, H), or for the LSTM a pair (h0, c0) (a cell
@@ -109,6 +109,14 @@ class RNN:
         batch_first: sequences are ``(B, T, ...)``; default False: time-major
             ``(T, B, ...)``. The scans run time-major either way: the arrays are
             transposed on the way in and out.
+        compute_dtype: mixed precision (Flax's ``dtype`` beside ``param_dtype``):
+            ``jnp.bfloat16`` or ``jnp.float16`` runs every recurrent step's products
+            and gate math in that dtype while the parameters keep theirs (float32
+            master weights), the state and the backward pass's cotangents stay in
+            the parameters' dtype, and the weight gradients accumulate in it; ``xs``
+            may be given in either dtype. The readout and the loss run in the
+            parameters' dtype. None (the default): the parameters' dtype throughout
+            (docs/mixed_precision.md).
 
     Shapes follow PyTorch, time-major: inputs ``(T, B, D)``, outputs ``(T, B, O)``
     (``(T, B, dirs*H)`` without a head; ``(B, T, ...)`` with ``batch_first``),
@@ -130,6 +138,7 @@ class RNN:
     proj_size: int = 0
     forget_bias: float = 0.0
     batch_first: bool = False
+    compute_dtype: DTypeLike | None = None
 
     def __post_init__(self):
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
@@ -137,6 +146,9 @@ class RNN:
                 validation.check_int(name, getattr(self, name), 1)
         if not isinstance(self.batch_first, bool):
             raise ValueError(f"batch_first must be True or False, got {self.batch_first!r}")
+        # as a name ("bfloat16"): hashable, equal however it was given, JSON-friendly
+        object.__setattr__(self, "compute_dtype",
+                           validation.check_compute_dtype(self.compute_dtype))
         if isinstance(self.cell, Cell):
             check_cell_class(self.cell)
             given = [f"{k}={getattr(self, k)!r}" for k, v in
@@ -250,7 +262,8 @@ class RNN:
         """
         validation.check_type("params", params, RNNParams, " (from RNN.init)")
         dtype = params_dtype(params)
-        xs = self.to_time_major(validation.check_xs(xs, self.input_size, dtype,
+        xs = self.to_time_major(validation.check_xs(xs, self.input_size,
+                                                    self._input_dtypes(dtype),
                                                     self.batch_first))
         T, B, _ = xs.shape
         if state is not None:
@@ -262,6 +275,12 @@ class RNN:
         if lengths is not None:
             lengths = validation.check_lengths(lengths, T, B, self.batch_first)
         return xs, state, lengths
+
+    def _input_dtypes(self, dtype) -> tuple:
+        """The dtypes ``xs`` may have: the parameters', or the compute dtype."""
+        if self.compute_dtype is None:
+            return (jnp.dtype(dtype),)
+        return (jnp.dtype(dtype), jnp.dtype(self.compute_dtype))
 
     def check_targets(self, ys_shape, targets, loss: str):
         """Validates ``targets`` for ``loss``; returns them as an array, time-major.
@@ -334,9 +353,10 @@ class RNN:
         segment = self.bptt_segment if method == "bptt" else None
 
         def direction(l, d, p, x, carry0):
-            return *layer(cell, p, x, carry0, mask, method, segment), None
+            return *layer(cell, p, x, carry0, mask, method, segment, self.compute_dtype), None
 
-        run = run_stack(direction, params.layers, xs, self.initial_carries(state, B, xs.dtype),
+        run = run_stack(direction, params.layers, xs,
+                        self.initial_carries(state, B, params_dtype(params)),
                         lengths, self.dropout, dropout_key)
         return run.h, self._state(run.finals)
 
@@ -415,7 +435,7 @@ class RNN:
                              "RNN (bidirectional=True) needs the whole sequence; use apply")
         validation.check_type("params", params, RNNParams, " (from RNN.init)")
         dtype = params_dtype(params)
-        x_t = validation.check_step_input(x_t, self.input_size, dtype)
+        x_t = validation.check_step_input(x_t, self.input_size, self._input_dtypes(dtype))
         B = x_t.shape[0]
         if state is not None:
             state = validation.check_state(state, self._state_shapes(B), dtype,
@@ -424,7 +444,7 @@ class RNN:
                                            proj_size=self.proj_size)
         cell, h, carries = self.cell_fn, x_t, []
         for (p,), carry in zip(params.layers, self.initial_carries(state, B, dtype)):
-            carry, _ = cell.step(p, carry, project_inputs(cell, p, h))  # this layer's step
+            carry = step_layer(cell, p, carry, h, self.compute_dtype)  # this layer's step
             carries.append(carry)
             h = carry[0]  # the next layer's input
         y = h if params.readout is None else self.readout(params, h)

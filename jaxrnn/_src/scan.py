@@ -91,6 +91,18 @@ def project_inputs(cell: Cell, params: CellParams, xs: jax.Array) -> jax.Array:
     return xp if bias is None else xp + bias
 
 
+def step_layer(cell: Cell, params: CellParams, carry: Carry, x_t: jax.Array,
+               compute_dtype=None) -> Carry:
+    """One step of one layer on a raw input ``x_t (B, D)``: the next carry, as the scan's step.
+
+    The input projection, the cell's step and the carry's dtype follow
+    ``forward_scan`` (``compute_dtype`` included): ``RNN.step`` runs it per layer.
+    """
+    params, x_t = in_compute_dtype((params, x_t), compute_dtype)
+    new_carry, _ = cell.step(params, carry, project_inputs(cell, params, x_t))
+    return _in_carry_dtype(new_carry, carry)
+
+
 def input_bias(cell: Cell, params: CellParams) -> jax.Array | None:
     """``b_ih`` (plus ``b_hh`` when the cell folds it), (G*H,), or None without bias."""
     bias = params.b_ih
@@ -104,6 +116,30 @@ def _select(m: jax.Array | None, new, old):
     if m is None:
         return new
     return jax.tree.map(lambda a, b: jnp.where(m[:, None], a, b), new, old)
+
+
+def in_compute_dtype(tree, compute_dtype):
+    """``tree``'s floating leaves in ``compute_dtype``: the one home of the mixed-precision cast.
+
+    ``None`` (the default) leaves ``tree`` as it is, so a layer without a compute dtype
+    traces exactly as before. The forward scan casts the parameters and the inputs
+    with it; the reverse scan casts the parameters it multiplies by; the carry keeps
+    its own dtype (``_in_carry_dtype``).
+    """
+    if compute_dtype is None:
+        return tree
+
+    def cast(a):
+        if a is None or not jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == compute_dtype:
+            return a
+        return a.astype(compute_dtype)
+
+    return jax.tree.map(cast, tree)
+
+
+def _in_carry_dtype(new, carry):
+    """The step's new carry in the carry's dtypes (a no-op unless a compute dtype narrows it)."""
+    return jax.tree.map(lambda n, c: n if n.dtype == c.dtype else n.astype(c.dtype), new, carry)
 
 
 def _formulation() -> Formulation:
@@ -347,8 +383,8 @@ def _sum_over_replicas(cotangents: tuple, recorded: _PrimalAxes) -> tuple:
 
 
 def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-                 mask: jax.Array | None = None, keep_residuals: bool = True
-                 ) -> tuple[jax.Array, Carry, ForwardTrace]:
+                 mask: jax.Array | None = None, keep_residuals: bool = True,
+                 compute_dtype=None) -> tuple[jax.Array, Carry, ForwardTrace]:
     """Runs the layer forward with ``lax.scan``.
 
     Args:
@@ -361,6 +397,10 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         mask: optional boolean (T, B); False marks steps past a sequence's length.
         keep_residuals: store the cell's residuals for the backward pass. False
             (``method="autodiff"``, which saves its own) keeps only the carries.
+        compute_dtype: mixed precision: the step's products and gate math run in
+            this dtype (the parameters and ``xs`` cast to it, ``in_compute_dtype``)
+            while the carry keeps ``carry0``'s dtype from step to step; None (the
+            default) computes in the parameters' dtype.
 
     Returns:
         ``(hs, carry_T, trace)``: outputs ``hs (T, B, H)`` (zero where masked), the
@@ -372,18 +412,20 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     # The bias is added inside the loop, where it fuses into the step's elementwise
     # work, rather than to all T steps at once: that would write a second (T, B, G*H)
     # array (measured: 6% of an LSTM training step at T=100, B=128, H=512).
+    carry0 = _initial_carry(carry0, params, xs, mask)  # under shard_map: varying as xs is
+    params, xs = in_compute_dtype((params, xs), compute_dtype)  # mixed precision: the step's
     xp = xs @ params.w_ih.T  # the input projection of every step, one product
     bias = input_bias(cell, params)
     loop_params = _loop_params(params)
     T = xs.shape[0]
-    carry0 = _initial_carry(carry0, params, xs, mask)  # under shard_map: varying as xs is
     if cell.residual_over_input:
         xp = vary(xp, varying_axes(carry0))  # the loop's buffer: varying as the carry is
 
     def step(carry, xp_t):
         if bias is not None:
             xp_t = xp_t + bias  # W_ih x_t + b_ih (+ b_hh where folded)
-        return cell.step(loop_params(), carry, xp_t)
+        new_carry, res = cell.step(loop_params(), carry, xp_t)
+        return _in_carry_dtype(new_carry, carry), res  # the carry keeps its dtype
 
     out_shape = jax.eval_shape(step, carry0, xp[0])  # traced once: shapes only
     check_step(cell, carry0, xp[0], out_shape)
@@ -723,7 +765,8 @@ def _weight_gradients(cell: Cell, params, plan: BufferPlan, xs, carry0, fwd: For
 
 def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                   fwd: ForwardTrace, dhs: jax.Array, dcarry_T: Carry,
-                  mask: jax.Array | None = None, with_trace: bool = False):
+                  mask: jax.Array | None = None, with_trace: bool = False,
+                  compute_dtype=None):
     """Handwritten BPTT: the reverse scan, then the weight gradients as matrix products.
 
     The reverse scan's buffers follow ``backward_plan``'s ``BufferPlan`` (the same
@@ -739,6 +782,11 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         dcarry_T: cotangent of the final carry, tuple of (B, H).
         mask: the forward pass's mask, (T, B), or None.
         with_trace: also return the per-step ``BackwardTrace``.
+        compute_dtype: the forward pass's (``forward_scan``). The cell's backward
+            step multiplies by the parameters in this dtype, while the cotangents
+            stay in the carry's dtype: ``dh_next`` and every weight-gradient product
+            have a carry-dtype operand, so they accumulate in that dtype (float32
+            under bfloat16 compute), never as narrow products cast afterwards.
 
     Returns:
         ``(dparams, dxs (T, B, D), dcarry0)``, ``dparams`` shaped like ``params``,
@@ -748,6 +796,7 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         ValueError: ``backward_step`` returns the wrong structure or shapes, or no
             gradient for one of the cell's own parameter fields.
     """
+    params, xs = in_compute_dtype((params, xs), compute_dtype)  # as the forward scan saw them
     extra = _backward_extra(cell, params, carry0, fwd, dhs)
     plan = _plan(cell, params, xs, fwd, dhs, extra)
     loop = _Loop(cell, params, plan, fwd.carries, carry0,
@@ -765,9 +814,9 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
 
 # --- custom_vjp wiring -------------------------------------------------------
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5))
 def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-               mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+               mask: jax.Array | None, compute_dtype=None) -> tuple[jax.Array, Carry]:
     """One layer whose derivative is the handwritten BPTT (``method="bptt"``).
 
     Args:
@@ -776,6 +825,7 @@ def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         xs: inputs, (T, B, D).
         carry0: initial carry, tuple of (B, H).
         mask: boolean (T, B) or None.
+        compute_dtype: mixed precision (static; ``forward_scan``), or None.
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
@@ -785,20 +835,22 @@ def bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     replicated ``params``' gradient is the sum of every shard's), so the gradients
     have the types and values ``jax.grad`` gives through the same scan.
     """
-    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False,
+                                  compute_dtype=compute_dtype)
     return hs, carry_T
 
 
-def _bptt_layer_fwd(cell, params, xs, carry0, mask):
-    hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask)
+def _bptt_layer_fwd(cell, params, xs, carry0, mask, compute_dtype=None):
+    hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask, compute_dtype=compute_dtype)
     axes = _primal_axes(params, xs, carry0)  # static: where each primal varies (shard_map)
     return (hs, carry_T), (params, xs, carry0, fwd, mask, axes)
 
 
-def _bptt_layer_bwd(cell, saved, cotangents):
+def _bptt_layer_bwd(cell, compute_dtype, saved, cotangents):
     params, xs, carry0, fwd, mask, axes = saved
     dhs, dcarry_T = cotangents
-    grads = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask)
+    grads = backward_scan(cell, params, xs, carry0, fwd, dhs, dcarry_T, mask,
+                          compute_dtype=compute_dtype)
     # under shard_map: summed over the shards where the primal is replicated
     grads = _sum_over_replicas(grads, axes)
     dparams, dxs, dcarry0 = _cast_to_primals(grads, axes)  # each in its primal's dtype
@@ -829,13 +881,14 @@ def _segments(xs: jax.Array, mask: jax.Array | None, segment: int):
     return split(xs), (None if mask is None else split(mask)), T
 
 
-def _lean_forward(cell, params, xs, carry0, mask, segment):
+def _lean_forward(cell, params, xs, carry0, mask, segment, compute_dtype=None):
     carry0 = _initial_carry(carry0, params, xs, mask)  # the segments' loop carries it
     xs_s, mask_s, T = _segments(xs, mask, segment)
 
     def body(carry, inputs):
         x, m = inputs
-        hs, carry_end, _ = forward_scan(cell, params, x, carry, m, keep_residuals=False)
+        hs, carry_end, _ = forward_scan(cell, params, x, carry, m, keep_residuals=False,
+                                        compute_dtype=compute_dtype)
         return carry_end, (hs, carry)  # keep only the carry at the segment's start
 
     carry_T, (hs, starts) = jax.lax.scan(body, carry0, (xs_s, mask_s))
@@ -843,9 +896,10 @@ def _lean_forward(cell, params, xs, carry0, mask, segment):
     return hs, carry_T, starts
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+@partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6))
 def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-                    mask: jax.Array | None, segment: int) -> tuple[jax.Array, Carry]:
+                    mask: jax.Array | None, segment: int, compute_dtype=None
+                    ) -> tuple[jax.Array, Carry]:
     r"""Handwritten BPTT that stores the carry only every ``segment`` steps.
 
     The forward pass keeps the outputs and the carry at the start of each segment
@@ -865,21 +919,22 @@ def lean_bptt_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry
         carry0: initial carry, tuple of (B, H).
         mask: boolean (T, B) or None.
         segment: steps per segment (static), >= 1; about sqrt(T) minimises memory.
+        compute_dtype: mixed precision (static; ``forward_scan``), or None.
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
     """
-    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment)
+    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment, compute_dtype)
     return hs, carry_T
 
 
-def _lean_fwd(cell, params, xs, carry0, mask, segment):
-    hs, carry_T, starts = _lean_forward(cell, params, xs, carry0, mask, segment)
+def _lean_fwd(cell, params, xs, carry0, mask, segment, compute_dtype=None):
+    hs, carry_T, starts = _lean_forward(cell, params, xs, carry0, mask, segment, compute_dtype)
     axes = _primal_axes(params, xs, carry0)  # static: where each primal varies (shard_map)
     return (hs, carry_T), (params, xs, starts, mask, axes)
 
 
-def _lean_bwd(cell, segment, saved, cotangents):
+def _lean_bwd(cell, segment, compute_dtype, saved, cotangents):
     params, xs, starts, mask, axes = saved
     dhs, dcarry_T = cotangents
     T = xs.shape[0]
@@ -891,8 +946,10 @@ def _lean_bwd(cell, segment, saved, cotangents):
     def body(acc, inputs):
         dparams, dcarry = acc
         x, m, start, dh = inputs
-        _, _, fwd = forward_scan(cell, params, x, start, m)  # recompute this segment
-        dp, dx, dcarry = backward_scan(cell, params, x, start, fwd, dh, dcarry, m)
+        _, _, fwd = forward_scan(cell, params, x, start, m,  # recompute this segment
+                                 compute_dtype=compute_dtype)
+        dp, dx, dcarry = backward_scan(cell, params, x, start, fwd, dh, dcarry, m,
+                                       compute_dtype=compute_dtype)
         dparams = jax.tree.map(jnp.add, dparams, dp)  # sum the segments' weight gradients
         return (dparams, dcarry), dx
 
@@ -944,44 +1001,47 @@ def bptt_rule() -> str:
 
 
 def _bptt_primal(static, params, xs, carry0, mask):
-    (cell,) = static
-    return autodiff_layer(cell, params, xs, carry0, mask)
+    cell, compute_dtype = static
+    return autodiff_layer(cell, params, xs, carry0, mask, compute_dtype)
 
 
 def _bptt_fwd_rule(static, params, xs, carry0, mask):
-    return _bptt_layer_fwd(static[0], params, xs, carry0, mask)
+    cell, compute_dtype = static
+    return _bptt_layer_fwd(cell, params, xs, carry0, mask, compute_dtype)
 
 
 def _bptt_bwd_rule(static, saved, cotangents):
-    return _bptt_layer_bwd(static[0], saved, cotangents)
+    cell, compute_dtype = static
+    return _bptt_layer_bwd(cell, compute_dtype, saved, cotangents)
 
 
 def _lean_primal(static, params, xs, carry0, mask):
-    cell, segment = static
-    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment)
+    cell, segment, compute_dtype = static
+    hs, carry_T, _ = _lean_forward(cell, params, xs, carry0, mask, segment, compute_dtype)
     return hs, carry_T
 
 
 def _lean_fwd_rule(static, params, xs, carry0, mask):
-    cell, segment = static
-    return _lean_fwd(cell, params, xs, carry0, mask, segment)
+    cell, segment, compute_dtype = static
+    return _lean_fwd(cell, params, xs, carry0, mask, segment, compute_dtype)
 
 
 def _lean_bwd_rule(static, saved, cotangents):
-    cell, segment = static
-    return _lean_bwd(cell, segment, saved, cotangents)
+    cell, segment, compute_dtype = static
+    return _lean_bwd(cell, segment, compute_dtype, saved, cotangents)
 
 
 def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
-                   mask: jax.Array | None) -> tuple[jax.Array, Carry]:
+                   mask: jax.Array | None, compute_dtype=None) -> tuple[jax.Array, Carry]:
     """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
-    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False)
+    hs, carry_T, _ = forward_scan(cell, params, xs, carry0, mask, keep_residuals=False,
+                                  compute_dtype=compute_dtype)
     return hs, carry_T
 
 
 def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
           mask: jax.Array | None = None, method: ScanMethod = "bptt",
-          segment: int | None = None) -> tuple[jax.Array, Carry]:
+          segment: int | None = None, compute_dtype=None) -> tuple[jax.Array, Carry]:
     """One recurrent layer over a sequence, differentiated by ``method``.
 
     Args:
@@ -994,6 +1054,13 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         segment: with ``method="bptt"``, store the carry only every ``segment``
             steps and recompute segments in the backward pass (``lean_bptt_layer``);
             None stores every step.
+        compute_dtype: mixed precision, as Flax's ``dtype`` beside ``param_dtype``:
+            the parameters keep their dtype (float32 master weights) and are cast,
+            with ``xs``, to this one (bfloat16 or float16) for the step's products
+            and gate math; the carry keeps the parameters' dtype, and so do the
+            backward pass's cotangents and its weight-gradient products (float32
+            accumulation inside the rule). None (the default): the parameters'
+            dtype throughout.
 
     Inside ``jax.shard_map`` (with its default ``check_vma=True``), a ``carry0``
     that does not vary where ``xs`` (or ``params``, ``mask``) varies, such as a
@@ -1001,30 +1068,32 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     every method returns gradients of the types and values ``jax.grad`` gives:
     a replicated parameter's gradient summed over the shards.
 
-    Dtypes: the layer computes in the parameters' dtype; ``xs`` may be narrower
-    (bfloat16 or float16 inputs with float32 parameters: promoted by the input
-    projection), and every method returns each gradient in its primal's dtype.
+    Dtypes: the layer computes in the parameters' dtype (or ``compute_dtype``);
+    ``xs`` may be narrower (bfloat16 or float16 inputs with float32 parameters:
+    promoted by the input projection), and every method returns each gradient in
+    its primal's dtype.
 
     Returns:
         ``(hs (T, B, H), carry_T)``.
 
     Raises:
-        TypeError: ``xs`` wider than the parameters, or ``carry0`` of a dtype other
-            than the parameters' (``validation.check_layer_dtypes``).
+        TypeError: ``xs`` wider than the parameters, ``carry0`` of a dtype other
+            than the parameters', or a ``compute_dtype`` that is not floating or is
+            wider than the parameters (``validation.check_layer_dtypes``).
     """
-    validation.check_layer_dtypes(params, xs, carry0)
+    compute_dtype = validation.check_layer_dtypes(params, xs, carry0, compute_dtype)
     if segment is not None:
         if method != "bptt":
             raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")
         if bptt_rule() == "hijax":
-            return hiscan.hi_layer(_lean_primal, _lean_fwd_rule, _lean_bwd_rule, (cell, segment),
-                                   params, xs, carry0, mask)
-        return lean_bptt_layer(cell, params, xs, carry0, mask, segment)
+            return hiscan.hi_layer(_lean_primal, _lean_fwd_rule, _lean_bwd_rule,
+                                   (cell, segment, compute_dtype), params, xs, carry0, mask)
+        return lean_bptt_layer(cell, params, xs, carry0, mask, segment, compute_dtype)
     if method == "bptt":
         if bptt_rule() == "hijax":
-            return hiscan.hi_layer(_bptt_primal, _bptt_fwd_rule, _bptt_bwd_rule, (cell,),
-                                   params, xs, carry0, mask)
-        return bptt_layer(cell, params, xs, carry0, mask)
+            return hiscan.hi_layer(_bptt_primal, _bptt_fwd_rule, _bptt_bwd_rule,
+                                   (cell, compute_dtype), params, xs, carry0, mask)
+        return bptt_layer(cell, params, xs, carry0, mask, compute_dtype)
     if method == "autodiff":
-        return autodiff_layer(cell, params, xs, carry0, mask)
+        return autodiff_layer(cell, params, xs, carry0, mask, compute_dtype)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")

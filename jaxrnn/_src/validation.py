@@ -119,7 +119,8 @@ def check_xs(xs, input_size: int, dtype, batch_first: bool = False, *, name: str
         xs: inputs, (T, B, input_size), time-major (anything ``jnp.asarray`` takes);
             (B, T, input_size) with ``batch_first``; (T, input_size) with ``per_example``.
         input_size: D, the model's features per step.
-        dtype: the parameters' floating dtype; None: any floating dtype (the caller casts).
+        dtype: the parameters' floating dtype, or a tuple (the parameters', then the
+            compute dtype); None: any floating dtype (the caller casts).
         batch_first: the model's layout.
         name: the argument's name, first in every message.
         expected: the expected shape in words, naming the caller's options; default
@@ -133,7 +134,7 @@ def check_xs(xs, input_size: int, dtype, batch_first: bool = False, *, name: str
     Raises:
         ValueError: a rank other than 3 (2 with ``per_example``), T=0, B=0, or a last
             axis other than D.
-        TypeError: a non-floating dtype, or a dtype other than ``dtype``.
+        TypeError: a non-floating dtype, or a dtype not in ``dtype``.
     """
     xs = jnp.asarray(xs)
     axes = "T" if per_example else sequence_axes(batch_first)
@@ -153,35 +154,88 @@ def check_xs(xs, input_size: int, dtype, batch_first: bool = False, *, name: str
         raise ValueError(f"{name} must have shape {expected or words}, got shape {xs.shape}")
     if not jnp.issubdtype(xs.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array, got dtype {xs.dtype}")
-    if dtype is not None and xs.dtype != dtype:
-        raise TypeError(f"{name} has dtype {xs.dtype} but the parameters have dtype {dtype}; "
-                        f"cast one to the other")
+    _check_dtype_in(name, xs.dtype, dtype)
     return xs
 
 
-def check_layer_dtypes(params, xs, carry0, *, xs_name: str = "xs",
+def _check_dtype_in(name: str, got, allowed) -> None:
+    """Raises a TypeError naming ``name`` unless ``got`` is ``allowed`` (a dtype or a tuple;
+    None allows any): the parameters' dtype, then a compute dtype."""
+    if allowed is None:
+        return
+    allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+    if jnp.dtype(got) in [jnp.dtype(a) for a in allowed]:
+        return
+    if len(allowed) == 1:
+        raise TypeError(f"{name} has dtype {jnp.dtype(got).name} but the parameters have dtype "
+                        f"{jnp.dtype(allowed[0]).name}; cast one to the other")
+    raise TypeError(f"{name} has dtype {jnp.dtype(got).name} but the parameters have dtype "
+                    f"{jnp.dtype(allowed[0]).name} and compute_dtype is "
+                    f"{jnp.dtype(allowed[1]).name}: cast {name} to one of them")
+
+
+def check_compute_dtype(compute_dtype, param_dtype=None, *, name: str = "compute_dtype"):
+    """A mixed-precision compute dtype: None, or a floating dtype no wider than the parameters'.
+
+    Args:
+        compute_dtype: None, or anything ``jnp.dtype`` takes (``jnp.bfloat16``,
+            ``"float16"``).
+        param_dtype: the parameters' dtype, when known.
+        name: the argument's name, first in every message.
+
+    Returns:
+        None when ``compute_dtype`` is None or is ``param_dtype`` itself (nothing to
+        cast: the layer runs exactly as without one); else its name (``"bfloat16"``),
+        hashable, for a static argument.
+
+    Raises:
+        TypeError: not a dtype, not floating, or wider than ``param_dtype``.
+    """
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be None or a floating dtype such as jnp.bfloat16, "
+                        f"got {compute_dtype!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype, got {dtype.name}")
+    if param_dtype is None:
+        return dtype.name
+    param_dtype = jnp.dtype(param_dtype)
+    if jnp.promote_types(dtype, param_dtype) != param_dtype:
+        raise TypeError(f"{name}={dtype.name} is wider than the parameters' dtype "
+                        f"{param_dtype.name}: the compute dtype is the narrower one (float32 "
+                        f"parameters, bfloat16 compute)")
+    return None if dtype == param_dtype else dtype.name
+
+
+def check_layer_dtypes(params, xs, carry0, compute_dtype=None, *, xs_name: str = "xs",
                        carry_name: str = "carry0"):
     """The dtypes one recurrent layer runs in: ``params``' dtype, ``xs`` no wider.
 
-    The layer computes in the parameters' dtype: narrower inputs (bfloat16 or float16
-    inputs, float32 parameters) are promoted to it by the input projection, and their
-    gradient comes back in their own dtype. The scan's carry keeps that dtype from
-    step to step, so the initial carry must have it.
+    The layer computes in the parameters' dtype, or in ``compute_dtype`` (mixed
+    precision): narrower inputs (bfloat16 or float16 inputs, float32 parameters) are
+    promoted (or cast to ``compute_dtype``) by the input projection, and their
+    gradient comes back in their own dtype. The scan's carry keeps the parameters'
+    dtype from step to step, so the initial carry must have it.
 
     Args:
-        params: the cell's parameters; their floating leaves' common dtype is the
-            compute dtype.
+        params: the cell's parameters; their floating leaves' common dtype.
         xs: inputs, (T, B, D).
         carry0: the initial carry, a tuple of (B, H) arrays.
+        compute_dtype: None, or the mixed-precision compute dtype
+            (``check_compute_dtype``).
         xs_name, carry_name: the arguments' names, first in the messages.
 
     Returns:
-        The compute dtype: the parameters' dtype.
+        ``check_compute_dtype``'s: None, or the compute dtype's name.
 
     Raises:
         TypeError: no floating parameter, non-floating ``xs``, ``xs`` wider than the
-            parameters (it would promote them), or a floating carry of a dtype other
-            than the compute dtype; each message names the argument and both dtypes.
+            parameters (it would promote them), a floating carry of a dtype other
+            than the parameters', or a bad ``compute_dtype``; each message names the
+            argument and both dtypes.
     """
     floating = [p.dtype for p in jax.tree.leaves(params) if jnp.issubdtype(p.dtype, jnp.floating)]
     if not floating:
@@ -199,9 +253,9 @@ def check_layer_dtypes(params, xs, carry0, *, xs_name: str = "xs",
         if jnp.issubdtype(c.dtype, jnp.floating) and jnp.dtype(c.dtype) != dtype:
             what = carry_name if len(leaves) == 1 else f"{carry_name}[{k}]"
             raise TypeError(f"{what} has dtype {jnp.dtype(c.dtype).name} but the layer "
-                            f"computes in the parameters' dtype {dtype.name}; cast {what} "
-                            f"to {dtype.name}")
-    return dtype
+                            f"keeps its carry in the parameters' dtype {dtype.name}; cast "
+                            f"{what} to {dtype.name}")
+    return check_compute_dtype(compute_dtype, dtype)
 
 
 def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
@@ -209,7 +263,8 @@ def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
 
     Raises:
         ValueError: a rank other than 2, B=0, or a last axis other than D.
-        TypeError: a non-floating dtype, or a dtype other than ``dtype``.
+        TypeError: a non-floating dtype, or a dtype not in ``dtype`` (a dtype, or a
+            tuple: the parameters', then the compute dtype).
     """
     x_t = jnp.asarray(x_t)
     if x_t.ndim != 2 or x_t.shape[0] == 0 or x_t.shape[1] != input_size:
@@ -217,9 +272,7 @@ def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
                          f"B >= 1, got shape {x_t.shape}")
     if not jnp.issubdtype(x_t.dtype, jnp.floating):
         raise TypeError(f"x_t must be a floating array, got dtype {x_t.dtype}")
-    if x_t.dtype != dtype:
-        raise TypeError(f"x_t has dtype {x_t.dtype} but the parameters have dtype {dtype}; "
-                        f"cast one to the other")
+    _check_dtype_in("x_t", x_t.dtype, dtype)
     return x_t
 
 
