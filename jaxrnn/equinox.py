@@ -49,6 +49,10 @@ class RNN(eqx.Module):
             every ``bptt_segment`` steps (see ``jaxrnn.RNN``).
         dtype: the parameters' dtype; default float32, or float64 when
             ``jax_enable_x64`` is on (as ``eqx.nn.Linear``).
+        compute_dtype: mixed precision: ``jnp.bfloat16`` or ``jnp.float16`` runs
+            every step's products and gate math in it while the weights stay
+            ``dtype``; the outputs and the state are in ``dtype`` (``jaxrnn.RNN``'s
+            ``compute_dtype``, docs/mixed_precision.md). None (the default): ``dtype``.
         key: a JAX PRNG key for PyTorch's initialisation.
 
     Attributes:
@@ -67,14 +71,17 @@ class RNN(eqx.Module):
                  num_layers: int = 1, bidirectional: bool = False, bias: bool = True,
                  nonlinearity: str = "tanh", proj_size: int | None = None,
                  forget_bias: float = 0.0, method: ScanMethod = "bptt",
-                 bptt_segment: int | None = None, dtype: Any = None, key: jax.Array):
+                 bptt_segment: int | None = None, dtype: Any = None, compute_dtype: Any = None,
+                 key: jax.Array):
+        if dtype is None:
+            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        compute_dtype = validation.check_compute_dtype(compute_dtype, dtype)
         self.stack = fw.stack(cell, input_size, hidden_size, num_layers=num_layers,
                               bidirectional=bidirectional, bias=bias, nonlinearity=nonlinearity,
                               proj_size=proj_size, forget_bias=forget_bias, dropout=0.0,
-                              bptt_segment=bptt_segment, method=method)
+                              bptt_segment=bptt_segment, method=method,
+                              compute_dtype=compute_dtype)
         self.method = method
-        if dtype is None:
-            dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
         self.layers = fw.init_layers(self.stack, key, dtype)
 
     def torch_names(self) -> list[str]:

@@ -59,14 +59,17 @@ class RNN(nnx.Module):
         time_major: inputs and outputs are ``(T, B, ...)``; default batch-first
             ``(B, T, ...)``, as ``flax.nnx.RNN``.
         deterministic: the initial dropout mode, as ``nnx.Dropout``'s.
-        dtype: the compute dtype. Mixed precision is not implemented yet: only None
-            or ``param_dtype`` (the computation then runs in ``param_dtype``).
+        dtype: the compute dtype, as Flax's: None (the default) computes in
+            ``param_dtype``; ``jnp.bfloat16`` or ``jnp.float16`` runs every step's
+            products and gate math in it while the weights stay ``param_dtype``
+            (mixed precision: ``jaxrnn.RNN``'s ``compute_dtype``, docs/mixed_precision.md);
+            the outputs and the carry are in ``param_dtype``.
         param_dtype: the parameters' dtype.
         rngs: ``nnx.Rngs``; the ``"params"`` stream initialises the weights
             (PyTorch's initialisation), the ``"dropout"`` stream drops.
 
     Raises:
-        NotImplementedError: a ``dtype`` other than None or ``param_dtype``.
+        TypeError: a ``dtype`` that is not floating or is wider than ``param_dtype``.
         ValueError: a bad option, naming it.
     """
 
@@ -77,16 +80,12 @@ class RNN(nnx.Module):
                  bptt_segment: int | None = None, time_major: bool = False,
                  deterministic: bool = False, dtype: Any = None,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if dtype is not None and jnp.dtype(dtype) != jnp.dtype(param_dtype):
-            raise NotImplementedError(
-                f"dtype={jnp.dtype(dtype).name} with param_dtype={jnp.dtype(param_dtype).name}"
-                f": a compute dtype other than the parameters' (mixed precision) is not "
-                f"implemented yet; pass dtype=None")
+        compute_dtype = validation.check_compute_dtype(dtype, param_dtype, name="dtype")
         self.model = fw.stack(cell, in_features, hidden_features, num_layers=num_layers,
                               bidirectional=bidirectional, bias=bias, nonlinearity=nonlinearity,
                               proj_size=proj_size, forget_bias=forget_bias, dropout=dropout,
                               bptt_segment=bptt_segment, method=method,
-                              batch_first=not time_major)
+                              batch_first=not time_major, compute_dtype=compute_dtype)
         self.method = method
         self.time_major = time_major
         self.deterministic = deterministic

@@ -338,6 +338,33 @@ def test_nnx_dropout_follows_train_and_eval():
     assert not np.allclose(c, run(rnn, x, False))
 
 
+# --- mixed precision: the modules' compute dtype is jaxrnn.RNN's -----------------------------
+
+def test_modules_compute_dtype_is_the_library_policy():
+    """NNX's ``dtype`` and Equinox's ``compute_dtype`` run ``RNN(compute_dtype=...)``:
+    the same outputs bit for bit, float32 weights, outputs and state, float32 gradients."""
+    x = jax.random.normal(jax.random.key(1), (2, 5, D), jnp.float32)
+    rnn = jaxrnn.nnx.RNN("gru", D, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    eq = jaxrnn.equinox.RNN("gru", D, H, dtype=jnp.float32, compute_dtype=jnp.bfloat16,
+                            key=jax.random.key(0))
+    lib = jaxrnn.RNN(cell="gru", input_size=D, hidden_size=H, output_size=None,
+                     compute_dtype=jnp.bfloat16)
+    f32_lib = jaxrnn.RNN(cell="gru", input_size=D, hidden_size=H, output_size=None)
+    for layers, out in [(rnn.layers(), rnn(x)),
+                        (eq.layers, jax.vmap(lambda xi: eq(xi)[0])(x))]:
+        params = jaxrnn.RNNParams(layers, None)
+        assert {a.dtype for a in jax.tree.leaves(layers)} == {jnp.dtype(jnp.float32)}
+        want = jnp.swapaxes(lib.apply(params, jnp.swapaxes(x, 0, 1))[0], 0, 1)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(out, want)
+        # and not the float32 computation: the policy is on
+        assert not np.array_equal(out, jnp.swapaxes(
+            f32_lib.apply(params, jnp.swapaxes(x, 0, 1))[0], 0, 1))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(rnn)
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(grads, nnx.Param))} == {
+        jnp.dtype(jnp.float32)}
+
+
 # --- errors name the argument ----------------------------------------------------------------
 
 def test_errors_name_the_argument():
@@ -359,8 +386,9 @@ def test_errors_name_the_argument():
                                          r"\(num_layers\*num_directions, B, hidden_size\) = "
                                          r"\(1, 2, 4\), got shape \(1, 5, 4\)$"):
         rnn(jnp.ones((2, 5, 3)), initial_carry=(jnp.zeros((1, 2, H)), jnp.zeros((1, 5, H))))
-    with pytest.raises(NotImplementedError, match=r"dtype=bfloat16"):
-        jaxrnn.nnx.RNN("lstm", D, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"dtype=float64 is wider than the parameters' dtype "
+                                        r"float32"):
+        jaxrnn.nnx.RNN("lstm", D, H, dtype=jnp.float64, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"method must be one of"):
         jaxrnn.nnx.RNN("lstm", D, H, method="rtrl", rngs=nnx.Rngs(0))
     eq = jaxrnn.equinox.RNN("gru", D, H, key=jax.random.key(0))

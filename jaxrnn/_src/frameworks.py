@@ -27,18 +27,20 @@ TORCH_FIELDS = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih",
 def stack(cell, input_size: int, hidden_size: int, *, num_layers: int, bidirectional: bool,
           bias: bool, nonlinearity: str, proj_size: int | None, forget_bias: float,
           dropout: float, bptt_segment: int | None, method: str,
-          batch_first: bool = False) -> RNN:
+          batch_first: bool = False, compute_dtype=None) -> RNN:
     """The ``jaxrnn.RNN`` (``output_size=None``) whose ``features`` a framework module runs.
 
     Raises:
         ValueError: naming the bad option (``RNN``'s checks, and ``method``).
+        TypeError: a ``compute_dtype`` that is not a floating dtype.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return RNN(cell=cell, input_size=input_size, hidden_size=hidden_size, output_size=None,
                num_layers=num_layers, bidirectional=bidirectional, bias=bias,
                nonlinearity=nonlinearity, proj_size=proj_size or 0, forget_bias=forget_bias,
-               dropout=dropout, bptt_segment=bptt_segment, batch_first=batch_first)
+               dropout=dropout, bptt_segment=bptt_segment, batch_first=batch_first,
+               compute_dtype=compute_dtype)
 
 
 def init_layers(model: RNN, key: jax.Array, dtype) -> tuple:
