@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxrnn_app.defaults import default_text
+from jaxrnn_app.defaults import COMPUTE_DTYPES, default_text
 
 EXIT_USAGE = 2
 
@@ -196,7 +196,7 @@ def cmd_explain(args) -> int:
 CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm")
 
 RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
-               "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
+               "compute_dtype", "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
                "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every", "eval_every",
                "checkpoint_every", "target_loss")
 
@@ -421,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
                    help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
                         "learning (rtrl: one-layer elman only) " + default_text("method"))
+    t.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="mixed precision: each recurrent step's products and gate math in "
+                        "this dtype; the parameters (float32), the state, the gradients and "
+                        "the loss keep theirs; --method bptt or autodiff, without "
+                        "--diagnostics (default: none, the parameters' dtype)")
     t.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=None,
                    help="log per-step gradient norms (dh_first/dh_last/dh_ratio per layer) "
                         "in metrics.jsonl; --method bptt, full BPTT only (--no-diagnostics "

@@ -12,13 +12,16 @@ from typing import Any
 
 TASKS = ("example", "sine", "adding", "charlm")
 
+# ``--compute-dtype``'s values: mixed precision below the parameters' float32.
+COMPUTE_DTYPES = ("bfloat16", "float16")
+
 RUN_DEFAULTS: dict[str, Any] = dict(
     task="example", text=None, cell="elman", hidden=64, proj_size=0, forget_bias=0.0,
     layers=1, bidirectional=False, dropout=0.0, method="bptt", diagnostics=False,
     optimizer="adam", lr=1e-3, schedule="constant", warmup=0, clip=None, batch=32,
     seq_len=50, k1=None, k2=None, bptt_segment=None, steps=1000, seed=0, devices=None,
     log_every=10, eval_every=100, checkpoint_every=500, target_loss=None, dtype="float32",
-    reference_model=False)
+    compute_dtype=None, reference_model=False)
 
 # Per-task defaults, applied to options the user did not give.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {

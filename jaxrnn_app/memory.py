@@ -258,13 +258,17 @@ def estimate_step(model, optimizer, batch: int, seq_len: int, method: str = "bpt
         method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"``.
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (integer targets (T, B)).
         last_only: only the last step is scored.
-        dtype: the parameters' and inputs' floating dtype.
+        dtype: the parameters' and inputs' floating dtype; every term is counted in
+            it, under a ``model.compute_dtype`` (mixed precision) too.
         k1, k2: truncated BPTT: the step runs over windows of ``k2`` (default ``k1``) steps.
         params: the parameters' shapes, if known (default ``abstract_params(model, dtype)``).
 
     Returns:
         A ``MemoryEstimate`` whose ``data`` is the batch (inputs ``(T, B, D)`` and targets).
     """
+    # Under a model.compute_dtype too, every term is counted in the parameters' dtype:
+    # not an upper bound then, but within the guard's tolerance (bfloat16 on the CPU:
+    # 0.69-1.05 of XLA's peak; docs/training.md, "Memory guard").
     dtype = jnp.dtype(dtype)
     s = dtype.itemsize
     if params is None:

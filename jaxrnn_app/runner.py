@@ -52,14 +52,16 @@ from jaxrnn import (RNN, LoopResult, extend, make_optimizer, make_tbptt_step, ma
 from jaxrnn.extend import loss_fn
 from jaxrnn_app import checkpoint as ckpt
 from jaxrnn_app import distributed, memory, sharding
-from jaxrnn_app.defaults import TASK_DEFAULTS
+from jaxrnn_app.defaults import COMPUTE_DTYPES, TASK_DEFAULTS
 from jaxrnn_app.tasks import Task, make_task
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 
 # The fields that define the model and its data: a checkpoint is resumable only
-# under the same values. (The gradient method and ``diagnostics`` are not among
-# them: they change how a step is computed or logged, not what is trained.)
+# under the same values. (The gradient method, ``compute_dtype`` and ``diagnostics``
+# are not among them: they change how a step is computed or logged, not what is
+# trained: the parameters keep ``dtype`` under any compute dtype. The first two are
+# ``RUN_DEFINING``: ``--resume`` refuses to change them.)
 MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
                 "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias")
 # Cell options added later: recorded only when set, so that runs made before them resume.
@@ -73,7 +75,7 @@ _OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
 RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "layers",
                 "bidirectional", "dropout", "method", "optimizer", "lr", "schedule",
                 "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
-                "reference_model")
+                "compute_dtype", "reference_model")
 CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
                         "diagnostics", "target_loss", "devices", "bptt_segment")
 
@@ -89,7 +91,8 @@ OPTION = {"seq_len": "--seq-len", "batch_size": "--batch", "batch": "--batch",
           "forget_bias": "--forget-bias", "num_layers": "--layers", "cell": "--cell",
           "bidirectional": "--bidirectional", "dropout": "--dropout", "method": "--method",
           "optimizer": "--optimizer", "lr": "--lr", "clip": "--clip", "k1": "--k1",
-          "k2": "--k2", "bptt_segment": "--bptt-segment", "diagnostics": "--diagnostics"}
+          "k2": "--k2", "bptt_segment": "--bptt-segment", "diagnostics": "--diagnostics",
+          "compute_dtype": "--compute-dtype"}
 
 
 def option_message(message: str, anywhere: tuple[str, ...] = ()) -> str:
@@ -152,7 +155,8 @@ class RunConfig:
     eval_every: int = 100
     checkpoint_every: int = 500
     target_loss: float | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # the parameters' and the data's
+    compute_dtype: str | None = None  # mixed precision: the recurrent steps' (None: dtype)
     reference_model: bool = False  # example task: the worked example's model and weights
 
     def model_fields(self) -> dict[str, Any]:
@@ -226,10 +230,31 @@ def validate(cfg: RunConfig) -> None:
         if cfg.diagnostics:
             raise RunError("--diagnostics reads the full reverse scan: it is not supported "
                            "with --bptt-segment")
+    if cfg.compute_dtype is not None:
+        _validate_compute_dtype(cfg)
     if cfg.devices is not None and cfg.devices < 1:
         raise RunError(f"--devices must be an integer >= 1, got {cfg.devices}")
     if cfg.reference_model and cfg.task != "example":
         raise RunError("reference_model applies to --task example only")
+
+
+def _validate_compute_dtype(cfg: RunConfig) -> None:
+    """``--compute-dtype``: one of ``COMPUTE_DTYPES``, with a gradient that honours it.
+
+    RTRL and the diagnostics' reverse scans compute in the parameters' dtype whatever
+    the model's ``compute_dtype`` (jaxrnn 0.x): refused here rather than ignored.
+    Whether it is narrower than the parameters is the library's rule
+    (``check_compute_dtype``, on shapes in ``_build``).
+    """
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise RunError(f"--compute-dtype must be one of {COMPUTE_DTYPES} or none, got "
+                       f"{cfg.compute_dtype!r}")
+    if cfg.method == "rtrl":
+        raise RunError(f"--compute-dtype {cfg.compute_dtype} is not supported with --method "
+                       f"rtrl (it computes in the parameters' dtype); use --method bptt")
+    if cfg.diagnostics:
+        raise RunError(f"--compute-dtype {cfg.compute_dtype} is not supported with "
+                       f"--diagnostics (its reverse scans compute in the parameters' dtype)")
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -249,15 +274,33 @@ def build_task(cfg: RunConfig) -> Task:
 
 def make_model(cfg: RunConfig, task: Task) -> RNN:
     """The model of ``cfg`` (a static configuration: no parameters are made)."""
-    if cfg.reference_model:
-        return task.example().model
     try:
+        if cfg.reference_model:
+            return dataclasses.replace(task.example().model, compute_dtype=cfg.compute_dtype)
         return RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
                    output_size=task.output_size, num_layers=cfg.layers,
                    bidirectional=cfg.bidirectional, dropout=cfg.dropout,
                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
-                   bptt_segment=cfg.bptt_segment)
-    except ValueError as e:
+                   bptt_segment=cfg.bptt_segment, compute_dtype=cfg.compute_dtype)
+    except (ValueError, TypeError) as e:  # TypeError: the library's dtype messages
+        raise RunError(option_message(str(e))) from None
+
+
+def check_dtypes(cfg: RunConfig, task: Task, model: RNN) -> None:
+    """The library's dtype rules for ``model`` on the task's inputs (a ``--compute-dtype``
+    no wider than the parameters' dtype), checked on shapes: ``jax.eval_shape`` of
+    ``model.apply`` over one step, where the layer checks them (nothing is computed).
+
+    Raises:
+        RunError: the library's message, naming ``--compute-dtype``.
+    """
+    if model.compute_dtype is None:  # the parameters' dtype throughout: nothing to check
+        return
+    params = jax.eval_shape(lambda: init_params(cfg, task, model))  # shapes: none made
+    xs = jax.ShapeDtypeStruct((1, 1, model.input_size), task.dtype)  # (T, B, D), time-major
+    try:
+        jax.eval_shape(model.apply, params, xs)
+    except (ValueError, TypeError) as e:
         raise RunError(option_message(str(e))) from None
 
 
@@ -602,6 +645,7 @@ def _build(cfg: RunConfig, memory_available: int | None) -> _Built:
     """
     task = build_task(cfg)
     model = make_model(cfg, task)
+    check_dtypes(cfg, task, model)
     optimizer = build_optimizer(cfg)
     step_fn = make_step(cfg, task, model, optimizer)
     if task.last_step_only and cfg.k1 is not None:

@@ -93,6 +93,26 @@ def test_train_bad_input_exit_2(args, match, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--compute-dtype", "float64"], "argument --compute-dtype: invalid choice: 'float64'"),
+    (["--compute-dtype", "bf16"], "argument --compute-dtype: invalid choice: 'bf16'"),
+    (["--compute-dtype", "bfloat16", "--task", "sine", "--cell", "elman", "--method", "rtrl"],
+     "--compute-dtype bfloat16 is not supported with --method rtrl"),
+    (["--compute-dtype", "float16", "--diagnostics"],
+     "--compute-dtype float16 is not supported with --diagnostics"),
+])
+def test_train_compute_dtype_refusals_exit_2(args, match, tmp_path, capsys):
+    """A bad --compute-dtype, or one with a gradient that would ignore it: one line, exit
+    status 2, no traceback, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        sys.exit(main(["train", "--out", str(tmp_path / "r"), "--no-progress", *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxrnn train: error: ") and err.count("\n") == 1, err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_gradcheck_passes(capsys):
     assert main(["gradcheck", "--trials", "2", "--max-seq-len", "8", "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -321,8 +321,10 @@ def test_run_defaults_agree_with_the_help_s_table():
 
 # Pairwise (tests/conftest.py's all_pairs), not a grid: each option absent, given equal
 # to the run's value (spelled another way where it can be), or given different.
-RUN = dict(task="sine", cell="gru", hidden=8, lr=0.01, clip=None, k1=None, batch=4, seq_len=12)
+RUN = dict(task="sine", cell="gru", hidden=8, lr=0.01, clip=None, k1=None, batch=4, seq_len=12,
+           compute_dtype="bfloat16")
 SPELLINGS = {  # option -> (equal to the run's, different, how the different one reads)
+    "compute_dtype": ("bfloat16", "float16", "--compute-dtype float16 (the run has bfloat16)"),
     "lr": (1e-2, 0.1, "--lr 0.1 (the run has 0.01)"),
     "method": ("bptt", "autodiff", "--method autodiff (the run has bptt)"),
     "clip": (None, 1.0, "--clip 1.0 (the run has none)"),
@@ -363,3 +365,95 @@ def test_resume_of_a_run_older_than_a_field(tmp_path):
     assert runner.prepare_resume(out, {"forget_bias": 0.0, "proj_size": 0}).forget_bias == 0.0
     with pytest.raises(runner.RunError, match=r"--forget-bias 1\.0 \(the run has 0\.0\)$"):
         runner.prepare_resume(out, {"forget_bias": 1.0})
+
+
+# --- mixed precision: --compute-dtype -------------------------------------------------
+
+def _compute_dtypes_trained(monkeypatch) -> list:
+    """The ``compute_dtype`` of each model a run makes its train step for (``make_step``)."""
+    seen, make_step = [], runner.make_step
+
+    def spy(cfg, task, model, *args, **kwargs):
+        seen.append(model.compute_dtype)
+        return make_step(cfg, task, model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "make_step", spy)
+    return seen
+
+
+def test_compute_dtype_trains_is_recorded_and_resumes(tmp_path, capsys, monkeypatch):
+    """--compute-dtype bfloat16 reaches the trained model (step 1's loss, from the same
+    parameters and batch, is not float32's), config.json records it, --resume rebuilds
+    the bfloat16 model without being told and refuses another compute dtype."""
+    seen = _compute_dtypes_trained(monkeypatch)
+    bf16, f32 = tmp_path / "bf16", tmp_path / "f32"
+    args = [*TINY, "--log-every", "1", "--checkpoint-every", "2", "--steps", "2"]
+    assert main(["train", *args, "--compute-dtype", "bfloat16", "--out", str(bf16)]) == 0
+    assert main(["train", *args, "--out", str(f32)]) == 0
+    assert seen == ["bfloat16", None]
+    assert json.loads((bf16 / "config.json").read_text())["compute_dtype"] == "bfloat16"
+    assert json.loads((f32 / "config.json").read_text())["compute_dtype"] is None
+    first_bf16, first_f32 = losses(bf16)[1], losses(f32)[1]
+    assert first_bf16 != first_f32 and abs(first_bf16 - first_f32) < 0.05 * first_f32
+
+    assert main(["train", "--resume", "--out", str(bf16), "--steps", "4", "--no-progress"]) == 0
+    assert seen[-1] == "bfloat16" and sorted(losses(bf16)) == [1, 2, 3, 4]
+    assert json.loads((bf16 / "config.json").read_text())["compute_dtype"] == "bfloat16"
+    cfg = runner.prepare_resume(bf16, {"compute_dtype": None, "steps": 6})
+    assert runner.make_model(cfg, runner.build_task(cfg)).compute_dtype == "bfloat16"
+
+    before = snapshot(bf16)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(bf16), "--steps", "6",
+                 "--compute-dtype", "float16"]) == 2
+    assert capsys.readouterr().err == (
+        f"jaxrnn train: error: --resume: these options differ from the run in {bf16}: "
+        f"--compute-dtype float16 (the run has bfloat16)\n")
+    assert main(["train", "--resume", "--out", str(f32), "--steps", "6",
+                 "--compute-dtype", "bfloat16"]) == 2
+    assert "--compute-dtype bfloat16 (the run has none)\n" in capsys.readouterr().err
+    assert snapshot(bf16) == before
+
+
+def test_compute_dtype_reaches_evaluation_and_sampling(tmp_path, capsys, monkeypatch):
+    """A charlm run with --compute-dtype bfloat16 evaluates and samples with the bfloat16
+    model, and so does `jaxrnn sample` on it (the model rebuilt from config.json)."""
+    import jaxrnn
+
+    used = []
+    evaluator, sample = runner._evaluator, jaxrnn.sample
+    monkeypatch.setattr(runner, "_evaluator", lambda task, model, mesh: (
+        used.append(("evaluate", model.compute_dtype)) or evaluator(task, model, mesh)))
+    monkeypatch.setattr(jaxrnn, "sample", lambda model, *a, **kw: (
+        used.append(("sample", model.compute_dtype)) or sample(model, *a, **kw)))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "r"
+    assert main(["train", "--task", "charlm", "--text", str(text), "--hidden", "8",
+                 "--seq-len", "8", "--batch", "4", "--steps", "1", "--eval-every", "1",
+                 "--compute-dtype", "bfloat16", "--no-progress", "--out", str(out)]) == 0
+    assert "eval_bpc" in rows(out)[0]
+    assert main(["sample", "--out", str(out), "--length", "10", "--prompt", "the "]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("the ")
+    assert used == [("evaluate", "bfloat16"), ("sample", "bfloat16"), ("sample", "bfloat16")]
+
+
+@pytest.mark.parametrize("dtype, compute_dtype", [("bfloat16", "float16"),
+                                                  ("float16", "bfloat16")])
+def test_compute_dtype_wider_than_the_parameters_refused_before_anything_is_written(
+        tmp_path, dtype, compute_dtype):
+    """The library's rule (a compute dtype no wider than the parameters'), checked on
+    shapes before the run directory is made; the message names --compute-dtype. (The
+    command line's parameters are float32, which both of its compute dtypes are narrower
+    than: runner.build_config's ``dtype`` reaches this.)"""
+    cfg = runner.build_config(**SMALL, steps=2, dtype=dtype, compute_dtype=compute_dtype)
+    with pytest.raises(runner.RunError, match=(
+            rf"^--compute-dtype={compute_dtype} is wider than the parameters' dtype {dtype}")):
+        runner.run(cfg, tmp_path / "r", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
+
+
+def test_compute_dtype_range_is_the_command_s():
+    with pytest.raises(runner.RunError, match=r"^--compute-dtype must be one of \('bfloat16', "
+                                              r"'float16'\) or none, got 'int8'$"):
+        runner.build_config(**SMALL, compute_dtype="int8")
