@@ -291,6 +291,57 @@ def test_reverse_mode_runs_the_handwritten_reverse_scan(framework):
     assert (H, 4 * H) in found["autodiff"] or (4 * H, H) in found["autodiff"], found
 
 
+def scan_carry_shapes(closed_jaxpr) -> list:
+    """The shapes of every ``lax.scan``'s carry, nested jaxprs included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
+                found.extend(v.aval.shape for v in eqn.invars[k:k + n])
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+def test_vmap_over_examples_runs_one_layer_over_all_of_them():
+    """``jax.vmap`` of the Equinox module over 5 sequences: the layer's scans carry
+    (5, H), one layer over all the rows (the hijax batch rule folds the mapped axis
+    into the batch), not 5 per-example layers carrying (5, 1, H); per-example
+    gradients (``vmap`` of ``grad``) still equal autodiff's."""
+    rnn = jaxrnn.equinox.RNN("lstm", D, H, num_layers=2, dtype=F64, key=jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (5, 6, D), F64)
+    lengths = jnp.array([6, 2, 4, 1, 5])
+    params, static = eqx.partition(rnn, eqx.is_inexact_array)
+
+    def loss(p, xs, lengths):
+        ys, (h, c) = jax.vmap(lambda x, n: eqx.combine(p, static)(x, length=n))(xs, lengths)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(c ** 2)
+
+    shapes = scan_carry_shapes(jax.make_jaxpr(jax.grad(loss))(params, xs, lengths))
+    assert (5, H) in shapes and not [s for s in shapes if s[-2:] == (1, H)], shapes
+    rnn_auto = jaxrnn.equinox.RNN("lstm", D, H, num_layers=2, dtype=F64, method="autodiff",
+                                  key=jax.random.key(0))
+    per_example = {}
+    for name, model in (("bptt", rnn), ("autodiff", rnn_auto)):
+        p, st = eqx.partition(model, eqx.is_inexact_array)
+        one = lambda p, x, n: loss_one(eqx.combine(p, st), x, n)  # noqa: E731
+        per_example[name] = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))(
+            p, xs, lengths).layers  # (5, ...) each: one gradient per example
+    assert_trees_rel_close(per_example["bptt"], per_example["autodiff"], RTOL)
+
+
+def loss_one(model, x, n):
+    ys, (h, c) = model(x, length=n)
+    return jnp.sum(jnp.sin(ys)) + jnp.sum(c ** 2)
+
+
 # --- ensembles by vmap -------------------------------------------------------------------
 
 def test_nnx_ensemble_by_vmap_equals_each_member():

@@ -16,7 +16,9 @@ carries both rules:
     (\dot{carry}_t, \dot{h}_t) = \frac{\partial\, \mathrm{step}}{\partial (params, carry, xp)}
     \cdot (\dot{params}, \dot{carry}_{t-1}, \dot{xp}_t)
 
-- ``vmap``: every output is batched on axis 0 (hijax's ``VmapOf`` vmaps the rules).
+- ``vmap`` over the data (unmapped parameters): the mapped axis merged into the
+  layer's batch axis, one layer over ``V*B`` rows (``HiLayer.batch``); an ensemble
+  (mapped parameters) vmaps the rules (hijax's ``VmapOf``).
 
 hijax is experimental: it is used only on the jax versions in ``SUPPORTED``, and
 only when ``JAXRNN_BPTT_RULE=hijax`` (``scan.bptt_rule``).
@@ -25,6 +27,7 @@ only when ``JAXRNN_BPTT_RULE=hijax`` (``scan.bptt_rule``).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 SUPPORTED = ((0, 10), (0, 11))  # [lowest, first unsupported) jax (major, minor)
 
@@ -94,9 +97,45 @@ class HiLayer(VJPHiPrimitive):
     def linearized(self, f_jvp, tp, tx, tc, tmask):
         return f_jvp(*_instantiate((tp, tx, tc)))
 
-    # -- vmap: every output batched on axis 0 ----------------------------------------------
+    # -- vmap: the mapped axis folded into the layer's batch --------------------------------
+    def batch(self, axis_data, args, dims):
+        """``jax.vmap`` over examples: one layer over ``V*B`` rows, not ``V`` layers.
+
+        With the parameters unmapped (a model vmapped over its data, as Equinox runs
+        a batch), the rows of a layer are independent, so the mapped axis ``V`` is
+        merged into the batch axis ``B``: ``xs (T, B, D)`` mapped becomes ``(T, V*B,
+        D)``, each carry ``(V*B, H)``, the mask ``(T, V*B)``, and the layer runs
+        once; its reverse scan then forms each weight gradient as one product over
+        all ``T*V*B`` rows, which is the sum over the mapped axis that ``vmap``'s
+        transpose wants for an unmapped input. Mapped parameters (an ensemble), or a
+        vmap over a mesh axis, take hijax's default, the rules vmapped.
+        """
+        params_dims, xs_dim, carry_dims, mask_dim = dims
+        mapped_params = any(d is not None for d in jax.tree.leaves(params_dims))
+        if mapped_params or axis_data.spmd_name or axis_data.explicit_mesh_axis:
+            return super().batch(axis_data, args, dims)
+        params, xs, carry0, mask = args
+        V = axis_data.size
+        xs = _fold(xs, xs_dim, 1, V)  # (T, V*B, D)
+        carry0 = jax.tree.map(lambda c, d: _fold(c, d, 0, V), carry0, carry_dims)
+        mask = None if mask is None else _fold(mask, mask_dim, 1, V)
+        hs, carry_T = hi_layer(self.primal, self.fwd, self.bwd, self.static,
+                               params, xs, carry0, mask)
+        unfold = lambda a, axis: a.reshape(a.shape[:axis] + (V, -1) + a.shape[axis + 1:])  # noqa: E731
+        return ((unfold(hs, 1), jax.tree.map(lambda c: unfold(c, 0), carry_T)),
+                (1, jax.tree.map(lambda _: 0, carry_T)))
+
     def batch_dim_rule(self, axis_data, dims):
+        """hijax's default (``VmapOf``, the rules vmapped): every output mapped on axis 0."""
         return jax.tree.map(lambda _: 0, self.out_aval)
+
+
+def _fold(a, dim, axis: int, size: int):
+    """``a`` with its mapped axis ``dim`` (None: unmapped, broadcast to ``size``) merged
+    into its batch axis ``axis``, mapped-major: ``(..., V*B, ...)``."""
+    a = jnp.broadcast_to(a[None], (size,) + a.shape) if dim is None else jnp.moveaxis(a, dim, 0)
+    a = jnp.moveaxis(a, 0, axis)  # (..., V, B, ...)
+    return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
 
 
 def hi_layer(primal, fwd, bwd, static, params, xs, carry0, mask):
