@@ -12,6 +12,7 @@ from jaxrnn._src.rtrl import MAX_SENSITIVITY_ELEMENTS, check_model, sensitivity_
 from jaxrnn._src.scan import (METHODS, BackwardTrace, BufferPlan, ForwardTrace, backward_plan,
                               backward_scan, forward_scan, lean_bptt_layer, project_inputs,
                               sum_outer)
+from jaxrnn._src.validation import check_compute_dtype
 from jaxrnn._src.train import (TRAIN_METHODS, StepFn, check_train_options, check_truncation,
                                clip_recurrent, truncation_windows)
 
@@ -39,6 +40,7 @@ __all__ = [
     "StepFn",
     "check_train_options",
     "check_truncation",
+    "check_compute_dtype",
     "clip_recurrent",
     "truncation_windows",
     # RTRL

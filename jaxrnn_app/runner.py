@@ -241,8 +241,9 @@ def validate(cfg: RunConfig) -> None:
 def _validate_compute_dtype(cfg: RunConfig) -> None:
     """``--compute-dtype``: one of ``COMPUTE_DTYPES``, with a gradient that honours it.
 
-    RTRL and the diagnostics' reverse scans compute in the parameters' dtype whatever
-    the model's ``compute_dtype`` (jaxrnn 0.x): refused here rather than ignored.
+    RTRL computes in the parameters' dtype (the library refuses a compute dtype with
+    it too): refused here, before anything is written. The diagnostics' scans follow
+    the model's compute dtype.
     Whether it is narrower than the parameters is the library's rule
     (``check_compute_dtype``, on shapes in ``_build``).
     """
@@ -252,9 +253,6 @@ def _validate_compute_dtype(cfg: RunConfig) -> None:
     if cfg.method == "rtrl":
         raise RunError(f"--compute-dtype {cfg.compute_dtype} is not supported with --method "
                        f"rtrl (it computes in the parameters' dtype); use --method bptt")
-    if cfg.diagnostics:
-        raise RunError(f"--compute-dtype {cfg.compute_dtype} is not supported with "
-                       f"--diagnostics (its reverse scans compute in the parameters' dtype)")
 
 
 def build_task(cfg: RunConfig) -> Task:

@@ -98,12 +98,10 @@ def test_train_bad_input_exit_2(args, match, tmp_path, capsys):
     (["--compute-dtype", "bf16"], "argument --compute-dtype: invalid choice: 'bf16'"),
     (["--compute-dtype", "bfloat16", "--task", "sine", "--cell", "elman", "--method", "rtrl"],
      "--compute-dtype bfloat16 is not supported with --method rtrl"),
-    (["--compute-dtype", "float16", "--diagnostics"],
-     "--compute-dtype float16 is not supported with --diagnostics"),
 ])
 def test_train_compute_dtype_refusals_exit_2(args, match, tmp_path, capsys):
-    """A bad --compute-dtype, or one with a gradient that would ignore it: one line, exit
-    status 2, no traceback, nothing written."""
+    """A bad --compute-dtype, or one with RTRL (float32 only): one line, exit status 2,
+    no traceback, nothing written."""
     with pytest.raises(SystemExit) as e:
         sys.exit(main(["train", "--out", str(tmp_path / "r"), "--no-progress", *args]))
     assert e.value.code == 2

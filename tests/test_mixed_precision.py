@@ -191,3 +191,28 @@ def test_bad_compute_dtypes_and_mismatched_dtypes_name_the_argument():
                                         r"its carry in the parameters' dtype float32"):
         jaxrnn.layer(cell, p, jnp.ones((4, 2, 3), bf16), cell.zero_carry(2, 4, bf16),
                      compute_dtype=bf16)
+
+
+def test_diagnostics_follow_the_compute_dtype_and_rtrl_refuses_it():
+    """``gradient_diagnostics`` runs the same bf16 scans as the model's layers: its
+    gradients are ``loss_and_grad``'s (bptt) to float32 rounding, not the float32
+    model's; ``method="rtrl"`` (float32 only) refuses a compute dtype in one line."""
+    T, B = 20, 4
+    kw = dict(cell="gru", input_size=3, hidden_size=8, output_size=2, num_layers=2,
+              bidirectional=True)
+    mixed = jaxrnn.RNN(**kw, compute_dtype=jnp.bfloat16)
+    params = mixed.init(jax.random.key(0), f32)
+    xs, ys = _data(mixed, T, B)
+    lengths = jnp.array([20, 5, 11, 1])
+    diag = jaxrnn.gradient_diagnostics(mixed, params, xs, ys, lengths=lengths)
+    _, want = mixed.loss_and_grad(params, xs, ys, lengths=lengths)
+    _, plain = jaxrnn.RNN(**kw).loss_and_grad(params, xs, ys, lengths=lengths)
+    errs = [_rel(a, b) for a, b in zip(jax.tree.leaves(diag.grads), jax.tree.leaves(want))]
+    assert max(errs) < 1e-5, errs
+    assert max(_rel(a, b) for a, b in zip(jax.tree.leaves(diag.grads),
+                                          jax.tree.leaves(plain))) > 1e-3  # the policy is on
+    elman = jaxrnn.RNN(cell="elman", input_size=3, hidden_size=4, output_size=2,
+                       compute_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"^method='rtrl' computes in the parameters' dtype: "
+                                         r"compute_dtype='bfloat16' is not supported"):
+        elman.loss_and_grad(elman.init(jax.random.key(0)), xs, ys[..., :2], method="rtrl")

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.cells import CellParams, Outer
-from jaxrnn._src.model import RNN, RNNParams, State, sequence_mask
+from jaxrnn._src.model import RNN, RNNParams, State, params_dtype, sequence_mask
 from jaxrnn._src.names import LossName
 from jaxrnn._src.scan import backward_scan, forward_scan
 from jaxrnn._src.stack import layer_suffix, reverse_sequences, run_stack
@@ -125,7 +125,9 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
     cell = model.cell_fn
     H, nd, L = model.layer_output_size, model.num_directions, model.num_layers
     mask = sequence_mask(lengths, T)
-    carries0 = model.initial_carries(state, B, xs.dtype)  # one carry per (layer, direction)
+    # one carry per (layer, direction), in the parameters' dtype (as the model's layers)
+    carries0 = model.initial_carries(state, B, params_dtype(params))
+    policy = model.compute_dtype  # mixed precision: the scans cast as the model's layers do
 
     def order(a, d):
         """Scan order <-> original order (the per-sequence reversal is its own inverse)."""
@@ -133,7 +135,7 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
 
     # --- forward: the model's layer walk, keeping each direction's ForwardTrace ----
     def direction(l, d, p, x, carry0):
-        return forward_scan(cell, p, x, carry0, mask)
+        return forward_scan(cell, p, x, carry0, mask, compute_dtype=policy)
 
     run = run_stack(direction, params.layers, xs, carries0, lengths, model.dropout, dropout_key)
     h, inputs, traces, keeps = run.h, run.inputs, run.kept, run.keeps
@@ -160,7 +162,7 @@ def _walk(model: RNN, loss: str, last_only: bool, params: RNNParams, xs, targets
             dcarry_T = tuple(jnp.zeros_like(c) for c in carries0[i])  # the loss ignores h_T
             dp, dxs_d, _, bt = backward_scan(cell, p, order(inputs[l], d), carries0[i],
                                              traces[l][d], order(dh_d, d), dcarry_T, mask,
-                                             with_trace=True)
+                                             with_trace=True, compute_dtype=policy)
             dx = dx + order(dxs_d, d)  # both directions read the same input
             h_prev = _shift(carries0[i][0], traces[l][d].carries[0])  # h_{t-1}, scan order
             dh_t = order(bt.dh, d)

@@ -92,7 +92,8 @@ def check_model(model, batch: int | None = None, state_grad: bool = False,
         max_elements: the limit on the sensitivities' elements.
 
     Raises:
-        ValueError: another cell, ``num_layers`` > 1, ``bidirectional``, or (with
+        ValueError: another cell, ``num_layers`` > 1, ``bidirectional``, a
+            ``compute_dtype``, or (with
             ``batch``) sensitivities above ``max_elements``; the message says why and
             suggests ``method='bptt'``.
     """
@@ -105,6 +106,10 @@ def check_model(model, batch: int | None = None, state_grad: bool = False,
     if model.bidirectional:
         raise ValueError("method='rtrl' runs forward in time: bidirectional=True is not "
                          "supported; use method='bptt'")
+    if model.compute_dtype is not None:
+        raise ValueError(f"method='rtrl' computes in the parameters' dtype: "
+                         f"compute_dtype={model.compute_dtype!r} is not supported; use "
+                         f"method='bptt'")
     if batch is None:
         return
     n = sensitivity_size(batch, model.input_size, model.hidden_size, model.bias, state_grad)
