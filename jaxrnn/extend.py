@@ -11,7 +11,7 @@ from jaxrnn._src.model import loss_fn
 from jaxrnn._src.rtrl import MAX_SENSITIVITY_ELEMENTS, check_model, sensitivity_size
 from jaxrnn._src.scan import (METHODS, BackwardTrace, BufferPlan, ForwardTrace, backward_plan,
                               backward_scan, forward_scan, lean_bptt_layer, project_inputs,
-                              sum_outer)
+                              sum_outer, tangent_scan)
 from jaxrnn._src.validation import check_compute_dtype
 from jaxrnn._src.train import (TRAIN_METHODS, StepFn, check_train_options, check_truncation,
                                clip_recurrent, truncation_windows)
@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "forward_scan",
     "backward_scan",
+    "tangent_scan",
     "ForwardTrace",
     "BackwardTrace",
     "project_inputs",

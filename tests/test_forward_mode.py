@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import assert_trees_rel_close, weight_accumulating_scans
+import jaxrnn
 from jaxrnn import RNN
 from jaxrnn._src import hiscan, scan
 from jaxrnn.extend import CELLS
@@ -97,3 +98,46 @@ def test_custom_vjp_path_still_refuses_forward_mode(monkeypatch):
     monkeypatch.setenv("JAXRNN_BPTT_RULE", "bogus")
     with pytest.raises(ValueError, match="JAXRNN_BPTT_RULE"):
         scan.bptt_rule()
+
+
+def test_forward_mode_runs_the_cells_tangent_step():
+    """``jax.jvp`` through ``method="bptt"`` runs ``Cell.tangent_step`` (the tangent
+    scan), not ``jax.jvp`` of the forward scan: a cell whose tangent step is off by a
+    factor gives an off tangent, while its gradient (the backward step) stays right."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaledTangent(jaxrnn.Elman):
+        def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+            (dh,) = super().tangent_step(params, carry_prev, xp, carry, res, dparams,
+                                         dcarry_prev, dxp)
+            return (2.0 * dh,)
+
+    model = RNN(cell=ScaledTangent(), input_size=D, hidden_size=H, output_size=O)
+    params = model.init(jax.random.key(0), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float64)
+    tx = jax.random.normal(jax.random.key(2), xs.shape, jnp.float64)
+    out = {m: jax.jvp(lambda x: model.apply(params, x, method=m)[0], (xs,), (tx,))[1]
+           for m in ("bptt", "autodiff")}
+    assert float(jnp.max(jnp.abs(out["bptt"] - out["autodiff"]))) > 0.1
+    loss = {m: jax.grad(lambda x: jnp.sum(model.apply(params, x, method=m)[0] ** 2))(xs)
+            for m in ("bptt", "autodiff")}
+    assert_trees_rel_close(loss["bptt"], loss["autodiff"], TOL)
+
+
+def test_linearize_and_jacfwd_under_vmap_equal_autodiff():
+    """``jax.linearize`` inside and outside ``jax.vmap`` (the batch rule folds the
+    mapped axis into the layer's batch) and ``vmap`` of ``jacfwd``, float64."""
+    model = RNN(cell="gru", input_size=D, hidden_size=H, output_size=O)
+    params = model.init(jax.random.key(0), jnp.float64)
+    xs = jax.random.normal(jax.random.key(1), (4, T, 1, D), jnp.float64)  # 4 mapped sequences
+    tx = jax.random.normal(jax.random.key(2), xs.shape, jnp.float64)
+    lengths = jnp.array([T - 2])
+    res = {}
+    for method in ("bptt", "autodiff"):
+        f = lambda x: model.apply(params, x, lengths=lengths, method=method)[0]  # noqa: E731
+        inside = jax.vmap(lambda x, t: jax.linearize(f, x)[1](t))(xs, tx)
+        outside = jax.linearize(jax.vmap(f), xs)[1](tx)
+        jac = jax.vmap(jax.jacfwd(lambda x: jnp.sum(f(x) ** 2)))(xs)
+        res[method] = (inside, outside, jac)
+    assert_trees_rel_close(res["bptt"], res["autodiff"], TOL)

@@ -143,7 +143,7 @@ def test_check_cell_passes_every_built_in_cell(name):
     report = check_cell(cell)
     assert report.ok and report.max_rel_error <= BPTT_RTOL, str(report)
     outputs = {r.output for r in report.rows}
-    assert {"dgi", "dcarry_prev[0]", "dxs", "w_ih"} <= outputs
+    assert {"dgi", "dcarry_prev[0]", "dxs", "w_ih", "tangent dcarry[0]", "tangent dhs"} <= outputs
     # every parameter field of the cell was compared over the sequence
     params = cell.init(jax.random.key(0), 3, 4, True, jnp.float32)
     compared = {r.output for r in report.rows if r.check == "sequence"}
@@ -168,6 +168,25 @@ def test_check_cell_tells_a_wrong_backward_step(readme):
     assert any("| step | dcarry_prev[1] |" in line for line in wrong)
     assert all("| step | dgi |" not in line for line in wrong)  # dgi is still right
     assert "FAIL" in text
+
+
+def test_check_cell_tells_a_wrong_tangent_step():
+    """A tangent step that forgets the forget gate's tangent (df c_{t-1}): the tangent
+    rows fail, the backward rows still pass."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WrongTangentLSTM(jaxrnn.LSTM):
+        def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+            dh, dc = super().tangent_step(params, carry_prev, xp, carry, res, dparams,
+                                          dcarry_prev, dxp)
+            H = dc.shape[-1]
+            f = res[..., H:2 * H]
+            return dh, dc - 0.5 * f * dcarry_prev[1]  # half of f dc_{t-1} missing
+
+    report = check_cell(WrongTangentLSTM())
+    wrong = {r.output for r in report.rows if r.rel_error > 1e-3}
+    assert {"tangent dcarry[1]", "tangent dhs"} <= wrong, str(report)
+    assert all(o.startswith("tangent") for o in wrong) and not report.ok
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-r"""``check_cell``: a cell's handwritten ``backward_step`` against ``jax.vjp`` of its ``step``.
+r"""``check_cell``: a cell's handwritten ``backward_step`` against ``jax.vjp`` of its ``step``,
+and its ``tangent_step`` against ``jax.jvp``.
 
 Two checks, in float64, at random parameters (``init``'s, each entry moved by
 0.3 times a standard normal, so that gains starting at 1 are not 1), carries and
@@ -9,10 +10,13 @@ inputs:
   carry: ``dcarry_prev`` (each part), ``dgi`` (the cotangent of ``xp_t``), and the
   gradient of every parameter the step reads (``w_hh`` from ``dgh^T h_{t-1}``,
   ``b_hh`` from ``dgh`` when it is not folded, the cell's own fields from its
-  fourth value);
+  fourth value); and ``tangent_step`` against ``jax.jvp`` of ``step`` at random
+  tangents of the parameters, the carry and ``xp_t`` (``dcarry`` rows);
 * **a sequence**: the generic reverse scan (``scan.backward_scan``) against
   ``jax.vjp`` of the forward scan over a short batch of sequences of mixed lengths,
-  for every parameter, the inputs and the initial carry.
+  for every parameter, the inputs and the initial carry; and the tangent scan
+  (``scan.tangent_scan``) against ``jax.jvp`` of the forward scan (``dhs``,
+  ``dcarry_T``).
 
 The two agree in exact arithmetic; in float64 a right backward step gives relative
 errors near 1e-15 and a wrong one errors of order one.
@@ -28,7 +32,7 @@ import numpy as np
 
 from jaxrnn._src.cells import Cell, Outer, check_cell_class
 from jaxrnn._src.scan import (param_fields, backward_scan, check_backward_step, check_step,
-                         forward_scan)
+                              forward_scan, tangent_scan)
 
 TOL = 1e-10  # what a right backward step meets in float64
 
@@ -60,7 +64,8 @@ class CellReport(NamedTuple):
         return self.max_rel_error <= TOL
 
     def __str__(self) -> str:
-        head = f"check_cell({self.cell}): handwritten backward_step vs jax.vjp, float64"
+        head = (f"check_cell({self.cell}): handwritten backward_step vs jax.vjp, "
+                f"tangent_step vs jax.jvp, float64")
         lines = [head, "", "| check | output | shape | max abs error | rel error | |",
                  "|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -130,7 +135,32 @@ def _step_rows(cell: Cell, params, carry_prev, xp, key) -> list:
     rows.append(_row("step", "dgi", h_dgi, d_xp))
     for label, g in grads.items():  # the label starts with the field's name
         rows.append(_row("step", label, g, getattr(d_params, label.split(" ")[0])))
-    return rows
+    return rows + _tangent_step_rows(cell, params, carry_prev, xp, key)
+
+
+def _tangent_step_rows(cell: Cell, params, carry_prev, xp, key) -> list:
+    """One step, forward mode: ``tangent_step`` against ``jax.jvp`` of ``step``."""
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 1), 3)
+    tangents = (_normal_like(k1, params), _normal_like(k2, carry_prev), _normal_like(k3, xp))
+
+    @jax.jit
+    def one_step(params, carry_prev, xp, tangents):
+        dparams, dcarry_prev, dxp = tangents
+        step = lambda p, c, x: cell.step(p, c, x)[0]  # noqa: E731
+        auto = jax.jvp(step, (params, carry_prev, xp), tangents)[1]
+        carry, res = cell.step(params, carry_prev, xp)
+        hand = cell.tangent_step(params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp)
+        return auto, tuple(hand)
+
+    auto, hand = one_step(params, carry_prev, xp, tangents)
+    _check_like_carry(cell, hand, auto)
+    return [_row("step", f"tangent dcarry[{i}]", h, a) for i, (h, a) in enumerate(zip(hand, auto))]
+
+
+def _check_like_carry(cell: Cell, hand, auto) -> None:
+    if len(hand) != len(auto) or any(h.shape != a.shape for h, a in zip(hand, auto)):
+        raise ValueError(f"{type(cell).__name__}.tangent_step must return the carry's tangent, "
+                         f"shapes {[a.shape for a in auto]}, got {[h.shape for h in hand]}")
 
 
 def _sequence_rows(cell: Cell, params, carry_prev, input_size: int, seq_len: int, xs_key,
@@ -158,21 +188,30 @@ def _sequence_rows(cell: Cell, params, carry_prev, input_size: int, seq_len: int
         dcarry_T = _normal_like(k2, carry_T)
         _, _, trace = forward_scan(cell, params, xs, carry0, mask)
         hand = backward_scan(cell, params, xs, carry0, trace, dhs, dcarry_T, mask)
-        return fvjp((dhs, dcarry_T)), hand
+        # forward mode: the tangent scan against jax.jvp, at the cotangents as tangents
+        t_params, t_xs, t_c0 = jax.tree.map(lambda a: a * 0.5 + 0.1, (params, xs, carry0))
+        auto_t = jax.jvp(forward, (params, xs, carry0), (t_params, t_xs, t_c0))[1]
+        hand_t = tangent_scan(cell, params, xs, carry0, trace, t_params, t_xs, t_c0, mask)
+        return fvjp((dhs, dcarry_T)), hand, auto_t, hand_t
 
-    (a_params, a_xs, a_c0), (h_params, h_xs, h_c0) = sequence(params, xs, carry_prev, cot_key)
+    (a_params, a_xs, a_c0), (h_params, h_xs, h_c0), auto_t, hand_t = sequence(
+        params, xs, carry_prev, cot_key)
     for f in fields:
         if getattr(params, f) is not None:
             rows.append(_row("sequence", f, getattr(h_params, f), getattr(a_params, f)))
     rows.append(_row("sequence", "dxs", h_xs, a_xs))
     rows += [_row("sequence", f"dcarry0[{i}]", a, b) for i, (a, b) in
              enumerate(zip(h_c0, a_c0))]
+    rows.append(_row("sequence", "tangent dhs", hand_t[0], auto_t[0]))
+    rows += [_row("sequence", f"tangent dcarry_T[{i}]", h, a) for i, (h, a) in
+             enumerate(zip(hand_t[1], auto_t[1]))]
     return rows
 
 
 def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: int = 3,
                seq_len: int = 5, seed: int = 0) -> CellReport:
-    """Checks ``cell``'s ``backward_step`` against ``jax.vjp`` of its ``step``, in float64.
+    """Checks ``cell``'s ``backward_step`` against ``jax.vjp`` of its ``step`` and its
+    ``tangent_step`` against ``jax.jvp``, in float64.
 
     Args:
         cell: a ``jaxrnn.Cell`` instance (a built-in one or a user's).
@@ -186,8 +225,8 @@ def check_cell(cell: Cell, *, input_size: int = 3, hidden_size: int = 4, batch: 
         A ``CellReport``: ``.max_rel_error``, ``.ok``, ``.rows``; ``print`` it for the table.
 
     Raises:
-        ValueError: ``cell`` is not a usable ``Cell``, or its ``step`` or
-            ``backward_step`` returns the wrong structure or shapes (the message
+        ValueError: ``cell`` is not a usable ``Cell``, or its ``step``,
+            ``backward_step`` or ``tangent_step`` returns the wrong structure or shapes (the message
             names the output, the expected and the actual shape).
     """
     check_cell_class(cell)

@@ -120,6 +120,17 @@ class Cell:
 
     The weight matrices' gradients are never formed per step: that is what keeps
     the large products out of the loop.
+
+    **Forward mode** (optional). ``tangent_step(params, carry_prev, xp, carry, res,
+    dparams, dcarry_prev, dxp) -> dcarry`` is ``step``'s directional derivative:
+    the tangent of ``carry_t`` given the tangents of the parameters, of
+    ``carry_{t-1}`` and of ``xp_t`` (the scan forms ``dxp_t`` from those of ``x_t``,
+    ``W_ih`` and the biases, for all steps at once), reading the stored ``carry_t``
+    and residuals as ``backward_step`` does. ``jax.jvp``, ``jax.linearize`` and
+    ``jax.jacfwd`` through ``method="bptt"`` run it in the tangent scan. The default
+    is ``jax.jvp`` of ``step`` (exact, recomputing the step); the built-in cells
+    write theirs by hand, and ``jaxrnn.check_cell`` checks either against
+    ``jax.jvp``.
     """
 
     name: ClassVar[str] = "cell"
@@ -187,9 +198,32 @@ class Cell:
             gh = gh + params.b_hh
         return gh
 
+    def recurrent_tangent(self, params: CellParams, h_prev: jax.Array, dparams: CellParams,
+                          dh_prev: jax.Array) -> jax.Array:
+        """The tangent of ``recurrent_preactivation``: ``dh_{t-1} W_hh^T + h_{t-1} dW_hh^T``
+        (``+ db_hh`` unless folded), (B, G*H), in the weights' dtype as the product is."""
+        w = params.w_hh
+        h_prev, dh_prev = (a if a.dtype == w.dtype else a.astype(w.dtype) for a in (h_prev, dh_prev))
+        dgh = dh_prev @ w.T + h_prev @ dparams.w_hh.T  # product rule on h_{t-1} W_hh^T
+        if params.b_hh is not None and not self.fold_recurrent_bias:
+            dgh = dgh + dparams.b_hh  # + b_hh
+        return dgh
+
     def step(self, params: CellParams, carry: Carry, xp: jax.Array):
         """One step of the recurrence: ``(carry, xp_t (B, G*H)) -> (carry, residuals)``."""
         raise NotImplementedError(f"{type(self).__name__} must define step")
+
+    def tangent_step(self, params: CellParams, carry_prev: Carry, xp: jax.Array, carry: Carry,
+                     res, dparams: CellParams, dcarry_prev: Carry, dxp: jax.Array) -> Carry:
+        """Forward-mode derivative of ``step``: the tangent of ``carry_t``.
+
+        The default is ``jax.jvp`` of ``step`` at ``(params, carry_prev, xp)`` (it
+        recomputes the step and ignores ``carry`` and ``res``); a cell may write its
+        own from the stored carry and residuals, as ``backward_step`` reads them.
+        """
+        step = lambda p, c, x: self.step(p, c, x)[0]  # noqa: E731
+        return jax.jvp(step, (params, tuple(carry_prev), xp),
+                       (dparams, tuple(dcarry_prev), dxp))[1]
 
     def backward_step(self, params: CellParams, carry_prev: Carry, carry: Carry, res,
                       dcarry: Carry):
@@ -265,6 +299,13 @@ class Elman(Cell):
             da = jnp.where(h > 0, dh, 0)  # back through relu: relu'(a) = [a > 0] = [h > 0]
         dh_next = da @ params.w_hh  # dL/dh_{t-1} through a_t = ... + W_hh h_{t-1}
         return (dh_next,), da, da
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev,), (h,), (dh_prev,) = carry_prev, carry, dcarry_prev
+        da = dxp + self.recurrent_tangent(params, h_prev, dparams, dh_prev)  # a_t's tangent
+        if self.nonlinearity == "tanh":
+            return (da * (1 - h * h),)  # through tanh: tanh'(a) = 1 - h^2
+        return (jnp.where(h > 0, da, 0),)  # through relu: [h > 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +394,20 @@ class LSTM(Cell):
         dh_prev = dgates @ params.w_hh  # through W_hh h_{t-1}
         dc_prev = dc * f  # through f c_{t-1}
         return (dh_prev, dc_prev), dgates, dgates
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev, c_prev), (_, c), (dh_prev, dc_prev) = carry_prev, carry, dcarry_prev
+        gates = res
+        H = c.shape[-1]
+        dpre = dxp + self.recurrent_tangent(params, h_prev, dparams, dh_prev)  # gates' input
+        scale, offset = gate_constants((0.5, 0.5, 1.0, 0.5), H, gates.dtype)
+        u = gates - offset  # sigma - 1/2 in the sigmoid blocks, g in the tanh block
+        dgates = dpre * (scale * scale - u * u)  # through sigmoid (1/4 - u^2), tanh (1 - g^2)
+        i, f, g, o = gate_blocks(gates, 4)
+        di, df, dg, do = gate_blocks(dgates, 4)
+        dc = df * c_prev + f * dc_prev + di * g + i * dg  # c_t = f c_{t-1} + i g
+        tc = jnp.tanh(c)  # tanh(c_t), recomputed rather than stored
+        return (do * tc + o * (1 - tc * tc) * dc, dc)  # h_t = o tanh(c_t)
 
 
 class LSTMPParams(NamedTuple):
@@ -451,6 +506,15 @@ class ProjectedLSTM(LSTM):
         # dL/dW_hr = sum_t dh_t^T m_t: both sides stacked, one product after the loop
         return dcarry_prev, dgi, dgh, {"w_hr": Outer(dg=dh, a=m)}
 
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        _, c = carry
+        H = c.shape[-1]
+        # the LSTM's tangent step gives those of m_t = o tanh(c_t) (its h) and c_t
+        dm, dc = super().tangent_step(params, carry_prev, xp, carry, res, dparams,
+                                      dcarry_prev, dxp)
+        m = res[..., 3 * H:] * jnp.tanh(c)  # m_t = o tanh(c_t), recomputed rather than stored
+        return (dm @ params.w_hr.T + m @ dparams.w_hr.T, dc)  # h_t = W_hr m_t: product rule
+
 
 @dataclasses.dataclass(frozen=True)
 class GRU(Cell):
@@ -514,6 +578,17 @@ class GRU(Cell):
         dgh = jnp.concatenate([dar, daz, dhn], axis=-1)  # cotangent of W_hh h + b_hh
         dh_prev = dh * z + dgh @ params.w_hh  # direct path z h_{t-1} plus through W_hh
         return (dh_prev,), dgi, dgh
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev,), (dh_prev,) = carry_prev, dcarry_prev
+        rzn, hn = res
+        r, z, n = split_gates(rzn, 3)
+        dxr, dxz, dxn = split_gates(dxp, 3)
+        dhr, dhz, dhn = split_gates(self.recurrent_tangent(params, h_prev, dparams, dh_prev), 3)
+        dr = (dxr + dhr) * r * (1 - r)  # r = sigmoid(xr + hr)
+        dz = (dxz + dhz) * z * (1 - z)  # z = sigmoid(xz + hz)
+        dn = (dxn + dr * hn + r * dhn) * (1 - n * n)  # n = tanh(xn + r hn)
+        return ((1 - z) * dn + z * dh_prev + dz * (h_prev - n),)  # h = (1 - z) n + z h_{t-1}
 
 
 class PeepholeLSTMParams(NamedTuple):
@@ -622,6 +697,21 @@ class PeepholeLSTM(Cell):
         dc_prev = dc * f + dai * p_i + daf * p_f  # through f c_{t-1} and the i, f peepholes
         dpeep = jnp.stack([dai * c_prev, daf * c_prev, dao * c], axis=1)  # dL/d[p_i, p_f, p_o]
         return (dh_prev, dc_prev), dgates, dgates, {"w_peep": dpeep}
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev, c_prev), (_, c), (dh_prev, dc_prev) = carry_prev, carry, dcarry_prev
+        i, f, g, o = split_gates(res, 4)
+        p_i, p_f, p_o = params.w_peep
+        dp_i, dp_f, dp_o = dparams.w_peep
+        dai, daf, dag, dao = split_gates(dxp + self.recurrent_tangent(params, h_prev, dparams,
+                                                                      dh_prev), 4)
+        di = (dai + dp_i * c_prev + p_i * dc_prev) * i * (1 - i)  # i = sigmoid(ai + p_i c_{t-1})
+        df = (daf + dp_f * c_prev + p_f * dc_prev) * f * (1 - f)  # f = sigmoid(af + p_f c_{t-1})
+        dg = dag * (1 - g * g)  # g = tanh(ag)
+        dc = df * c_prev + f * dc_prev + di * g + i * dg  # c_t = f c_{t-1} + i g
+        do = (dao + dp_o * c + p_o * dc) * o * (1 - o)  # o = sigmoid(ao + p_o c_t)
+        tc = jnp.tanh(c)  # tanh(c_t), recomputed rather than stored
+        return (do * tc + o * (1 - tc * tc) * dc, dc)  # h_t = o tanh(c_t)
 
 
 class LayerNormLSTMParams(NamedTuple):
@@ -785,6 +875,26 @@ class LayerNormLSTM(Cell):
             dparams["bias"] = dpre  # pre = ... + b: dL/db
         return (dh_prev, dc_prev), dgi, dgh, dparams
 
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        # LN's Jacobian is symmetric: its tangent map is _layer_norm_backward's formula
+        (h_prev, c_prev), (dh_prev, dc_prev) = carry_prev, dcarry_prev
+        gates, xn, hn, cn, rx, rh, rc = res
+        i, f, g, o = split_gates(gates, 4)
+        dxn = _layer_norm_backward(dxp, xn, rx)  # x^ = LN(W_ih x_t)
+        dhn = _layer_norm_backward(self.recurrent_tangent(params, h_prev, dparams, dh_prev),
+                                   hn, rh)  # h^ = LN(W_hh h_{t-1})
+        dpre = (dparams.ln_ih_gain * xn + params.ln_ih_gain * dxn  # a_x x^
+                + dparams.ln_hh_gain * hn + params.ln_hh_gain * dhn)  # + a_h h^
+        if params.bias is not None:
+            dpre = dpre + dparams.bias  # + b
+        dai, daf, dag, dao = split_gates(dpre, 4)
+        di, df, dg, do = dai * i * (1 - i), daf * f * (1 - f), dag * (1 - g * g), dao * o * (1 - o)
+        dc = df * c_prev + f * dc_prev + di * g + i * dg  # c_t = f c_{t-1} + i g
+        dcn = _layer_norm_backward(dc, cn, rc)  # c^ = LN(c_t)
+        tn = jnp.tanh(params.ln_c_gain * cn + params.ln_c_bias)  # tanh(n), recomputed
+        dnn = dparams.ln_c_gain * cn + params.ln_c_gain * dcn + dparams.ln_c_bias  # n = a_c c^ + b_c
+        return (do * tn + o * (1 - tn * tn) * dnn, dc)  # h_t = o tanh(n)
+
 
 @dataclasses.dataclass(frozen=True)
 class IndRNN(Cell):
@@ -858,6 +968,16 @@ class IndRNN(Cell):
             da = jnp.where(h > 0, dh, 0)  # back through relu: relu'(a) = [h > 0]
         dh_next = da * params.w_hh  # dL/dh_{t-1} through a_t = ... + u h_{t-1}
         return (dh_next,), da, da, {"w_hh": da * h_prev}  # dL/du, one term per example
+
+    def recurrent_tangent(self, params, h_prev, dparams, dh_prev):
+        return dparams.w_hh * h_prev + params.w_hh * dh_prev  # u h_{t-1}: product rule
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev,), (h,), (dh_prev,) = carry_prev, carry, dcarry_prev
+        da = dxp + self.recurrent_tangent(params, h_prev, dparams, dh_prev)  # a_t's tangent
+        if self.nonlinearity == "tanh":
+            return (da * (1 - h * h),)  # through tanh: tanh'(a) = 1 - h^2
+        return (jnp.where(h > 0, da, 0),)  # through relu: [h > 0]
 
 
 CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN,

@@ -9,11 +9,11 @@ carries both rules:
   keeps the residuals, then the handwritten reverse scan, the very functions the
   ``custom_vjp`` path uses, so first-order gradients are bit for bit the same;
 - forward mode (``jvp``, and ``lin`` / ``linearized`` for ``jax.linearize``): the
-  tangent scan is ``jax.jvp`` (``jax.linearize``) of the primal forward scan,
-  exact forward-mode differentiation of the same computation:
+  forward scan keeping its residuals, then the handwritten tangent scan
+  (``scan.tangent_scan``), the cell's ``tangent_step`` at every step:
 
 .. math::
-    (\dot{carry}_t, \dot{h}_t) = \frac{\partial\, \mathrm{step}}{\partial (params, carry, xp)}
+    \dot{carry}_t = \frac{\partial\, \mathrm{step}}{\partial (params, carry, xp)}
     \cdot (\dot{params}, \dot{carry}_{t-1}, \dot{xp}_t)
 
 - ``vmap`` over the data (unmapped parameters): the mapped axis merged into the
@@ -25,6 +25,8 @@ only when ``JAXRNN_BPTT_RULE=hijax`` (``scan.bptt_rule``).
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,48 +56,48 @@ def _instantiate(tree):
 class HiLayer(VJPHiPrimitive):
     """One recurrent layer ``(params, xs, carry0, mask) -> (hs, carry_T)`` as a primitive.
 
-    Params (static, hashed): ``primal(static, params, xs, carry0, mask)`` the forward
-    scan; ``fwd(static, ...) -> (out, residuals)`` and ``bwd(static, residuals,
-    cotangents) -> (dparams, dxs, dcarry0, None)`` the handwritten BPTT; ``static``
-    a hashable tuple (the cell, the segment).
+    Params (static, hashed): ``rules.primal(static, params, xs, carry0, mask)`` the
+    forward scan; ``rules.fwd(static, ...) -> (out, residuals)`` and
+    ``rules.bwd(static, residuals, cotangents) -> (dparams, dxs, dcarry0, None)`` the
+    handwritten BPTT; ``rules.lin(static, ...) -> (out, saved)`` and
+    ``rules.linearized(static, saved, dparams, dxs, dcarry0) -> tangents`` the
+    handwritten tangent scan; ``static`` a hashable tuple (the cell, the segment,
+    the compute dtype).
     """
 
-    def __init__(self, primal, fwd, bwd, static, args):
+    def __init__(self, rules, static, args):
         self.in_avals = jax.tree.map(jax.typeof, args)
-        closed, out_tree = jax.make_jaxpr(lambda *a: primal(static, *a), return_shape=True)(*args)
+        closed, out_tree = jax.make_jaxpr(lambda *a: rules.primal(static, *a),
+                                          return_shape=True)(*args)
         self.out_aval = jax.tree.unflatten(jax.tree.structure(out_tree), closed.out_avals)
-        self.params = dict(primal=primal, fwd=fwd, bwd=bwd, static=static)
+        self.params = dict(rules=rules, static=static)
         super().__init__()
 
     # -- the primal: the forward scan ---------------------------------------------------
     def expand(self, params, xs, carry0, mask):
-        return self.primal(self.static, params, xs, carry0, mask)
+        return self.rules.primal(self.static, params, xs, carry0, mask)
 
     # -- reverse mode: the handwritten reverse scan ---------------------------------------
     def vjp_fwd(self, nzs_in, params, xs, carry0, mask):
-        return self.fwd(self.static, params, xs, carry0, mask)
+        return self.rules.fwd(self.static, params, xs, carry0, mask)
 
     def vjp_bwd_retval(self, res, cotangents):
-        dparams, dxs, dcarry0, _ = self.bwd(self.static, res, _instantiate(cotangents))
+        dparams, dxs, dcarry0, _ = self.rules.bwd(self.static, res, _instantiate(cotangents))
         mask_aval = self.in_avals[3]
         dmask = None if mask_aval is None else Zero(mask_aval.to_ct_aval())  # boolean
         return dparams, dxs, dcarry0, dmask
 
-    # -- forward mode: jvp / linearize of the forward scan ------------------------------
-    def _differentiable(self, mask):
-        return lambda p, x, c: self.primal(self.static, p, x, c, mask)
-
+    # -- forward mode: the handwritten tangent scan ---------------------------------------
     def jvp(self, primals, tangents):
-        params, xs, carry0, mask = primals
+        out, saved = self.rules.lin(self.static, *primals)
         tp, tx, tc, _ = _instantiate(tangents)  # the mask is boolean: no tangent
-        return jax.jvp(self._differentiable(mask), (params, xs, carry0), (tp, tx, tc))
+        return out, self.rules.linearized(self.static, saved, tp, tx, tc)
 
     def lin(self, nzs_in, params, xs, carry0, mask):
-        out, f_jvp = jax.linearize(self._differentiable(mask), params, xs, carry0)
-        return out, f_jvp
+        return self.rules.lin(self.static, params, xs, carry0, mask)
 
-    def linearized(self, f_jvp, tp, tx, tc, tmask):
-        return f_jvp(*_instantiate((tp, tx, tc)))
+    def linearized(self, saved, tp, tx, tc, tmask):
+        return self.rules.linearized(self.static, saved, *_instantiate((tp, tx, tc)))
 
     # -- vmap: the mapped axis folded into the layer's batch --------------------------------
     def batch(self, axis_data, args, dims):
@@ -119,8 +121,7 @@ class HiLayer(VJPHiPrimitive):
         xs = _fold(xs, xs_dim, 1, V)  # (T, V*B, D)
         carry0 = jax.tree.map(lambda c, d: _fold(c, d, 0, V), carry0, carry_dims)
         mask = None if mask is None else _fold(mask, mask_dim, 1, V)
-        hs, carry_T = hi_layer(self.primal, self.fwd, self.bwd, self.static,
-                               params, xs, carry0, mask)
+        hs, carry_T = hi_layer(self.rules, self.static, params, xs, carry0, mask)
         unfold = lambda a, axis: a.reshape(a.shape[:axis] + (V, -1) + a.shape[axis + 1:])  # noqa: E731
         return ((unfold(hs, 1), jax.tree.map(lambda c: unfold(c, 0), carry_T)),
                 (1, jax.tree.map(lambda _: 0, carry_T)))
@@ -138,7 +139,17 @@ def _fold(a, dim, axis: int, size: int):
     return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
 
 
-def hi_layer(primal, fwd, bwd, static, params, xs, carry0, mask):
+class Rules(NamedTuple):
+    """A layer's rules as ``HiLayer`` calls them (module-level functions: hashable)."""
+
+    primal: Callable
+    fwd: Callable
+    bwd: Callable
+    lin: Callable
+    linearized: Callable
+
+
+def hi_layer(rules: Rules, static, params, xs, carry0, mask):
     """Binds ``HiLayer``: ``(hs, carry_T)`` with both reverse- and forward-mode rules."""
     args = (params, xs, carry0, mask)
-    return HiLayer(primal, fwd, bwd, static, args)(*args)
+    return HiLayer(rules, static, args)(*args)

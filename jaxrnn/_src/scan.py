@@ -812,6 +812,73 @@ def backward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     return dparams, dxs, rev.dcarry0
 
 
+# --- forward mode: the tangent scan --------------------------------------------------------
+
+def tangent_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
+                 fwd: ForwardTrace, dparams: CellParams, dxs: jax.Array, dcarry0: Carry,
+                 mask: jax.Array | None = None, compute_dtype=None) -> tuple[jax.Array, Carry]:
+    r"""Forward mode: the tangent of the layer's outputs, from the forward scan's trace.
+
+    .. math::
+        \dot{xp}_t = \dot x_t W_{ih}^\top + x_t \dot W_{ih}^\top + \dot b \quad
+        (\text{all } t \text{ in one product each}), \qquad
+        \dot{carry}_t = \mathrm{tangent\_step}(carry_{t-1}, carry_t, res_t;
+        \dot\theta, \dot{carry}_{t-1}, \dot{xp}_t)
+
+    a forward ``lax.scan`` that carries only the carry's tangent and reads the
+    stored carries and residuals, as the reverse scan does (``Cell.tangent_step``).
+    A masked step leaves the tangent unchanged and outputs a zero tangent.
+
+    Args:
+        cell, params, xs, carry0, mask, compute_dtype: the forward pass's.
+        fwd: the ``ForwardTrace`` of ``forward_scan`` on them (residuals kept).
+        dparams: the parameters' tangent, shaped like ``params``.
+        dxs: the inputs' tangent, (T, B, D).
+        dcarry0: the initial carry's tangent, shaped like ``carry0``.
+
+    Returns:
+        ``(dhs (T, B, H), dcarry_T)``: the tangents of ``forward_scan``'s ``hs`` and
+        ``carry_T``.
+    """
+    params, xs, dparams, dxs = in_compute_dtype((params, xs, dparams, dxs), compute_dtype)
+    xp = project_inputs(cell, params, xs)  # recomputed: the forward may reuse its buffer
+    dxp = dxs @ params.w_ih.T + xs @ dparams.w_ih.T  # product rule, every step at once
+    dbias = input_bias(cell, dparams)
+    if dbias is not None:
+        dxp = dxp + dbias  # + b_ih (+ b_hh where folded)
+    carries_prev = tuple(jnp.concatenate([c0[None], c[:-1]]) for c0, c in zip(carry0, fwd.carries))
+    dcarry0 = vary(tuple(dcarry0), varying_axes(params, xs, carry0, mask, dparams, dxs, dcarry0))
+
+    def body(dcarry, inputs):
+        xp_t, dxp_t, carry_prev, carry, res, m_t = inputs
+        new = cell.tangent_step(params, carry_prev, xp_t, carry, res, dparams, dcarry, dxp_t)
+        new = _select(m_t, _in_carry_dtype(tuple(new), dcarry), dcarry)  # frozen where masked
+        return new, new[0]
+
+    dcarry_T, dhs = jax.lax.scan(body, dcarry0, (xp, dxp, carries_prev, fwd.carries,
+                                                 fwd.residuals, mask), unroll=UNROLL)
+    if mask is not None:
+        dhs = jnp.where(mask[:, :, None], dhs, 0)
+    return dhs, dcarry_T
+
+
+def _tangent_lin(static, params, xs, carry0, mask):
+    """``hiscan``'s ``lin``: the forward scan keeping what the tangent scan reads."""
+    cell, compute_dtype = static[0], static[-1]
+    hs, carry_T, fwd = forward_scan(cell, params, xs, carry0, mask, compute_dtype=compute_dtype)
+    return (hs, carry_T), (params, xs, carry0, fwd, mask)
+
+
+def _tangent_linearized(static, saved, dparams, dxs, dcarry0):
+    """``hiscan``'s ``linearized``: the tangent scan over the saved forward trace."""
+    cell, compute_dtype = static[0], static[-1]
+    params, xs, carry0, fwd, mask = saved
+    dhs, dcarry_T = tangent_scan(cell, params, xs, carry0, fwd, dparams, dxs, dcarry0, mask,
+                                 compute_dtype)
+    # each tangent in its output's dtype (the carry's)
+    return dhs.astype(fwd.carries[0].dtype), _in_carry_dtype(dcarry_T, tuple(fwd.carries))
+
+
 # --- custom_vjp wiring -------------------------------------------------------
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 5))
@@ -1031,6 +1098,13 @@ def _lean_bwd_rule(static, saved, cotangents):
     return _lean_bwd(cell, segment, compute_dtype, saved, cotangents)
 
 
+# forward mode (jvp, linearize) is the same tangent scan for both: it keeps every step
+_BPTT_RULES = hiscan.Rules(_bptt_primal, _bptt_fwd_rule, _bptt_bwd_rule, _tangent_lin,
+                           _tangent_linearized)
+_LEAN_RULES = hiscan.Rules(_lean_primal, _lean_fwd_rule, _lean_bwd_rule, _tangent_lin,
+                           _tangent_linearized)
+
+
 def autodiff_layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
                    mask: jax.Array | None, compute_dtype=None) -> tuple[jax.Array, Carry]:
     """The same forward scan, left to ``jax.grad`` (``method="autodiff"``)."""
@@ -1086,13 +1160,13 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         if method != "bptt":
             raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")
         if bptt_rule() == "hijax":
-            return hiscan.hi_layer(_lean_primal, _lean_fwd_rule, _lean_bwd_rule,
-                                   (cell, segment, compute_dtype), params, xs, carry0, mask)
+            return hiscan.hi_layer(_LEAN_RULES, (cell, segment, compute_dtype),
+                                   params, xs, carry0, mask)
         return lean_bptt_layer(cell, params, xs, carry0, mask, segment, compute_dtype)
     if method == "bptt":
         if bptt_rule() == "hijax":
-            return hiscan.hi_layer(_bptt_primal, _bptt_fwd_rule, _bptt_bwd_rule,
-                                   (cell, compute_dtype), params, xs, carry0, mask)
+            return hiscan.hi_layer(_BPTT_RULES, (cell, compute_dtype),
+                                   params, xs, carry0, mask)
         return bptt_layer(cell, params, xs, carry0, mask, compute_dtype)
     if method == "autodiff":
         return autodiff_layer(cell, params, xs, carry0, mask, compute_dtype)
