@@ -972,12 +972,9 @@ class IndRNN(Cell):
     def recurrent_tangent(self, params, h_prev, dparams, dh_prev):
         return dparams.w_hh * h_prev + params.w_hh * dh_prev  # u h_{t-1}: product rule
 
-    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
-        (h_prev,), (h,), (dh_prev,) = carry_prev, carry, dcarry_prev
-        da = dxp + self.recurrent_tangent(params, h_prev, dparams, dh_prev)  # a_t's tangent
-        if self.nonlinearity == "tanh":
-            return (da * (1 - h * h),)  # through tanh: tanh'(a) = 1 - h^2
-        return (jnp.where(h > 0, da, 0),)  # through relu: [h > 0]
+    # h_t = phi(xp_t + u h_{t-1}): the Elman cell's tangent step, with the tangent of
+    # u h_{t-1} from recurrent_tangent above
+    tangent_step = Elman.tangent_step
 
 
 CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN,
