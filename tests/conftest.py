@@ -124,21 +124,14 @@ class LeakyElman(Cell):
         return (dh_prev,), da, da, {"leak": dleak}
 
 
-def weight_accumulating_scans(closed_jaxpr, batch: int) -> list:
-    """The reverse scans whose carry holds an array without the batch axis.
-
-    ``jax.grad`` through ``lax.scan`` accumulates the weights' gradients in the
-    transposed scan's carry; the handwritten reverse scan carries only per-example
-    arrays (``dh_next``) and forms the weight gradients after the loop.
-    """
+def scan_eqns(closed_jaxpr) -> list:
+    """Every ``lax.scan`` equation of a jaxpr, nested jaxprs included."""
     found = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan" and eqn.params["reverse"]:
-                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
-                found.extend(v.aval.shape for v in eqn.invars[k:k + n]
-                             if batch not in v.aval.shape)
+            if eqn.primitive.name == "scan":
+                found.append(eqn)
             for p in eqn.params.values():
                 for sub in p if isinstance(p, (tuple, list)) else [p]:
                     sub = getattr(sub, "jaxpr", sub)
@@ -147,3 +140,20 @@ def weight_accumulating_scans(closed_jaxpr, batch: int) -> list:
 
     walk(closed_jaxpr.jaxpr)
     return found
+
+
+def scan_carries(eqn) -> list:
+    """A scan equation's carry variables."""
+    k, n = eqn.params["num_consts"], eqn.params["num_carry"]
+    return eqn.invars[k:k + n]
+
+
+def weight_accumulating_scans(closed_jaxpr, batch: int) -> list:
+    """The reverse scans whose carry holds an array without the batch axis.
+
+    ``jax.grad`` through ``lax.scan`` accumulates the weights' gradients in the
+    transposed scan's carry; the handwritten reverse scan carries only per-example
+    arrays (``dh_next``) and forms the weight gradients after the loop.
+    """
+    return [v.aval.shape for eqn in scan_eqns(closed_jaxpr) if eqn.params["reverse"]
+            for v in scan_carries(eqn) if batch not in v.aval.shape]

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import LeakyElman, all_pairs, assert_trees_rel_close, weight_accumulating_scans
+from conftest import (LeakyElman, all_pairs, assert_trees_rel_close, scan_carries, scan_eqns,
+                      weight_accumulating_scans)
 import jaxrnn
 
 nnx = pytest.importorskip("flax.nnx")
@@ -293,21 +294,7 @@ def test_reverse_mode_runs_the_handwritten_reverse_scan(framework):
 
 def scan_carry_shapes(closed_jaxpr) -> list:
     """The shapes of every ``lax.scan``'s carry, nested jaxprs included."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
-                k, n = eqn.params["num_consts"], eqn.params["num_carry"]
-                found.extend(v.aval.shape for v in eqn.invars[k:k + n])
-            for p in eqn.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return found
+    return [v.aval.shape for eqn in scan_eqns(closed_jaxpr) for v in scan_carries(eqn)]
 
 
 def test_vmap_over_examples_runs_one_layer_over_all_of_them():
