@@ -258,7 +258,8 @@ def _validate(model, params, xs, targets, loss, state, lengths, last_only):
     if not isinstance(model, RNN):
         raise TypeError(f"model must be a jaxrnn.RNN, got {type(model).__name__}")
     xs, state, lengths = model.check_inputs(params, xs, state, lengths)
-    targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss)
+    targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss,
+                                  lengths)
     if last_only and lengths is not None:
         raise ValueError("last_only scoring takes full-length sequences: lengths must be None")
     return xs, targets, state, lengths

@@ -18,6 +18,20 @@ import optax
 LossFn = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
 
 
+def zero_masked(a: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``a (T, B, ...)`` with the positions where ``mask (T, B)`` is False set to zero.
+
+    The one home of the padding rule: what lies past a sequence's length (inputs,
+    targets: NaN, inf, an out-of-range class) reaches no output, no loss and no
+    gradient. Masking a product's *result* is not enough for gradients: the
+    cotangent through ``where`` is zero there, but ``0 * nan`` is NaN, so the values
+    themselves are replaced before anything reads them.
+    """
+    if mask is None:
+        return a
+    return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim)), a, 0)
+
+
 def half_sse(ys: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Half the sum of squared errors.
 
@@ -29,7 +43,7 @@ def half_sse(ys: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -
     Returns:
         A scalar.
     """
-    se = (ys - targets) ** 2
+    se = (ys - zero_masked(targets, mask)) ** 2  # padding targets reach nothing
     if mask is not None:
         se = jnp.where(mask[:, :, None], se, 0)
     return 0.5 * jnp.sum(se)
@@ -46,7 +60,7 @@ def mse(ys: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax
     Returns:
         A scalar.
     """
-    se = (ys - targets) ** 2
+    se = (ys - zero_masked(targets, mask)) ** 2  # padding targets reach nothing
     if mask is None:
         return jnp.mean(se)
     se = jnp.where(mask[:, :, None], se, 0)
@@ -59,13 +73,20 @@ def xent(ys: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> ja
 
     Args:
         ys: logits, (T, B, O).
-        targets: integer classes in ``[0, O)``, (T, B).
+        targets: integer classes in ``[0, O)``, (T, B); anything past the lengths
+            (``mask`` False, e.g. -1 padding) is ignored.
         mask: optional boolean (T, B).
 
     Returns:
-        A scalar.
+        A scalar: NaN when a scored target lies outside ``[0, O)`` (under ``jax.jit``,
+        where the values cannot be checked first; the training loop's NaN guard
+        then stops the run; outside ``jit`` the model's ``check_targets`` refuses
+        them).
     """
-    nll = optax.softmax_cross_entropy_with_integer_labels(ys, targets)
+    targets = zero_masked(targets, mask)  # padding classes reach nothing
+    in_range = (targets >= 0) & (targets < ys.shape[-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(ys, jnp.where(in_range, targets, 0))
+    nll = jnp.where(in_range, nll, jnp.nan)  # a class outside [0, O): NaN, not a wrong class
     if mask is None:
         return jnp.mean(nll)
     nll = jnp.where(mask, nll, 0)

@@ -282,7 +282,7 @@ class RNN:
             return (jnp.dtype(dtype),)
         return (jnp.dtype(dtype), jnp.dtype(self.compute_dtype))
 
-    def check_targets(self, ys_shape, targets, loss: str):
+    def check_targets(self, ys_shape, targets, loss: str, lengths=None):
         """Validates ``targets`` for ``loss``; returns them as an array, time-major.
 
         Args:
@@ -290,15 +290,18 @@ class RNN:
             targets: in the model's layout: ``(T, B, O)`` / ``(T, B)`` classes, or
                 ``(B, T, O)`` / ``(B, T)`` with ``batch_first``.
             loss: the loss's name.
+            lengths: the validated (B,) lengths, or None (``"xent"`` classes past a
+                length are padding, not checked).
 
         Raises:
             ValueError: a model without a readout (``output_size=None``), an unknown
-                ``loss``, a wrong shape. TypeError: a wrong dtype.
+                ``loss``, a wrong shape, a class outside ``[0, output_size)``
+                within the lengths (concrete values only). TypeError: a wrong dtype.
         """
         validation.check_readout(self.output_size, "a loss")
         shape = (ys_shape[1], ys_shape[0], *ys_shape[2:]) if self.batch_first else ys_shape
         return self.to_time_major(validation.check_targets(shape, targets, loss,
-                                                           self.batch_first))
+                                                           self.batch_first, lengths))
 
     # --- layout: the one place where batch-first arrays are transposed ----------
     def to_time_major(self, a: jax.Array) -> jax.Array:
@@ -470,7 +473,7 @@ class RNN:
         """
         validation.check_readout(self.output_size, "loss")
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
-        targets = self.check_targets((*xs.shape[:2], self.output_size), targets, loss)
+        targets = self.check_targets((*xs.shape[:2], self.output_size), targets, loss, lengths)
         return loss_fn(self, loss, method, params, xs, targets, state, lengths, dropout_key)
 
     def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
@@ -502,7 +505,8 @@ class RNN:
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS + ('rtrl',)}, got {method!r}")
-        targets = self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss)
+        targets = self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss,
+                                     lengths)
         return _loss_and_grad(self, loss, method, params, xs, targets, state, lengths,
                               dropout_key)
 

@@ -138,7 +138,10 @@ def _step_loss(loss: str, y, target, scored, count):
     s = scored[:, None]
     if loss == "xent":
         logp = jax.nn.log_softmax(y)  # (B, O)
-        nll = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]  # -log p(target), (B,)
+        in_range = (target >= 0) & (target < y.shape[-1])  # as losses.xent: else NaN
+        nll = -jnp.take_along_axis(logp, jnp.where(in_range, target, 0)[:, None],
+                                   axis=-1)[:, 0]  # -log p(target), (B,)
+        nll = jnp.where(in_range, nll, jnp.nan)
         l_t = jnp.sum(jnp.where(scored, nll, 0)) / count  # averaged over the valid (t, b)
         onehot = jax.nn.one_hot(target, y.shape[-1], dtype=y.dtype)  # (B, O)
         dy = jnp.where(s, jnp.exp(logp) - onehot, 0) / count  # d(-log softmax)/dy = p - onehot
@@ -300,6 +303,8 @@ def _rtrl(model, loss: str, last_only: bool, state_grad: bool, params, xs, targe
     dtype = xs.dtype
     valid, scored = _masks(T, B, lengths, last_only)
     count = _divisor(loss, scored, W.shape[0], dtype)
+    # past each length the inputs and targets may hold anything (NaN): they reach nothing
+    xs, targets = losses_lib.zero_masked(xs, valid), losses_lib.zero_masked(targets, valid)
 
     eye = jnp.eye(H, dtype=dtype)
     h0 = jnp.zeros((B, H), dtype) if state is None else state[0]
@@ -378,7 +383,8 @@ def rtrl_loss_and_grad(model: RNN, params: RNNParams, xs: jax.Array, targets: ja
     """
     xs, state, lengths = model.check_inputs(params, xs, state, lengths)
     check_model(model, xs.shape[1], state_grad, max_elements)
-    targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss)
+    targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss,
+                                  lengths)
     losses_lib.get_loss(loss)
     if last_only and lengths is not None:
         raise ValueError("last_only scoring takes full-length sequences: lengths must be None")

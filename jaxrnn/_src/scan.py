@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jaxrnn._src import hiscan, validation
 from jaxrnn._src.cells import Carry, Cell, CellParams, Outer
 from jaxrnn._src.formulation import Formulation, formulation
+from jaxrnn._src.losses import zero_masked
 from jaxrnn._src.names import ScanMethod
 
 METHODS: tuple[ScanMethod, ...] = get_args(ScanMethod)  # ("bptt", "autodiff")
@@ -1123,7 +1124,9 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
         params: its parameters.
         xs: inputs, (T, B, D).
         carry0: initial carry, tuple of (B, H).
-        mask: boolean (T, B) or None.
+        mask: boolean (T, B) or None. Where False, ``xs`` may hold anything (NaN,
+            inf): it is replaced by zeros before the layer reads it
+            (``losses.zero_masked``), so it reaches no output and no gradient.
         method: ``"bptt"`` (handwritten reverse scan) or ``"autodiff"`` (``jax.grad``).
         segment: with ``method="bptt"``, store the carry only every ``segment``
             steps and recompute segments in the backward pass (``lean_bptt_layer``);
@@ -1156,6 +1159,7 @@ def layer(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
             wider than the parameters (``validation.check_layer_dtypes``).
     """
     compute_dtype = validation.check_layer_dtypes(params, xs, carry0, compute_dtype)
+    xs = zero_masked(xs, mask)  # past each length xs may hold anything (NaN): it reaches nothing
     if segment is not None:
         if method != "bptt":
             raise ValueError(f"segment applies to method='bptt' only, got method={method!r}")

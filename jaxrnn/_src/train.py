@@ -245,7 +245,7 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
              key: jax.Array | None = None) -> tuple[RNNParams, optax.OptState, Metrics]:
         xs, _, lengths = model.check_inputs(params, batch.xs, None, batch.lengths)
         targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size),
-                                      batch.targets, loss)
+                                      batch.targets, loss, lengths)
         value, grads, extra = gradient(params, xs, targets, lengths, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)

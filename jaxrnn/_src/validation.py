@@ -276,6 +276,22 @@ def check_step_input(x_t, input_size: int, dtype) -> jax.Array:
     return x_t
 
 
+def _check_classes(targets, num_classes: int, batch_first: bool, lengths) -> None:
+    """Concrete class targets lie in ``[0, num_classes)`` within the lengths (under
+    ``jax.jit`` the loss is NaN instead: ``losses.xent``)."""
+    if not (_is_concrete(targets) and (lengths is None or _is_concrete(lengths))):
+        return
+    t = np.asarray(targets)
+    if lengths is not None:
+        steps = np.arange(t.shape[1 if batch_first else 0])
+        valid = steps[None, :] < np.asarray(lengths)[:, None]  # (B, T)
+        t = t[valid if batch_first else valid.T]
+    if t.size and (t.min() < 0 or t.max() >= num_classes):
+        raise ValueError(f"targets for loss='xent' must be classes in [0, output_size="
+                         f"{num_classes}) within the lengths, got values in "
+                         f"[{t.min()}, {t.max()}]")
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -372,7 +388,7 @@ def check_state(state, shapes: list[tuple[int, ...]], dtype, *, cell_name: str,
 
 
 def check_targets(ys_shape: tuple[int, int, int], targets, loss: str,
-                  batch_first: bool = False) -> jax.Array:
+                  batch_first: bool = False, lengths=None) -> jax.Array:
     """``targets`` as an array that ``loss`` can score against outputs of ``ys_shape``.
 
     Args:
@@ -381,12 +397,16 @@ def check_targets(ys_shape: tuple[int, int, int], targets, loss: str,
             classes for ``"xent"``; (B, T, O) and (B, T) with ``batch_first``.
         loss: the loss's name.
         batch_first: the layout of ``ys_shape`` and ``targets``.
+        lengths: the validated (B,) lengths, or None: ``"xent"`` classes past a
+            sequence's length are padding and are not checked.
 
     Returns:
         ``targets`` as an array, in the layout it was given.
 
     Raises:
-        ValueError: an unknown ``loss``, or a wrong shape.
+        ValueError: an unknown ``loss``, a wrong shape, or (``"xent"``, concrete
+            values, outside ``jax.jit``) a class outside ``[0, output_size)`` within
+            the lengths.
         TypeError: a wrong dtype.
     """
     losses_lib.get_loss(loss)
@@ -400,6 +420,7 @@ def check_targets(ys_shape: tuple[int, int, int], targets, loss: str,
         if not jnp.issubdtype(targets.dtype, jnp.integer):
             raise TypeError(f"targets for loss='xent' must be integer classes, "
                             f"got dtype {targets.dtype}")
+        _check_classes(targets, ys_shape[-1], batch_first, lengths)
     else:
         if targets.shape != ys_shape:
             hint = layout_hint(targets.shape, ys_shape, batch_first)
