@@ -331,9 +331,26 @@ def estimate_run(model, optimizer, task, method: str = "bptt", k1: int | None = 
     widest = max(D_l + GH + C + n * P for dirs in _layers(model, params) for D_l, GH, P in dirs)
     eval_act = T * E * widest * s if evaluate else 0
     eval_data = step.data * E // B
-    text = 4 * (len(task.train_ids) + len(task.eval_ids)) if hasattr(task, "train_ids") else 0
-    transient = max(step.activations, eval_act, _sampling_bytes(task, T, max(B, E)))
+    text, text_load = _text_bytes(task)
+    transient = max(step.activations, eval_act, _sampling_bytes(task, T, max(B, E)), text_load)
     return step._replace(activations=transient, data=2 * step.data + eval_data + text)
+
+
+def _text_bytes(task) -> tuple[int, int]:
+    """``charlm``'s text: ``(resident, loading)`` bytes.
+
+    Resident: the ids, int32, 4 bytes a character. Loading (``tasks._encode``), beside
+    them for a moment: the text as a Python str (1, 2 or 4 bytes a character, by its
+    widest character, PEP 393) and its code points (4): a 30 MB file of 26.5 M
+    characters (2-byte str) measured 9.7 bytes a character above the imports, this
+    count 10. Other tasks: no text.
+    """
+    if not hasattr(task, "train_ids"):
+        return 0, 0
+    n = len(task.train_ids) + len(task.eval_ids)
+    widest = max(map(ord, task.vocab)) if n else 0  # the widest character
+    kind = 1 if widest < 0x100 else 2 if widest < 0x10000 else 4
+    return 4 * n, (kind + 4) * n
 
 
 # --- what the machine has ----------------------------------------------------------

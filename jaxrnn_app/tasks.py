@@ -413,8 +413,11 @@ def _read_text(path: str) -> str:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"text file not found: {path}")
-    if not p.is_file():
+    if p.is_dir():
         raise ValueError(f"text_path must name a text file, got a directory: {path}")
+    if not p.is_file():  # a device (/dev/null), a pipe, a socket
+        raise ValueError(f"text_path must name a regular text file, got a special file "
+                         f"(a device, pipe or socket): {path}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -429,6 +432,31 @@ def _read_text(path: str) -> str:
 
 def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _encode(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(vocab_cps, ids)``: the sorted distinct code points and each character's rank
+    among them, int32.
+
+    By a lookup table over every possible code point (0x110000 of them: 4.4 MB of
+    ranks), filled and read a chunk at a time, not ``np.unique`` and
+    ``np.searchsorted``, which sort a copy of the text and return int64 ranks.
+    """
+    cps = _codepoints(text)  # 4 bytes a character
+    chunks = range(0, len(cps), _CHUNK)  # numpy indexes with an int64 copy: a chunk at a time
+    present = np.zeros(0x110000, bool)
+    for i in chunks:
+        present[cps[i:i + _CHUNK]] = True
+    vocab_cps = np.flatnonzero(present).astype(np.uint32)  # sorted, as np.unique's
+    rank = np.zeros(present.shape, np.int32)
+    rank[vocab_cps] = np.arange(len(vocab_cps), dtype=np.int32)
+    ids = np.empty(len(cps), np.int32)  # 4 bytes a character
+    for i in chunks:
+        ids[i:i + _CHUNK] = rank[cps[i:i + _CHUNK]]
+    return vocab_cps, ids
+
+
+_CHUNK = 1 << 20  # characters per chunk of _encode's indexing: 8 MB of int64 indices
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -474,9 +502,8 @@ class CharLMTask(_SampledTask):
                 raise TypeError(f"text_path must be a path or None, got {self.text_path!r}")
             object.__setattr__(self, "text_path", os.fspath(self.text_path))
             text, source = _read_text(self.text_path), self.text_path
-        cps = _codepoints(text)
-        vocab_cps = np.unique(cps)  # sorted code points = sorted characters
-        ids = np.searchsorted(vocab_cps, cps).astype(np.int32)
+        vocab_cps, ids = _encode(text)  # sorted code points = sorted characters
+        del text
         n_eval = max(1, round(len(ids) * self.eval_fraction))
         n_train = len(ids) - n_eval
         window = self.seq_len + 1

@@ -237,11 +237,37 @@ def test_charlm_file_errors(tmp_path, text_file):
         make_task("charlm", text_path=latin1)
     with pytest.raises(ValueError, match="got a directory"):
         make_task("charlm", text_path=tmp_path)
+    with pytest.raises(ValueError, match=r"must name a regular text file, got a special file "
+                                         r"\(a device, pipe or socket\): /dev/null"):
+        make_task("charlm", text_path="/dev/null")
     with pytest.raises(ValueError, match=r"seq_len=100 is too long .* seq_len \+ 1 = 101 "
                                          r"characters, but the training part has 900 and the "
                                          r"held-out part 100 \(of 1000 characters\)"):
         make_task("charlm", text_path=text_file, seq_len=100)
     make_task("charlm", text_path=text_file, seq_len=99)  # exactly fits the held-out part
+
+
+def test_charlm_ids_are_ranks_among_the_sorted_characters(tmp_path):
+    """The lookup-table encoding gives each character its rank among the text's sorted
+    distinct characters (an independent count here: sorted(set(text))), for 1-, 2-
+    and 4-byte characters, across the encoder's chunks."""
+    from jaxrnn_app import memory, tasks
+
+    text = ("ab\u00e9\u03bb\U0001f600 z" * 40_000)[:250_000]  # astral: 4-byte str
+    path = tmp_path / "mixed.txt"
+    path.write_text(text, encoding="utf-8")
+    old_chunk, tasks._CHUNK = tasks._CHUNK, 4096  # several chunks on a small text
+    try:
+        task = make_task("charlm", text_path=path, seq_len=10)
+    finally:
+        tasks._CHUNK = old_chunk
+    vocab = sorted(set(text))
+    assert task.vocab == "".join(vocab)
+    want = np.array([vocab.index(c) for c in text[:5000]], np.int32)
+    np.testing.assert_array_equal(task.train_ids[:5000], want)
+    n = len(task.train_ids) + len(task.eval_ids)
+    assert n == len(text)
+    assert memory._text_bytes(task) == (4 * n, (4 + 4) * n)  # a 4-byte str while loading
 
 
 # --- make_task and argument errors ---------------------------------------------
