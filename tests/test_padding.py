@@ -108,3 +108,17 @@ def test_class_targets_out_of_range():
         jitted = jax.jit(lambda p, x, t: jaxrnn.extend.loss_fn(model, "xent", "bptt", p, x, t,
                                                                 None, LENGTHS))
         assert bool(jnp.isnan(jitted(params, xs, t)))
+
+
+def test_lengths_under_jit_are_clipped_into_range():
+    """Outside jit out-of-range lengths are refused; under jit they cannot be checked and
+    are clipped into [1, T], the documented rule, in both directions."""
+    model = jaxrnn.RNN(cell="gru", input_size=D, hidden_size=H, output_size=O,
+                       bidirectional=True)
+    params = model.init(jax.random.key(1), jnp.float64)
+    xs, _ = _batch("mse", None)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, T=6\], got values in \[0, 9\]"):
+        model.apply(params, xs, lengths=jnp.array([9, 6, 0]))
+    run = jax.jit(lambda n: model.apply(params, xs, lengths=n))
+    got, want = run(jnp.array([9, 6, 0])), run(jnp.array([6, 6, 1]))
+    assert_trees_rel_close(got, want, 0.0)

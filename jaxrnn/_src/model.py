@@ -386,7 +386,9 @@ class RNN:
                 ``batch_first=True``.
             state: initial state, (num_layers*dirs, B, H) (LSTM: a pair); zeros if None.
             lengths: optional integer (B,) in [1, T]; steps at or past a sequence's
-                length give zero outputs and leave its state unchanged.
+                length give zero outputs and leave its state unchanged, whatever
+                ``xs`` holds there. Checked when concrete; under ``jax.jit`` values
+                outside [1, T] are clipped into it (not checked).
             method: the gradient the outputs carry: ``"bptt"`` (handwritten reverse
                 scan) or ``"autodiff"`` (``jax.grad`` through the scan). The forward
                 values are the same.

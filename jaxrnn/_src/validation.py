@@ -309,6 +309,10 @@ def check_lengths(lengths, num_steps: int, batch: int | None, batch_first: bool 
             (no such hint).
         name: the argument's name, first in every message.
 
+    Returns:
+        ``lengths`` as an array; traced values (under ``jax.jit``), which cannot be
+        checked, clipped into [1, T]: a length above T counts as T, one below 1 as 1.
+
     Raises:
         ValueError: a shape other than (B,) (``()`` for one sequence), or (concrete
             values) outside [1, T].
@@ -331,7 +335,10 @@ def check_lengths(lengths, num_steps: int, batch: int | None, batch_first: bool 
         lo, hi = int(np.min(np.asarray(lengths))), int(np.max(np.asarray(lengths)))
         if lo < 1 or hi > num_steps:
             raise ValueError(f"{name} must lie in [1, T={num_steps}], got values in [{lo}, {hi}]")
-    return lengths
+        return lengths
+    # under jax.jit the values are unknown until run time: clipped into [1, T], the
+    # documented rule (every direction then reads the same steps), not checked
+    return jnp.clip(lengths, 1, num_steps)
 
 
 def check_state(state, shapes: list[tuple[int, ...]], dtype, *, cell_name: str,
