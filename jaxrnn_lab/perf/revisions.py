@@ -15,6 +15,11 @@ Commands::
 
     python -m jaxrnn_lab.perf.revisions --base c5dc4b7 --quick    # a minute
     python -m jaxrnn_lab.perf.revisions --base c5dc4b7            # the benchmark's grid
+    python -m jaxrnn_lab.perf.revisions --base eb6ff72~1 --lengths  # padded batches
+
+``--lengths`` gives every batch lengths drawn in [T/2, T] (seed 0), so the masked
+path (the select per step, and the padding zeroed before the layer reads it) is
+what is timed.
 
 Writes ``revisions.json`` and ``revisions.md`` under ``--out``.
 """
@@ -50,6 +55,7 @@ steps = []
 for line in sys.stdin:
     req = json.loads(line)
     if req[0] == "build":
+        with_lengths = req[2]
         for cell, method, (T, B, H, L, bi) in req[1]:
             D = O = max(1, H // 4)
             model = jaxrnn.RNN(cell=cell, input_size=D, hidden_size=H, output_size=O,
@@ -57,8 +63,11 @@ for line in sys.stdin:
             params = model.init(jax.random.key(0))
             opt = jaxrnn.make_optimizer("adam", 1e-3)
             rng = np.random.default_rng(0)
+            lengths = (jnp.asarray(rng.integers(T // 2, T + 1, B), jnp.int32)
+                       if with_lengths else None)
             batch = jaxrnn.Batch(jnp.asarray(rng.standard_normal((T, B, D)), jnp.float32),
-                                 jnp.asarray(rng.standard_normal((T, B, O)), jnp.float32))
+                                 jnp.asarray(rng.standard_normal((T, B, O)), jnp.float32),
+                                 lengths)
             step = jaxrnn.make_train_step(model, opt, method=method, donate=False)
             state = [params, opt.init(params)]
             jax.block_until_ready(step(state[0], state[1], batch))  # compile
@@ -97,12 +106,13 @@ class Worker:
         self.proc.wait()
 
 
-def compare(base: Path, head: Path, points, rounds: int, calls: int) -> list[dict]:
+def compare(base: Path, head: Path, points, rounds: int, calls: int,
+            lengths: bool = False) -> list[dict]:
     """Per point: median base and head seconds, and the median of the rounds' ratios."""
     workers = {"base": Worker(base), "head": Worker(head)}
     try:
         for w in workers.values():
-            w.ask("build", points)
+            w.ask("build", points, lengths)
         times: dict[str, list[list[float]]] = {k: [[] for _ in points] for k in workers}
         for r in range(rounds):
             for i in range(len(points)):
@@ -145,6 +155,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds")
     parser.add_argument("--calls", type=int, default=3, help="steps per measurement")
+    parser.add_argument("--lengths", action="store_true",
+                        help="padded batches: lengths drawn in [T/2, T]")
     parser.add_argument("--out", default="runs/revisions", help="output directory")
     args = parser.parse_args(argv)
     grid = QUICK_GRID if args.quick else GRID
@@ -160,7 +172,8 @@ def main(argv=None) -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach",
                             str(trees[name]), rev], check=True, capture_output=True)
         try:
-            rows = compare(trees["base"], trees["head"], points, rounds, args.calls)
+            rows = compare(trees["base"], trees["head"], points, rounds, args.calls,
+                           args.lengths)
         finally:
             for name, rev in (("base", args.base), ("head", args.head)):
                 if rev is not None:
@@ -170,7 +183,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "revisions.json").write_text(json.dumps(
         {"base": args.base, "head": args.head or "working tree", "rounds": rounds,
-         "calls": args.calls, "load": os.getloadavg(), "rows": rows}, indent=1))
+         "calls": args.calls, "lengths": args.lengths, "load": os.getloadavg(),
+         "rows": rows}, indent=1))
     text = markdown(rows, args.base, args.head or "working tree")
     (out / "revisions.md").write_text(text)
     print(text)
