@@ -27,8 +27,10 @@ def bench():
     return _load()
 
 
-# Two runs: the quick grid (every cell, one layer) and two bidirectional LSTM layers.
-RUNS = {"quick": [], "bidirectional": ["--cells", "lstm", "--grid", "10,2,8,2,bi", "--variants"]}
+# Two runs: the quick grid (every cell, one layer, bfloat16 steps too) and two
+# bidirectional LSTM layers (without the bfloat16 steps: the "not run" path, no cost).
+RUNS = {"quick": [], "bidirectional": ["--cells", "lstm", "--grid", "10,2,8,2,bi", "--variants",
+                                       "--no-bf16"]}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,9 @@ def test_every_contender_and_grid_point_has_positive_finite_times(bench, run):
             m = p["methods"][name]
             if name == "flax" and m["status"] == "not installed":
                 continue
+            if name in bench.MIXED_PRECISION and not results["settings"]["bf16"]:
+                assert m == {"status": "not run"}
+                continue
             assert m["status"] == "ok", (_key(p), name, m["status"])
             assert len(m["times_ms"]) == m["repeats"] == 3
             assert all(math.isfinite(t) and t > 0 for t in m["times_ms"]), (name, m["times_ms"])
@@ -133,6 +138,45 @@ def test_memory_figures(run):
         torch_mem = p["methods"]["torch"]["memory"]
         if "peak_bytes" in torch_mem:  # a private torch API; "unavailable" is allowed
             assert torch_mem["peak_bytes"] >= torch_mem["preexisting_bytes"] > 0
+
+
+def test_bf16_steps_time_and_memory_beside_float32(bench, runs):
+    # The bfloat16-compute steps ran in the same rounds as the float32 ones, from the
+    # same float32 weights, Adam state and batch (the same argument bytes), and their
+    # bf16/f32 ratios are the medians' and the memory figures' ratios.
+    out, results = runs("quick")
+    assert bench.MIXED_PRECISION == {"bptt_bf16": ("bptt", "bfloat16"),
+                                     "autodiff_bf16": ("autodiff", "bfloat16")}
+    for p in results["results"]:
+        m, r = p["methods"], p["ratios"]
+        for name, (method, dtype) in bench.MIXED_PRECISION.items():
+            mixed, plain = m[name], m[method]
+            assert mixed["compute_dtype"] == dtype and "compute_dtype" not in plain
+            assert mixed["compile_s"] > 0
+            assert mixed["memory"]["argument_size_in_bytes"] == \
+                plain["memory"]["argument_size_in_bytes"]  # float32 master weights
+            # bf16 gate math: the same first loss to bf16's rounding, not float32's
+            assert mixed["first_loss"] == pytest.approx(plain["first_loss"], rel=2 ** -6)
+            for key, value in (("time", mixed["median_ms"] / plain["median_ms"]),
+                               ("peak", mixed["memory"]["peak_bytes"]
+                                / plain["memory"]["peak_bytes"]),
+                               ("temp", mixed["memory"]["temp_size_in_bytes"]
+                                / plain["memory"]["temp_size_in_bytes"])):
+                ratio = r[f"{method}_bf16_over_f32_{key}"]
+                assert math.isfinite(ratio) and ratio > 0
+                assert ratio == pytest.approx(value), (_key(p), name, key)
+    md = (out / "benchmark.md").read_text()
+    table = md.split("## bfloat16 compute against float32")[1].split("## ")[0]
+    rows = [line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(results["results"])
+    for row in rows:  # bptt's and autodiff's bf16/f32 time, peak (temp): positive numbers
+        for cell in (row[8], row[11], row[13].split()[0], row[15].split()[0]):
+            assert 0 < float(cell) < math.inf, row
+    assert "in bfloat16 was faster than in float32 at" in table  # the plain verdict
+    assert results["environment"]["cpu_bf16_flags"] is not None or not Path(
+        "/proc/cpuinfo").exists()
+    assert "## bfloat16" not in (runs("bidirectional")[0] / "benchmark.md").read_text()
 
 
 def test_product_floor_is_the_sum_of_each_products_fastest_kernel(run):
@@ -219,6 +263,10 @@ def test_environment_is_recorded(run):
         assert env["versions"][lib]
     assert env["cpu"]
     assert env["threads"]["torch_intra_op"] == env["threads"]["jax_xla_cpu"] >= 1
+    # the machine's load (what uptime prints) and the command that reproduces the run
+    for load in (env["load_average_start"], results["load_average_end"]):
+        assert len(load) == 3 and all(x >= 0 for x in load)
+    assert results["command"].startswith("python -m jaxrnn_lab.bench --quick --repeats 3")
     # the memory-page settings that move the step time (jaxrnn_lab/perf/huge_pages.py)
     assert env["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -233,7 +281,10 @@ def test_markdown_and_png_are_written(bench, run):
     if results["variants"]:
         assert tables[-1].startswith("Cell variants: bptt against autodiff")
         tables = tables[:-1]
-    assert len(tables) == 2  # the main table, then the product floor by part
+    if results["settings"]["bf16"]:
+        assert tables[-1].startswith("bfloat16 compute against float32")
+    # the main table, the product floor by part (and bfloat16 against float32)
+    assert len(tables) == 2 + results["settings"]["bf16"]
     for table in tables:
         rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
         assert len(rows) == 1 + len(results["results"])  # header + one row per grid point
@@ -242,7 +293,8 @@ def test_markdown_and_png_are_written(bench, run):
             assert any(row.startswith(f"| {p['cell']} | {p['T']} | {p['B']} | {p['H']} "
                                       f"| {p['num_layers']} | {bidir} |") for row in rows)
     head = tables[0].splitlines()[2]
-    for column in ("product floor ms", "floor/bptt", "floor/torch", "xla_chain ms"):
+    for column in ("product floor ms", "floor/bptt", "floor/torch", "xla_chain ms",
+                   "bptt bf16 ms (/ f32)"):
         assert f"| {column} |" in head
     assert "floor" not in md.replace("product floor", "").replace("floor/", "").replace(
         "methods.floor", "").lower()  # nothing else is called a floor

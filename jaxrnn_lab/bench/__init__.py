@@ -8,6 +8,12 @@ backward pass and an Adam update. It is timed for
 * ``bptt``:     ``jaxrnn.make_train_step(model, optax.adam(lr), loss="mse", method="bptt")``
   (the handwritten reverse-scan BPTT), jit-compiled, buffers donated;
 * ``autodiff``: the same with ``method="autodiff"`` (``jax.grad`` through the scan);
+* ``bptt_bf16``, ``autodiff_bf16``: those two steps with the model built as
+  ``jaxrnn.RNN(..., compute_dtype=jnp.bfloat16)``: the same float32 parameters,
+  Adam state and batch, each recurrent step's products and gate math in bfloat16,
+  the carry, the cotangents and the weight-gradient products in float32
+  (``Settings.bf16``; ``--no-bf16`` leaves them out). The report gives their
+  time, peak and temp bytes over the float32 steps' (``ratios``);
 * ``torch``:    ``nn.RNN(tanh)`` / ``nn.LSTM`` / ``nn.GRU`` (``num_layers``,
   ``bidirectional``) + ``nn.Linear``, ``torch.optim.Adam``, eager, on as many
   threads as JAX uses; ``torch_1t``: the same on one thread (recorded as "not
@@ -61,7 +67,7 @@ kernels interleaved the same way (``floor_repeats`` runs each).
 
 Peak memory (bytes of array/tensor buffers, not the process's RSS):
 
-* JAX (``bptt``, ``autodiff``, ``flax``, ``xla_chain``): from XLA's buffer
+* JAX (``bptt``, ``autodiff``, their ``_bf16`` forms, ``flax``, ``xla_chain``): from XLA's buffer
   assignment of the compiled executable, ``compiled.memory_analysis()``:
   ``argument + output - alias + temp`` bytes (donated buffers counted once). It
   is a static plan, exact for what the executable allocates; it includes the
@@ -110,8 +116,8 @@ _HOME = {
               "xla_chain_step"),
     "report": ("chart", "markdown", "ratios", "write_outputs"),
     "run": ("bench_point", "bench_variant", "run_benchmark"),
-    "settings": ("CELL_VARIANTS", "CONTENDERS", "METHODS", "QUICK", "STEPS", "GridPoint",
-                 "Settings", "grid_point"),
+    "settings": ("CELL_VARIANTS", "CONTENDERS", "METHODS", "MIXED_PRECISION", "QUICK", "STEPS",
+                 "GridPoint", "Settings", "grid_point"),
     "timing": ("summarize", "time_round_robin"),
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
@@ -137,7 +143,8 @@ if TYPE_CHECKING:
     from jaxrnn_lab.bench.report import chart, markdown, ratios, write_outputs  # noqa: F401
     from jaxrnn_lab.bench.run import bench_point, bench_variant, run_benchmark  # noqa: F401
     from jaxrnn_lab.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS,  # noqa: F401
-                                           QUICK, STEPS, GridPoint, Settings, grid_point)
+                                           MIXED_PRECISION, QUICK, STEPS, GridPoint, Settings,
+                                           grid_point)
     from jaxrnn_lab.bench.timing import summarize, time_round_robin  # noqa: F401
 
 __all__ = [
@@ -148,6 +155,7 @@ __all__ = [
     "STEPS",
     "CONTENDERS",
     "METHODS",
+    "MIXED_PRECISION",
     "Contender",
     "init_params",
     "jaxrnn_contender",

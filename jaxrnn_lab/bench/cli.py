@@ -46,6 +46,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed rounds of the steps per grid point")
     parser.add_argument("--floor-repeats", type=int,
                         help="timed runs of every kernel on every product of the floor")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="do not time bptt and autodiff with compute_dtype=bfloat16 "
+                             "(default: timed beside float32)")
     parser.add_argument("--out", default=None,
                         help="output directory (default: runs/benchmark-TIME)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             changes["repeats"] = args.repeats
         if args.floor_repeats is not None:
             changes["floor_repeats"] = args.floor_repeats
+        if args.no_bf16:
+            changes["bf16"] = False
         settings = dataclasses.replace(settings, **changes)
     except ValueError as e:
         print(f"jaxrnn bench: error: {e} (see jaxrnn bench --help)", file=sys.stderr)
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxrnn_lab.bench.run import run_benchmark
 
     bench = run_benchmark(settings, progress=not args.no_progress)
+    argv = sys.argv[1:] if argv is None else argv
+    bench["command"] = " ".join(["python -m jaxrnn_lab.bench", *argv])  # what reproduces it
     paths = write_outputs(bench, out)
     print(paths["md"].read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -110,14 +110,16 @@ def init_params(model: jaxrnn.RNN, rng: np.random.Generator) -> jaxrnn.RNNParams
 
 
 def jaxrnn_contender(model: jaxrnn.RNN, params, batch: jaxrnn.Batch, method: str,
-                     lr: float) -> Contender:
+                     lr: float, name: str | None = None) -> Contender:
     """``jaxrnn.make_train_step(..., loss="mse", method=method)`` with optax Adam.
 
     Args:
-        model: the model. params: its parameters (copied: the step donates them).
+        model: the model (its ``compute_dtype`` too). params: its parameters
+            (copied: the step donates them).
         batch: ``xs`` (T, B, D), ``targets`` (T, B, O).
-        method: ``"bptt"`` or ``"autodiff"`` (also the contender's name).
+        method: ``"bptt"`` or ``"autodiff"``.
         lr: Adam's learning rate.
+        name: the contender's name; default ``method``.
     """
     opt = optax.adam(lr)
     params = copy_tree(params)  # own buffers: the step donates them
@@ -132,7 +134,10 @@ def jaxrnn_contender(model: jaxrnn.RNN, params, batch: jaxrnn.Batch, method: str
         state[0], state[1] = p, s  # thread the donated buffers through
         return metrics["loss"]
 
-    return Contender(method, run, {"compile_s": compile_s, "memory": xla_memory(compiled)})
+    info = {"compile_s": compile_s, "memory": xla_memory(compiled)}
+    if model.compute_dtype is not None:
+        info["compute_dtype"] = model.compute_dtype
+    return Contender(name or method, run, info)
 
 
 def torch_contender(model: jaxrnn.RNN, params, xs: np.ndarray, targets: np.ndarray,

@@ -50,6 +50,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The CPU features that could run bfloat16 arithmetic natively (the ``*_bf16`` contenders):
+# AVX-512 BF16 (dot products of bf16 pairs into float32) and AMX (bf16 matrix tiles).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def cpu_flags(wanted: tuple[str, ...] = BF16_FLAGS) -> list[str] | None:
+    """Those of ``wanted`` that ``/proc/cpuinfo`` lists among the CPU's flags; None if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return None
+
+
 def transparent_hugepages() -> str | None:
     """The kernel's transparent-huge-page mode (``always``, ``madvise``, ``never``), or None.
 
@@ -74,6 +91,14 @@ def cpu_pressure() -> dict | None:
     return {k: float(fields[k]) for k in ("avg10", "avg60", "avg300") if k in fields}
 
 
+def load_average() -> list[float] | None:
+    """The system's load average over 1, 5 and 15 minutes (what ``uptime`` prints), or None."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def jax_threads() -> int:
     """XLA:CPU sizes its intra-op thread pool to the cores this process may run on."""
     try:
@@ -83,7 +108,7 @@ def jax_threads() -> int:
 
 
 def environment(threads: int) -> dict:
-    """Versions, CPU, thread counts, XLA flags, memory pages and CPU pressure (JSON-ready).
+    """Versions, CPU, thread counts, XLA flags, memory pages, CPU pressure and load (JSON-ready).
 
     Args:
         threads: XLA:CPU's intra-op thread count (``jax_threads()``).
@@ -96,6 +121,7 @@ def environment(threads: int) -> dict:
                      "flax": version("flax"), "numpy": np.__version__,
                      "numpy_blas": numpy_blas(), "jaxrnn": jaxrnn.__version__},
         "cpu": cpu_model(),
+        "cpu_bf16_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "threads": {"jax_xla_cpu": threads,
                     "torch_intra_op": torch.get_num_threads() if torch else None,
@@ -107,4 +133,5 @@ def environment(threads: int) -> dict:
         "torch_mkldnn": bool(torch.backends.mkldnn.is_available()) if torch else None,
         "platform": platform.platform(),
         "cpu_pressure_start": cpu_pressure(),
+        "load_average_start": load_average(),
     }

@@ -21,15 +21,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _memory(results: dict, name: str, key: str) -> int | None:
+    """A contender's ``memory[key]`` (bytes), or None if it did not run or has none."""
+    r = results.get(name, {})
+    return r.get("memory", {}).get(key) if r.get("status") == "ok" else None
+
+
 def ratios(results: dict) -> dict:
-    """Speed-ups of ``bptt`` and the product floor's share of ``bptt`` and ``torch``.
+    """Speed-ups of ``bptt``, the product floor's share of ``bptt`` and ``torch``, bf16 / f32.
 
     Returns:
         ``bptt_speedup_vs_{autodiff,torch,torch_1t,flax}`` = other's time / bptt's
         (> 1: bptt is faster); ``floor_over_bptt`` and ``floor_over_torch`` = the
         product floor / that step (1 would be a step doing nothing but its
         products with the fastest kernels); ``autodiff_over_floor`` = autodiff /
-        the product floor. None where a side did not run.
+        the product floor; for ``m`` in bptt, autodiff, ``{m}_bf16_over_f32_time``,
+        ``_peak`` and ``_temp`` = the bfloat16-compute step's median time, peak
+        bytes and XLA temp bytes / the float32 step's (< 1: bf16 is faster or
+        smaller). None where a side did not run.
     """
     bptt = time_ms(results, "bptt")
     floor = time_ms(results, "floor")
@@ -38,6 +47,12 @@ def ratios(results: dict) -> dict:
     out["floor_over_bptt"] = _ratio(floor, bptt)
     out["floor_over_torch"] = _ratio(floor, time_ms(results, "torch"))
     out["autodiff_over_floor"] = _ratio(time_ms(results, "autodiff"), floor)
+    for m in ("bptt", "autodiff"):
+        out[f"{m}_bf16_over_f32_time"] = _ratio(time_ms(results, f"{m}_bf16"),
+                                                time_ms(results, m))
+        for key, field in (("peak", "peak_bytes"), ("temp", "temp_size_in_bytes")):
+            out[f"{m}_bf16_over_f32_{key}"] = _ratio(_memory(results, f"{m}_bf16", field),
+                                                     _memory(results, m, field))
     return out
 
 
@@ -61,18 +76,46 @@ def _pressure_text(p: dict | None) -> str:
     return "n/a" if not p else f"{p['avg60']:.0f}%"
 
 
+def _r2(x: float | None) -> str:
+    """A ratio as a table cell, two decimals; "-" for None."""
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _load_text(load) -> str:
+    return "n/a" if not load else " / ".join(f"{x:.2f}" for x in load)
+
+
 def _model_cells(p: dict) -> str:
     """The row's leading cells: ``| cell | T | B | H | L | bidir |``."""
     return (f"| {p['cell']} | {p['T']} | {p['B']} | {p['H']} | {p['num_layers']} "
             f"| {'yes' if p['bidirectional'] else 'no'} |")
 
 
+def _ms(methods: dict, name: str, repeats: int) -> str:
+    """A method's time as a table cell: its median (``*``: fewer than ``repeats`` runs),
+    the floor's sum, or why it did not run."""
+    m = methods.get(name, {"status": "-"})
+    if m.get("status") != "ok":
+        return m.get("status", "-")
+    if name == "floor":
+        return _fmt(m["floor_ms"])
+    return _fmt(m["median_ms"]) + ("*" if m["repeats"] < repeats else "")
+
+
+def _mb(methods: dict, name: str, key: str = "peak_bytes") -> str:
+    """A contender's ``memory[key]`` in MB (2^20 bytes) as a table cell; "-" without one."""
+    size = _memory(methods, name, key)
+    return _fmt(None if size is None else size / 2**20)
+
+
 def markdown(bench: dict) -> str:
-    """The results as markdown: the main table, the product floor's parts, what was measured."""
+    """The results as markdown: the main table, the product floor's parts, what was measured,
+    bfloat16 against float32, the cell variants."""
     env = bench["environment"]
     v = env["versions"]
     s = bench["settings"]
-    head = ("| cell | T | B | H | L | bidir | bptt ms | autodiff ms | torch ms "
+    head = ("| cell | T | B | H | L | bidir | bptt ms | autodiff ms | bptt bf16 ms (/ f32) "
+            "| torch ms "
             "| torch 1-thread ms | flax ms | bptt speed-up vs autodiff | vs torch (1-thread) "
             "| vs flax | product floor ms | floor/bptt | floor/torch | xla_chain ms "
             "| peak MB (bptt / autodiff / torch / flax) |")
@@ -81,19 +124,18 @@ def markdown(bench: dict) -> str:
         m, r = p["methods"], p["ratios"]
 
         def ms(name):
-            if m[name].get("status") != "ok":
-                return m[name].get("status", "-")
-            if name == "floor":
-                return _fmt(m[name]["floor_ms"])
-            fewer = "*" if m[name]["repeats"] < s["repeats"] else ""
-            return _fmt(m[name]["median_ms"]) + fewer
+            return _ms(m, name, s["repeats"])
 
         def speed(key):
             return "-" if r[key] is None else f"{r[key]:.2f}x"
 
+        bf16 = ms("bptt_bf16")
+        if r.get("bptt_bf16_over_f32_time") is not None:
+            bf16 += f" ({_r2(r['bptt_bf16_over_f32_time'])})"
         peaks = " / ".join(_fmt(_peak_mb(m[n])) if m[n].get("status") == "ok" else "-"
                            for n in ("bptt", "autodiff", "torch", "flax"))
-        lines.append(f"{_model_cells(p)} {ms('bptt')} | {ms('autodiff')} | {ms('torch')} "
+        lines.append(f"{_model_cells(p)} {ms('bptt')} | {ms('autodiff')} | {bf16} "
+                     f"| {ms('torch')} "
                      f"| {ms('torch_1t')} | {ms('flax')} "
                      f"| {speed('bptt_speedup_vs_autodiff')} | {speed('bptt_speedup_vs_torch')} "
                      f"({speed('bptt_speedup_vs_torch_1t')}) "
@@ -119,10 +161,13 @@ def markdown(bench: dict) -> str:
         f"Median of {s['repeats']} interleaved steps after {s['warmup']} warm-up step(s) "
         f"(* fewer, at least 3, where {s['repeats']} would have taken over {s['budget_s']:g} s; "
         f"benchmark.json has every count and every time); L layers, bidir: both directions "
-        f"in every layer; input and output size H/4; float32; loss: mean squared error of a "
+        f"in every layer; input and output size H/4; float32 (`bf16`: bfloat16 compute, "
+        f"below); loss: mean squared error of a "
         f"linear readout at every step; Adam (lr {s['lr']}) on every side; the same initial "
         f"weights and data on every side. Speed-up = other's time / bptt's time (> 1: bptt "
-        f"is faster).",
+        f"is faster). `bptt bf16 ms (/ f32)`: bptt with bfloat16 compute and, in brackets, "
+        f"its time / bptt's float32 time (< 1: faster in bfloat16; the section "
+        f"*bfloat16 compute against float32* below has autodiff and the memory).",
         "",
         f"`product floor` = the time of the step's matrix products alone, no elementwise "
         f"work: per layer and direction the T dependent (B,H)x(H,G*H) forward and T "
@@ -159,8 +204,12 @@ def markdown(bench: dict) -> str:
         f"(see jaxrnn_lab/perf/huge_pages.py). "
         f"CPU pressure (share of time some task waited for a core, /proc/pressure/cpu avg60): "
         f"{_pressure_text(env.get('cpu_pressure_start'))} at the start, "
-        f"{_pressure_text(bench.get('cpu_pressure_end'))} at the end.",
+        f"{_pressure_text(bench.get('cpu_pressure_end'))} at the end; load average "
+        f"(`uptime`, 1/5/15 min): {_load_text(env.get('load_average_start'))} at the start, "
+        f"{_load_text(bench.get('load_average_end'))} at the end."
+        + (f" Command: `{bench['command']}`." if bench.get("command") else ""),
     ]
+    lines += _bf16_section(bench)
     variants = bench.get("variants") or []
     if variants:
         lines += ["", "## Cell variants: bptt against autodiff", "",
@@ -178,6 +227,77 @@ def markdown(bench: dict) -> str:
                          f"| {v['bptt_speedup_vs_autodiff']:.2f}x "
                          f"| {_fmt(_peak_mb(m['bptt']))} / {_fmt(_peak_mb(m['autodiff']))} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(values: list[float]) -> str:
+    """``min-max (geometric mean g)`` of some ratios, two decimals."""
+    g = math.exp(sum(math.log(x) for x in values) / len(values))
+    return f"{min(values):.2f}-{max(values):.2f} (geometric mean {g:.2f})"
+
+
+def _bf16_verdict(bench: dict, method: str) -> str:
+    """One plain sentence: is ``method`` faster or slower, larger or smaller, in bfloat16?"""
+    r = [p["ratios"] for p in bench["results"]
+         if p["ratios"].get(f"{method}_bf16_over_f32_time") is not None]
+    if not r:
+        return f"`{method}`: not run in bfloat16."
+    time = [x[f"{method}_bf16_over_f32_time"] for x in r]
+    peak = [x[f"{method}_bf16_over_f32_peak"] for x in r if x[f"{method}_bf16_over_f32_peak"]]
+    temp = [x[f"{method}_bf16_over_f32_temp"] for x in r if x[f"{method}_bf16_over_f32_temp"]]
+    faster = sum(t < 1 for t in time)
+    text = (f"`{method}` in bfloat16 was faster than in float32 at {faster} of {len(time)} "
+            f"points and slower at {len(time) - faster}: bf16/f32 time {_spread(time)}")
+    if peak:
+        smaller = sum(x < 1 for x in peak)
+        text += (f"; its peak memory was smaller at {smaller} of {len(peak)} points, bf16/f32 "
+                 f"peak {_spread(peak)}, temp {_spread(temp)}")
+    return text + "."
+
+
+def _bf16_section(bench: dict) -> list[str]:
+    """The markdown section of bfloat16 compute against float32 (none if it did not run)."""
+    names = ("bptt", "autodiff", "bptt_bf16", "autodiff_bf16")
+    if not any(p["methods"].get(n, {}).get("status") == "ok"
+               for p in bench["results"] for n in names[2:]):
+        return []
+    s, env = bench["settings"], bench["environment"]
+    head = ("| cell | T | B | H | L | bidir | bptt f32 ms | bptt bf16 ms | bptt bf16/f32 time "
+            "| autodiff f32 ms | autodiff bf16 ms | autodiff bf16/f32 time "
+            "| bptt peak MB (f32 / bf16) | bptt bf16/f32 peak (temp) "
+            "| autodiff peak MB (f32 / bf16) | autodiff bf16/f32 peak (temp) |")
+    lines = ["", "## bfloat16 compute against float32", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for p in bench["results"]:
+        m, r = p["methods"], p["ratios"]
+        row = [_model_cells(p)]
+        for meth in ("bptt", "autodiff"):
+            row.append(f" {_ms(m, meth, s['repeats'])} | {_ms(m, meth + '_bf16', s['repeats'])} "
+                       f"| {_r2(r.get(f'{meth}_bf16_over_f32_time'))} |")
+        for meth in ("bptt", "autodiff"):
+            row.append(f" {_mb(m, meth)} / {_mb(m, meth + '_bf16')} "
+                       f"| {_r2(r.get(f'{meth}_bf16_over_f32_peak'))} "
+                       f"({_r2(r.get(f'{meth}_bf16_over_f32_temp'))}) |")
+        lines.append("".join(row))
+    flags = env.get("cpu_bf16_flags")
+    flags = ("unknown" if flags is None else ", ".join(flags) if flags else "none")
+    lines += [
+        "",
+        "`bf16`: the same jaxrnn training step built with `jaxrnn.RNN(..., "
+        "compute_dtype=jnp.bfloat16)`, timed in the same rounds as the other contenders, "
+        "from the same float32 weights and data: the parameters, Adam's state and the batch "
+        "stay float32 (master weights); each recurrent step's matrix products and gate math "
+        "run in bfloat16; the carry, the backward pass's cotangents and the weight-gradient "
+        "products stay float32. bf16/f32 = the bfloat16 step's median time (peak bytes, "
+        "XLA temp bytes) / the float32 step's: < 1 is faster (smaller) in bfloat16. Peak "
+        "as above (XLA's buffer assignment: arguments + outputs - aliased + temp); the "
+        "arguments are the same float32 buffers in both, so the difference is all in temp.",
+        "",
+        f"On this machine ({env['cpu']}, {env['threads']['jax_xla_cpu']} XLA threads; "
+        f"bfloat16 CPU flags: {flags}; jax {env['versions']['jax']}, jaxlib "
+        f"{env['versions']['jaxlib']}): {_bf16_verdict(bench, 'bptt')} "
+        f"{_bf16_verdict(bench, 'autodiff')}",
+    ]
+    return lines
 
 
 # --- chart ----------------------------------------------------------------------
@@ -209,6 +329,7 @@ def figure(bench: dict):
     threads = bench["environment"]["threads"]["jax_xla_cpu"]
     style = {  # name: (label, color)
         "bptt": ("jaxrnn bptt", "tab:blue"), "autodiff": ("jaxrnn autodiff", "tab:orange"),
+        "bptt_bf16": ("jaxrnn bptt, bf16 compute", "lightskyblue"),
         "torch": (f"torch ({threads} threads)", "tab:red"),
         "torch_1t": ("torch (1 thread)", "lightcoral"), "flax": ("flax", "tab:green"),
         "floor": ("product floor", "0.6")}
@@ -242,7 +363,8 @@ def figure(bench: dict):
     fig.legend(handles, labels, loc="lower center", ncol=max(len(names), 1), fontsize=8,
                frameon=False)
     env = bench["environment"]
-    fig.suptitle(f"One training step (forward, backward, Adam), float32, {env['cpu']}, "
+    fig.suptitle(f"One training step (forward, backward, Adam), float32 (bf16: bfloat16 "
+                 f"compute, float32 weights), {env['cpu']}, "
                  f"{threads} threads; product floor: the step's matrix products alone; "
                  f"log scale", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

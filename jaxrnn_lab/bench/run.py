@@ -12,12 +12,13 @@ from tqdm.auto import tqdm
 
 import jaxrnn
 from jaxrnn_lab.bench.contenders import (flax_contender, init_params, jaxrnn_contender,
-                                     torch_contender)
-from jaxrnn_lab.bench.environment import cpu_pressure, environment, jax_threads, torch_module
+                                         torch_contender)
+from jaxrnn_lab.bench.environment import (cpu_pressure, environment, jax_threads, load_average,
+                                          torch_module)
 from jaxrnn_lab.bench.floor import KERNELS, product_floor, xla_chain_contender
 from jaxrnn_lab.bench.report import ratios
-from jaxrnn_lab.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS, STEPS, GridPoint,
-                                   Settings, grid_point)
+from jaxrnn_lab.bench.settings import (CELL_VARIANTS, CONTENDERS, METHODS, MIXED_PRECISION,
+                                       STEPS, GridPoint, Settings, grid_point)
 from jaxrnn_lab.bench.timing import budget_repeats, summarize, time_round_robin
 
 
@@ -37,7 +38,9 @@ def bench_point(cell: str, point: GridPoint, settings: Settings, threads: int) -
     Returns:
         JSON-ready: the sizes, ``methods[name]`` for every name of ``METHODS``
         (``status``, times in ms, compile time, first-step loss, memory; the
-        floor's ``floor_ms`` and ``products``), ``ratios`` and ``wall_s``.
+        floor's ``floor_ms`` and ``products``; ``bptt_bf16`` and ``autodiff_bf16``:
+        the same steps with ``compute_dtype="bfloat16"``, or "not run" without
+        ``settings.bf16``), ``ratios`` and ``wall_s``.
     """
     t_start = time.perf_counter()
     T, B, H, L, bidirectional = grid_point(point)
@@ -53,6 +56,12 @@ def bench_point(cell: str, point: GridPoint, settings: Settings, threads: int) -
     contenders = [jaxrnn_contender(model, params, batch, m, settings.lr)
                   for m in ("bptt", "autodiff")]
     missing = {}  # contender -> why it did not run
+    for name, (method, dtype) in MIXED_PRECISION.items():  # the same weights and data
+        if settings.bf16:
+            mixed = dataclasses.replace(model, compute_dtype=dtype)
+            contenders.append(jaxrnn_contender(mixed, params, batch, method, settings.lr, name))
+        else:
+            missing[name] = "not run"
     if torch_module() is None:
         missing["torch"] = missing["torch_1t"] = "not installed"
     else:
@@ -161,9 +170,9 @@ def run_benchmark(settings: Settings = Settings(), progress: bool = True) -> dic
 
     Returns:
         ``{"settings", "environment", "contenders", "floor_kernels", "results":
-        [point, ...], "variants": [...], "cpu_pressure_end"}``, one point per (cell,
-        T, B, H, num_layers, bidirectional), see ``bench_point``, and one entry per
-        cell variant, see ``bench_variant``.
+        [point, ...], "variants": [...], "cpu_pressure_end", "load_average_end"}``,
+        one point per (cell, T, B, H, num_layers, bidirectional), see
+        ``bench_point``, and one entry per cell variant, see ``bench_variant``.
     """
     torch = torch_module()
     threads = jax_threads()
@@ -190,4 +199,5 @@ def run_benchmark(settings: Settings = Settings(), progress: bool = True) -> dic
     return {"settings": dataclasses.asdict(settings), "environment": env,
             "contenders": list(CONTENDERS),
             "floor_kernels": [k for k in KERNELS if k != "torch" or torch],
-            "results": results, "variants": variants, "cpu_pressure_end": cpu_pressure()}
+            "results": results, "variants": variants, "cpu_pressure_end": cpu_pressure(),
+            "load_average_end": load_average()}

@@ -82,6 +82,7 @@ class Settings:
     seed: int = 0  # weights and data
     torch_memory: bool = True  # profile one extra PyTorch step for its peak memory
     torch_single_thread: bool = True  # also time PyTorch on 1 thread ("torch_1t")
+    bf16: bool = True  # also time bptt and autodiff with compute_dtype=bfloat16 ("*_bf16")
     budget_s: float = 60.0  # cap on one contender's (one floor kernel's) timed seconds per point
 
     def __post_init__(self):
@@ -110,8 +111,13 @@ class Settings:
 QUICK = Settings(grid=(GridPoint(20, 4, 16),), repeats=5, warmup=1, floor_repeats=3,
                  variants=("lstm_proj",), variant_point=GridPoint(20, 4, 16))
 
-# The timed programs, in the order of the table; the first five are full training steps.
-STEPS = ("bptt", "autodiff", "torch", "torch_1t", "flax")
+# jaxrnn's steps in mixed precision: name -> (method, compute_dtype). Float32 parameters,
+# Adam state and batch as the float32 steps; each recurrent step's products and gate
+# math in bfloat16 (``jaxrnn.RNN(compute_dtype=...)``).
+MIXED_PRECISION = {"bptt_bf16": ("bptt", "bfloat16"), "autodiff_bf16": ("autodiff", "bfloat16")}
+
+# The timed programs, in the order of the table; the first seven are full training steps.
+STEPS = ("bptt", "autodiff", *MIXED_PRECISION, "torch", "torch_1t", "flax")
 CONTENDERS = STEPS + ("xla_chain",)
 # Every entry of a point's ``methods``: the contenders and the product floor.
 METHODS = CONTENDERS + ("floor",)
