@@ -6,7 +6,9 @@ The module-scoped ``runs`` fixture starts real multi-process runs on localhost:
 collectives), and the same run in one process of four devices. The two-process
 run's checkpoint at step 2 is then resumed by two processes, as a run stopped
 after that checkpoint would be. Every process has a timeout, so a hung collective
-fails the tests instead of hanging them.
+fails the tests instead of hanging them. A process whose peers never come is tested
+with a coordinator timeout of a second (one process), and the handshake that names
+them (``distributed.meet``) in threads.
 """
 
 import hashlib
@@ -128,8 +130,10 @@ def _final_state(out: Path):
     cfg = runner.read_config(out)
     task = runner.build_task(cfg)
     model, params = runner.build_model(cfg, task)
+    # No metadata: the arrays are what is compared (which settings a checkpoint must
+    # record is the runner's and test_runner's business).
     like = ckpt.CheckpointState(params, runner.build_optimizer(cfg).init(params), 0,
-                                jax.random.key(0), 0, {"model": cfg.model_fields()})
+                                jax.random.key(0), 0)
     assert ckpt.latest_step(out / "checkpoints") == STEPS
     state = ckpt.restore(out / "checkpoints", like)
     return [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
@@ -257,6 +261,84 @@ def test_a_slurm_job_is_detected_only_with_several_tasks(monkeypatch):
     assert distributed.detected_cluster() is None  # a one-task job is a plain run
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert distributed.detected_cluster() == ("slurm", 2)
+
+
+# --- a missing process ---------------------------------------------------------
+# `jaxrnn train` with a coordinator timeout of `seconds` (its default patched, as
+# `--coordinator-timeout` would set it).
+_WITH_TIMEOUT = ("import sys; from jaxrnn_app import cli, distributed; "
+                 "distributed.DEFAULT_COORDINATOR_TIMEOUT = float(sys.argv[1]); "
+                 "sys.exit(cli.main(['train', *sys.argv[2:]]))")
+
+
+def test_a_process_whose_peer_never_comes_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    # Process 0 without process 1 (before the handshake: 307 s of silence, then SIGABRT,
+    # exit 134, and a C++ stack trace). Process 1 without process 0: the next test.
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WITH_TIMEOUT, "1", *RUN, "--steps", "1",
+         "--out", str(tmp_path / "run"), "--num-processes", "2", "--process-id", "0",
+         "--coordinator", f"localhost:{port}"],
+        cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [(rc, out, err)] = _wait([proc])
+    assert err == (f"jaxrnn train: error: process 1 of 2 did not join within 1 s (--coordinator "
+                   f"localhost:{port}): start it, or raise --coordinator-timeout\n")
+    assert (rc, out) == (2, "")
+    assert os.listdir(tmp_path) == []  # no run directory
+
+
+def _meet_all(processes, timeout_s=0.5):
+    """``distributed.meet`` of each ``(N, I)`` in ``processes``, in threads: what each ended with."""
+    import threading
+
+    coordinator, ended = f"localhost:{_free_port()}", [None] * len(processes)
+
+    def one(k, n, i):
+        try:
+            distributed.meet(n, i, coordinator, timeout_s)
+            ended[k] = "go"
+        except distributed.StartRefused as e:
+            ended[k] = str(e)
+
+    threads = [threading.Thread(target=one, args=(k, *p)) for k, p in enumerate(processes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return coordinator, ended
+
+
+def test_processes_meet_or_every_one_that_came_is_refused_with_the_same_line():
+    assert _meet_all([(3, 2), (3, 0), (3, 1)])[1] == ["go"] * 3
+    coordinator, ended = _meet_all([(2, 1)])
+    assert ended == [f"process 0 of 2 (the coordinator, --coordinator {coordinator}) did not "
+                     f"answer within 0.5 s: start it, or raise --coordinator-timeout"]
+    coordinator, ended = _meet_all([(4, 0), (4, 2)])
+    assert ended == [f"processes 1 and 3 of 4 did not join within 0.5 s (--coordinator "
+                     f"{coordinator}): start them, or raise --coordinator-timeout"] * 2
+    # Told at once, without waiting for the timeout:
+    assert _meet_all([(2, 0), (3, 1)], timeout_s=30)[1] == [
+        "process 1 was started with --num-processes 3, process 0 with --num-processes 2"] * 2
+    coordinator, ended = _meet_all([(3, 0), (3, 1), (3, 1)], timeout_s=30)
+    assert ended == [f"two processes were started with --process-id 1 (--coordinator "
+                     f"{coordinator})"] * 3
+
+
+def test_a_coordinator_port_in_use_is_refused():
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(distributed.StartRefused,
+                           match=f"process 0 cannot listen on port {port} .*in use"):
+            distributed.meet(2, 0, f"localhost:{port}", 0.5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "5", True])
+def test_a_bad_coordinator_timeout_is_refused(bad):
+    with pytest.raises(ValueError, match="--coordinator-timeout must be a number of seconds > 0"):
+        distributed.start(2, 0, "localhost:1234", timeout_s=bad)
+    assert not jax.distributed.is_initialized()
 
 
 # --- each process's rows of the batch -----------------------------------------
