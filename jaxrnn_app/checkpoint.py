@@ -19,7 +19,13 @@ reads back (tensorstore checks the OCDBT nodes' CRC-32C and decompresses every c
 and the restored arrays have the structure, shapes and dtypes of the manifest.
 ``restore()`` with ``step=None`` falls back to the newest readable checkpoint, telling
 its ``on_skip`` callback about each newer one it skipped and why; a checkpoint of another
-model is an error, never a fallback.
+model is an error, never a fallback (``MetadataMismatch``, naming the keys).
+
+Saves (with their pruning) and set-asides hold an exclusive ``flock`` of the directory,
+reads a shared one (``jaxrnn_app.rundir.lock``): a process reading checkpoints while
+another trains into the directory never has the one it reads pruned or renamed under it.
+A failed save (a full disk) raises once, quietly: ``_quiet_save`` keeps the rest of
+orbax's threads from printing the same error again.
 
 Typical use in a training loop::
 
@@ -36,12 +42,15 @@ import contextlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from jaxrnn_app import rundir
 
 FORMAT_VERSION = 1  # of the ``meta`` item's layout
 DAMAGED_SUFFIX = ".damaged"  # ``set_aside`` renames ``<step>`` to ``<step>.damaged``
@@ -81,8 +90,7 @@ def _fmt(shape_dtype) -> str:
 
 
 def _short(reason: str, n: int = 120) -> str:
-    reason = " ".join(reason.split())  # one line
-    return reason if len(reason) <= n else reason[:n - 3] + "..."
+    return rundir.one_line(reason, n)
 
 
 class CheckpointState(NamedTuple):
@@ -107,6 +115,34 @@ def _quiet():
     try:
         yield
     finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_save():
+    """Keeps a save quiet, and the rest of a failed one. When a write fails (a full
+    disk), orbax's other threads fail too, before and after the error reaches the
+    caller (who reports it once): absl logs each with its traceback, asyncio logs its
+    tasks' "exception was never retrieved", and tensorstore's callbacks into closed
+    event loops raise "Event loop is closed" as unraisable exceptions (measured: about
+    100 lines of stderr for one full disk). During the save those loggers keep to
+    CRITICAL and that one unraisable exception is dropped (others reach the previous
+    hook); after a failed save, for the rest of the process."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = hook
+    yield  # an exception leaves all of it in place
+    sys.unraisablehook = previous
+    for logger, level in zip(loggers, levels):
         logger.setLevel(level)
 
 
@@ -226,30 +262,70 @@ def _from_stored(like, tree):
         like, tree)
 
 
+_ABSENT = object()  # a metadata key one side lacks
+
+
+class MetadataMismatch(ValueError):
+    """A checkpoint's metadata differs from the run's (``check_metadata``).
+
+    Attributes:
+        where: the checkpoint, as the message names it.
+        differences: ``(key, saved, expected)`` for each key that differs, nested keys
+            dotted (``"run.lr"``); a side that lacks the key holds ``None`` and the key
+            is listed in ``absent``.
+        absent: ``{key: "checkpoint" | "here"}`` for keys only one side has.
+    """
+
+    def __init__(self, where: str, differences: list, absent: dict, problems: list[str]):
+        super().__init__(f"{where} is of another model: " + "; ".join(problems))
+        self.where, self.differences, self.absent = where, differences, absent
+
+
+def _differences(saved, expected, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved, expected)`` of every leaf that differs between two JSON
+    mappings, descending into the keys both hold as mappings."""
+    out = []
+    for k in sorted(set(saved) | set(expected), key=str):
+        a, b = saved.get(k, _ABSENT), expected.get(k, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
 def check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any],
-                   where: str = "the checkpoint") -> None:
+                   where: str = "the checkpoint", *, absent_ok: tuple[str, ...] = ()) -> None:
     """Checks that a checkpoint's metadata equals this run's.
 
     Args:
         saved: the metadata read from a checkpoint (``read_metadata``).
         expected: this run's metadata (e.g. the model configuration); compared as it
-            reads back from JSON, so tuples equal lists.
+            reads back from JSON, so tuples equal lists. Nested mappings are compared
+            key by key.
         where: how to name the checkpoint in the message.
+        absent_ok: top-level keys of ``expected`` that ``saved`` may lack: what newer
+            versions record and older checkpoints do not (they stay readable).
 
     Raises:
-        ValueError: naming every key whose value differs or that one side lacks.
+        MetadataMismatch (a ValueError): naming every key whose value differs or that
+            one side lacks (nested keys dotted, ``run.lr``).
     """
     expected = _jsonable(expected, "metadata")
-    problems = []
-    for k in sorted(set(saved) | set(expected)):
-        if k not in saved:
-            problems.append(f"{k} is absent in the checkpoint but {expected[k]!r} here")
-        elif k not in expected:
-            problems.append(f"{k} is {saved[k]!r} in the checkpoint but absent here")
-        elif saved[k] != expected[k]:
-            problems.append(f"{k} is {saved[k]!r} in the checkpoint but {expected[k]!r} here")
+    expected = {k: v for k, v in expected.items() if k in saved or k not in absent_ok}
+    differences, absent, problems = [], {}, []
+    for k, a, b in _differences(dict(saved), expected):
+        if a is _ABSENT:
+            absent[k] = "checkpoint"
+            problems.append(f"{k} is absent in the checkpoint but {b!r} here")
+        elif b is _ABSENT:
+            absent[k] = "here"
+            problems.append(f"{k} is {a!r} in the checkpoint but absent here")
+        else:
+            problems.append(f"{k} is {a!r} in the checkpoint but {b!r} here")
+        differences.append((k, None if a is _ABSENT else a, None if b is _ABSENT else b))
     if problems:
-        raise ValueError(f"{where} is of another model: " + "; ".join(problems))
+        raise MetadataMismatch(where, differences, absent, problems)
 
 
 # --- the checkpointer ----------------------------------------------------------
@@ -311,6 +387,14 @@ class Checkpointer:
     def __repr__(self) -> str:
         return (f"Checkpointer({str(self.directory)!r}, keep={self.keep}"
                 + (", read_only=True)" if self.read_only else ")"))
+
+    def _lock(self, shared: bool):
+        """The directory's lock for one operation: a save, a set-aside (process 0, the
+        one that renames and prunes) or a read (every process). Another process's saves
+        and reads wait for it; readers never see a step pruned or renamed mid-read."""
+        if not shared and jax.process_index() != 0:
+            return contextlib.nullcontext()
+        return rundir.locked(self.directory, shared=shared)
 
     # --- queries -------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -437,7 +521,8 @@ class Checkpointer:
         while new.exists():
             n += 1
             new = self.directory / f"{step}{DAMAGED_SUFFIX}-{n}"
-        (self.directory / str(step)).rename(new)
+        with self._lock(shared=False):
+            (self.directory / str(step)).rename(new)
         with _quiet():
             self._manager.reload()
         return new
@@ -479,7 +564,7 @@ class Checkpointer:
         tree = {"params": state.params, "opt_state": state.opt_state, "key": state.key}
         meta = {"format": FORMAT_VERSION, "step": step, "data_step": data_step,
                 "metadata": metadata, "leaves": _manifest(tree)}
-        with _quiet():
+        with self._lock(shared=False), _quiet_save():  # readers wait: no step pruned mid-read
             saved = self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_to_stored(tree)), meta=ocp.args.JsonSave(meta)))
             self._manager.wait_until_finished()
@@ -489,7 +574,8 @@ class Checkpointer:
 
     def restore(self, like: CheckpointState, step: int | None = None, *,
                 fallback: bool = True,
-                on_skip: Callable[[int, str], None] | None = None) -> CheckpointState:
+                on_skip: Callable[[int, str], None] | None = None,
+                absent_ok: tuple[str, ...] = ()) -> CheckpointState:
         """Reads a checkpoint back into the structure of ``like``.
 
         Args:
@@ -504,6 +590,8 @@ class Checkpointer:
                 until one reads back; False: the newest or an error.
             on_skip: called as ``on_skip(step, reason)`` for each checkpoint skipped;
                 nothing is printed.
+            absent_ok: top-level keys of ``like.metadata`` that a checkpoint may lack
+                (recorded only by newer versions; see ``check_metadata``).
 
         Returns:
             The saved ``CheckpointState``: arrays exactly as saved, in ``like``'s
@@ -514,22 +602,33 @@ class Checkpointer:
                 checkpoint does not read back completely (naming it and why).
             NoReadableCheckpoint: ``step=None`` and no checkpoint reads back (each
                 one's reason in the message).
-            ValueError: no checkpoint (for ``step``); the metadata differs ("of another
-                model", naming the keys); or a leaf is missing, extra, or has another
-                shape, dtype or key implementation (naming the leaf). These are never
-                skipped: a checkpoint of another model is not a fallback.
+            ValueError: no checkpoint (for ``step``); the metadata differs
+                (``MetadataMismatch``, "of another model", naming the keys); or a leaf
+                is missing, extra, or has another shape, dtype or key implementation
+                (naming the leaf). These are never skipped: a checkpoint of another
+                model is not a fallback.
+
+        It reads under a shared lock of the directory (``save`` writes under an
+        exclusive one), so a save running in another process, with its pruning, never
+        removes the checkpoint being read.
         """
         if not isinstance(like, CheckpointState):
             raise TypeError(f"like must be a CheckpointState, got {type(like).__name__}")
+        with self._lock(shared=True):
+            if self.read_only:  # another process may have saved or pruned since we listed
+                self.reload()
+            return self._restore(like, step, fallback, on_skip, absent_ok)
+
+    def _restore(self, like, step, fallback, on_skip, absent_ok) -> CheckpointState:
         if step is not None or not fallback:
-            return self._restore_step(like, self._resolve(step))
+            return self._restore_step(like, self._resolve(step), absent_ok)
         steps = self.all_steps()
         if not steps:
             raise ValueError(f"no checkpoint in {self.directory}")
         skipped = []
         for s in reversed(steps):
             try:
-                restored = self._restore_step(like, s)
+                restored = self._restore_step(like, s, absent_ok)
             except CheckpointUnreadable as e:
                 skipped.append((s, e.reason))
                 continue
@@ -538,6 +637,17 @@ class Checkpointer:
                     on_skip(s_bad, reason)
             return restored
         raise NoReadableCheckpoint(self.directory, skipped)
+
+    def verify(self, step: int) -> None:
+        """Checks that checkpoint ``step`` reads back completely, without restoring it:
+        finalized, its ``meta`` parses, and every byte of its arrays reads back.
+
+        Raises:
+            CheckpointUnreadable: naming the step and what is wrong.
+        """
+        with self._lock(shared=True):
+            self._meta(step)
+            self._verify_state_files(step)
 
     def _check_stored_arrays(self, step: int, target) -> None:
         """The state item's own array metadata (shapes, dtypes) against ``target``, before
@@ -564,11 +674,12 @@ class Checkpointer:
                       f"{_fmt(stored.get(k))} in the state but {_fmt(want.get(k))} in the "
                       f"manifest" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
 
-    def _restore_step(self, like: CheckpointState, step: int) -> CheckpointState:
+    def _restore_step(self, like: CheckpointState, step: int,
+                      absent_ok: tuple[str, ...] = ()) -> CheckpointState:
         meta = self._meta(step)
         where = f"checkpoint {self.directory / str(step)}"
         if like.metadata is not None:
-            check_metadata(meta["metadata"], like.metadata, where)
+            check_metadata(meta["metadata"], like.metadata, where, absent_ok=absent_ok)
         like_tree = {"params": like.params, "opt_state": like.opt_state, "key": like.key}
         _check_manifest(meta["leaves"], _manifest(like_tree), where)
         target = _target(like_tree)
@@ -618,13 +729,15 @@ def latest_step(directory) -> int | None:
 
 def restore(directory, like: CheckpointState, step: int | None = None, *,
             fallback: bool = True,
-            on_skip: Callable[[int, str], None] | None = None) -> CheckpointState:
+            on_skip: Callable[[int, str], None] | None = None,
+            absent_ok: tuple[str, ...] = ()) -> CheckpointState:
     """Reads checkpoint ``step`` (default: the newest readable one) of ``directory`` into
     ``like``'s structure; see ``Checkpointer.restore``."""
     if not Path(directory).expanduser().is_dir():
         raise ValueError(f"no checkpoint in {directory}: no such directory")
     with Checkpointer(directory, read_only=True) as ckpt:
-        return ckpt.restore(like, step, fallback=fallback, on_skip=on_skip)
+        return ckpt.restore(like, step, fallback=fallback, on_skip=on_skip,
+                            absent_ok=absent_ok)
 
 
 def read_metadata(directory, step: int | None = None) -> dict:

@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxrnn_app import checkpoint
-from jaxrnn_app.checkpoint import CheckpointState, Checkpointer, check_metadata
+from jaxrnn_app.checkpoint import (CheckpointState, Checkpointer, MetadataMismatch,
+                                   check_metadata)
 from jaxrnn._src.model import RNN, RNNParams
 from jaxrnn_app.tasks import SineTask
 
@@ -202,6 +203,42 @@ def test_metadata_mismatch_names_the_keys(tmp_path, trained):
     # None skips the check; tuples and lists compare equal
     assert checkpoint.restore(tmp_path, fresh(metadata=None)).metadata["hidden_size"] == 4
     check_metadata({"sizes": [1, 2]}, {"sizes": (1, 2)})
+
+
+def test_metadata_nested_keys_and_keys_recorded_only_by_newer_versions():
+    """Nested records compare key by key (``run.lr``); a key in ``absent_ok`` that a
+    checkpoint lacks (made before it was recorded) passes; one that differs does not."""
+    here = {"model": {"hidden": 8}, "run": {"lr": 0.05, "optimizer": "adam"}}
+    check_metadata({"model": {"hidden": 8}}, here, absent_ok=("run",))  # an older checkpoint
+    with pytest.raises(MetadataMismatch, match=r"^the checkpoint is of another model: run is "
+                                               r"absent in the checkpoint but"):
+        check_metadata({"model": {"hidden": 8}}, here)
+    with pytest.raises(MetadataMismatch) as e:
+        check_metadata({"model": {"hidden": 8}, "run": {"lr": 0.01, "optimizer": "adam"}},
+                       here, "checkpoint 3", absent_ok=("run",))
+    assert str(e.value) == ("checkpoint 3 is of another model: run.lr is 0.01 in the "
+                            "checkpoint but 0.05 here")
+    assert e.value.where == "checkpoint 3" and e.value.differences == [("run.lr", 0.01, 0.05)]
+
+
+def test_a_save_waits_for_a_reader_and_never_prunes_under_it(tmp_path, trained):
+    """Reads hold a shared lock of the directory, saves (with their pruning) an exclusive
+    one: a save started while another process reads waits for the read to end."""
+    import threading
+    import time
+
+    from jaxrnn_app import rundir
+
+    with Checkpointer(tmp_path, keep=1) as ckpt:
+        ckpt.save(trained._replace(step=1))
+        reader = rundir.lock(tmp_path, shared=True)  # another open file: as another process
+        saver = threading.Thread(target=ckpt.save, args=(trained._replace(step=2),))
+        saver.start()
+        time.sleep(0.5)
+        assert saver.is_alive() and sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+        reader.release()
+        saver.join(timeout=60)
+        assert ckpt.all_steps() == [2]  # saved, and 1 pruned, once the reader was done
 
 
 def test_structure_shape_and_dtype_mismatches_name_the_leaf(tmp_path, trained):
