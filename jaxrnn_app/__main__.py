@@ -2,6 +2,9 @@
 
 import sys
 
-from jaxrnn_app.cli import main
+try:
+    from jaxrnn_app.cli import main
+except KeyboardInterrupt:  # Ctrl-C before the command could take it: quietly
+    sys.exit(130)
 
 sys.exit(main())

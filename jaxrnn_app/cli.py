@@ -8,17 +8,23 @@ Subcommands:
 * ``sample``: text from a trained character language model;
 * ``gradcheck``: handwritten BPTT vs ``jax.grad`` vs finite differences, in float64.
 
-Bad input is reported as one line on stderr with exit status 2.
+Exit statuses (docs/training-runs.md has the table): 0 done; 1 a run that failed
+mid-way (a NaN loss, a write that failed), one line on stderr, resumable; 2 refused
+before anything changed (bad input, a run directory in use, unwritable or full), one
+line on stderr; 130 interrupted (Ctrl-C, SIGTERM: a run saves a checkpoint first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
-import json
+import math
+import signal
 import sys
 from pathlib import Path
 
+from jaxrnn_app import rundir
 from jaxrnn_app.defaults import COMPUTE_DTYPES, default_text
 
 EXIT_USAGE = 2
@@ -158,11 +164,18 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _finite_float(text)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return v
@@ -286,12 +299,15 @@ def cmd_sample(args) -> int:
     model, params = runner.build_model(cfg, task)
     optimizer = runner.build_optimizer(cfg)
     like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
-                                {"model": cfg.model_fields()})
+                                runner.checkpoint_metadata(cfg))
     def skipped(step, why):
         print(f"warning: checkpoint {step} is unreadable ({why}): skipped", file=sys.stderr)
 
+    # Under the checkpoints' shared lock (Checkpointer.restore): a run training into --out
+    # saves and prunes under an exclusive one, so the checkpoint read stays whole.
     with ckpt.Checkpointer(ckpt_dir, read_only=True) as c:
-        params = c.restore(like, on_skip=skipped).params
+        params = c.restore(like, on_skip=skipped,
+                           absent_ok=runner.METADATA_ADDED_LATER).params
     prompt = args.prompt
     unknown = sorted(set(prompt) - set(task.vocab))
     if unknown:
@@ -410,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--proj-size", type=int, default=None,
                    help="lstm: project h to this many units, as PyTorch's LSTM(proj_size=P) "
                         "(default: 0, no projection)")
-    t.add_argument("--forget-bias", type=float, default=None,
+    t.add_argument("--forget-bias", type=_finite_float, default=None,
                    help="LSTM-family cells: added to the forget gate's bias at init, e.g. 1 "
                         + default_text("forget_bias"))
     t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer " + default_text("hidden"))
@@ -459,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints (and one at the end) "
                         + default_text("checkpoint_every"))
-    t.add_argument("--target-loss", type=float, default=None,
+    t.add_argument("--target-loss", type=_finite_float, default=None,
                    help="stop once the training loss is at or below this "
                         + default_text("target_loss"))
     t.add_argument("--out", default=None, help="output directory (default runs/TASK-TIME)")
@@ -536,6 +552,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What each command imports before it runs (JAX and the libraries it loads: seconds).
+# ``main`` imports them with SIGINT deferred: a Ctrl-C then exits 130 quietly once they
+# are in, rather than a traceback from inside an import, a crash in an extension's
+# initialisation, or a KeyboardInterrupt that a garbage-collection callback swallows
+# (the run then went on).
+_IMPORTS = {"train": ("jaxrnn_app.runner",), "sample": ("jaxrnn_app.runner",),
+            "explain": ("jax",), "gradcheck": ("jax",)}
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """SIGINT during the block is noted, not raised; KeyboardInterrupt after it."""
+    got = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own options (argparse.REMAINDER cannot pass --help on)
@@ -544,17 +586,26 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's parser says it: its --help, its nearest option
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if getattr(args, "cell", None) is None and args.command == "gradcheck":
-        from jaxrnn.extend import CELLS
-
-        args.cell = list(CELLS)
     try:
+        with _sigint_deferred():
+            import importlib
+
+            for module in _IMPORTS.get(args.command, ()):
+                importlib.import_module(module)
+        if getattr(args, "cell", None) is None and args.command == "gradcheck":
+            from jaxrnn.extend import CELLS
+
+            args.cell = list(CELLS)
         return args.func(args)
     except (ValueError, TypeError, NotImplementedError) as e:
         print(f"jaxrnn {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (FloatingPointError, ConnectionError) as e:  # a NaN loss; processes that never met
+    except (FloatingPointError, ConnectionError, rundir.WriteFailed) as e:
+        # a NaN loss; processes that never met; a write that failed mid-run
         print(f"jaxrnn {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # one not turned into a message above: still one line
+        print(f"jaxrnn {args.command}: error: {rundir.describe(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"jaxrnn {args.command}: interrupted", file=sys.stderr)

@@ -7,7 +7,8 @@
   ``grad_norm``, ``steps_per_s``, with ``diagnostics`` the per-step gradient
   summary ``dh_first_l0``, ``dh_last_l0``, ``dh_ratio_l0``, ... (null where not
   finite), and at evaluation steps ``eval_loss`` and, for ``charlm``,
-  ``eval_bpc``); a resumed run drops the rows after its checkpoint and appends;
+  ``eval_bpc``), each row written whole; a resumed run drops the rows after its
+  checkpoint (a torn last row is moved aside to ``metrics.jsonl.torn``) and appends;
 * ``out/checkpoints/``: orbax checkpoints (params, optimizer state, step, data
   position, key) every ``checkpoint_every`` steps and at the end;
 * ``out/curves.png``: the learning curves; ``out/samples.txt`` for ``charlm``.
@@ -23,6 +24,15 @@ saves a checkpoint and stops cleanly. The training itself is
 ``jaxrnn.train_loop``: ``run`` gives it the step, the batches and hooks that
 write the rows, save the checkpoints and read the signals.
 
+The directory (``jaxrnn_app.rundir``): a run holds an exclusive lock of ``out`` from
+start to end (a second run on it is refused naming the holder's pid); everything it
+reads and every check that it can write (permission, room for a checkpoint) comes
+before its first write, so a refusal (``RunError``) changes nothing; ``config.json``
+and the other small files are written atomically; a write that fails mid-run ends it
+with ``rundir.WriteFailed``, one line naming the path, the cause and the last good
+checkpoint (read back whole). A checkpoint records the run-defining settings
+(``checkpoint_metadata``); ``--resume`` refuses one that contradicts ``config.json``.
+
 Several processes (``jaxrnn_app.distributed.start`` before ``run``): the mesh spans
 every process's devices (``build_mesh``), each process builds only its rows of each
 batch (``batch_placer``), process 0 alone writes the files and messages
@@ -32,6 +42,7 @@ signal stops all of them at the same step (``stop_check``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -51,7 +62,7 @@ from jaxrnn import (RNN, LoopResult, extend, make_optimizer, make_tbptt_step, ma
                     train_loop)
 from jaxrnn.extend import loss_fn
 from jaxrnn_app import checkpoint as ckpt
-from jaxrnn_app import distributed, memory, sharding
+from jaxrnn_app import distributed, memory, rundir, sharding
 from jaxrnn_app.defaults import COMPUTE_DTYPES, TASK_DEFAULTS
 from jaxrnn_app.tasks import Task, make_task
 
@@ -120,7 +131,8 @@ def option_message(message: str, anywhere: tuple[str, ...] = ()) -> str:
 
 
 class RunFailed(FloatingPointError):
-    """A run that stopped on its own: a non-finite loss."""
+    """A run that stopped on its own: a non-finite loss. (A write that fails mid-run is
+    ``rundir.WriteFailed``; both end the command with exit status 1.)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +175,23 @@ class RunConfig:
         return {k: getattr(self, k) for k in MODEL_FIELDS
                 if _OPTIONAL_MODEL_FIELDS.get(k, object()) != getattr(self, k)}
 
+    def run_fields(self) -> dict[str, Any]:
+        """The run-defining fields beyond the model's (``RUN_DEFINING`` minus
+        ``MODEL_FIELDS``): the optimizer, its schedule, the gradient method, ..."""
+        return {k: getattr(self, k) for k in RUN_DEFINING if k not in MODEL_FIELDS}
+
+
+# Recorded in every checkpoint (``checkpoint_metadata``): "model" since the first
+# checkpoints, "run" since after jaxrnn 0.2.0; a checkpoint without "run" (made before)
+# stays resumable, one whose "run" contradicts config.json is refused.
+METADATA_ADDED_LATER = ("run",)
+
+
+def checkpoint_metadata(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint of ``cfg`` records about its run, checked on every restore:
+    ``{"model": cfg.model_fields(), "run": cfg.run_fields()}``."""
+    return {"model": cfg.model_fields(), "run": cfg.run_fields()}
+
 
 def build_config(**given) -> RunConfig:
     """A ``RunConfig`` from the options given, completed by the task's defaults.
@@ -185,7 +214,21 @@ def build_config(**given) -> RunConfig:
         values["reference_model"] = all(given.get(k) in (None, False) for k in model_opts)
     cfg = RunConfig(**values)
     validate(cfg)
+    _check_no_silent_options(cfg)
     return cfg
+
+
+def _check_no_silent_options(cfg: RunConfig) -> None:
+    """Refuses options that would do nothing in this run. Checked for new runs only
+    (``build_config``), not in ``validate``: runs stored before it stay resumable."""
+    if cfg.warmup > 0 and cfg.schedule != "warmup-cosine":
+        raise RunError(f"--warmup {cfg.warmup} applies to --schedule warmup-cosine only "
+                       f"(--schedule {cfg.schedule} has no warm-up): drop --warmup or pass "
+                       f"--schedule warmup-cosine")
+    if cfg.dropout > 0 and cfg.layers == 1:
+        raise RunError(f"--dropout {cfg.dropout:g} acts between stacked layers, and --layers 1 "
+                       f"has none (nothing would be dropped): pass --layers 2 or more, or "
+                       f"drop --dropout")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -197,6 +240,8 @@ def validate(cfg: RunConfig) -> None:
     command's own: its options' ranges, and how ``--k1`` (which picks truncated BPTT)
     combines with ``--method rtrl`` and ``--diagnostics``.
     """
+    if cfg.task not in TASK_DEFAULTS:
+        raise RunError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {cfg.task!r}")
     if cfg.schedule not in SCHEDULES:
         raise RunError(f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     for name in ("hidden", "layers", "batch", "seq_len", "steps", "log_every"):
@@ -207,8 +252,12 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise RunError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
-    if not cfg.lr > 0:
-        raise RunError(f"--lr must be > 0, got {cfg.lr!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise RunError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    for name in ("forget_bias", "target_loss"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise RunError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
     if cfg.k2 is not None and cfg.k1 is None:
         raise RunError("--k2 needs --k1 (truncated BPTT: k1 steps between updates)")
     if cfg.method == "rtrl":
@@ -398,13 +447,53 @@ def _versions() -> dict[str, str]:
 
 
 def read_config(out: Path) -> RunConfig:
-    """The ``RunConfig`` saved in ``out/config.json``."""
+    """The ``RunConfig`` saved in ``out/config.json``.
+
+    Raises:
+        RunError: no ``config.json``, or one that cannot be the run's configuration
+            (not a readable file, not JSON, not an object, a field of the wrong type or
+            value), naming the file.
+    """
     path = Path(out) / "config.json"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise RunError(f"--out {out} holds no run (no config.json)")
-    data = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in data.items() if k in names})
+    damaged = "the run's configuration is damaged: restore it, or start a new run"
+    if path.is_dir():
+        raise RunError(f"{path} is a directory, not a JSON file: {damaged}")
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise RunError(f"cannot read {rundir.describe(e, path)}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RunError(f"{path} is not JSON ({e}): {damaged}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path} holds a JSON {_json_kind(data)}, not an object: {damaged}")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, value in data.items():
+        if name in fields and not _has_type(value, fields[name].type):
+            raise RunError(f"{path}: {name} is {value!r}, not of type {fields[name].type}: "
+                           f"{damaged}")
+    try:
+        cfg = RunConfig(**{k: v for k, v in data.items() if k in fields})
+        validate(cfg)
+    except RunError as e:
+        raise RunError(f"{path}: {e}: {damaged}") from None
+    return cfg
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a ``RunConfig`` field's annotation (``"int | None"``...)."""
+    kinds = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+             "None": (type(None),)}
+    allowed = tuple(t for name in annotation.split("|") for t in kinds.get(name.strip(), ()))
+    if isinstance(value, bool) and bool not in allowed:
+        return False
+    return isinstance(value, allowed)
 
 
 def _flag(name: str) -> str:
@@ -463,25 +552,51 @@ def prepare_resume(out: Path, given: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState
+def _restore_for_resume(ckpt_dir: Path, like: ckpt.CheckpointState, out: Path
                         ) -> tuple[ckpt.CheckpointState, list[tuple[int, str]]]:
     """The newest readable checkpoint of ``ckpt_dir`` and the newer ones skipped,
     ``(step, reason)``; read-only: nothing in the directory changes.
 
     Raises:
-        RunError: no readable checkpoint (naming the directory and each reason), or a
-            checkpoint of another model.
+        RunError: no readable checkpoint (naming the directory and each reason), a
+            checkpoint of another model, or one whose record of its run contradicts
+            ``out/config.json`` (naming the settings).
     """
     skipped: list[tuple[int, str]] = []
     try:
         with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
-            restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)))
+            restored = reader.restore(like, on_skip=lambda s, why: skipped.append((s, why)),
+                                      absent_ok=METADATA_ADDED_LATER)
+    except ckpt.MetadataMismatch as e:
+        raise RunError(f"--resume: {_contradiction(e, out)}") from None
     except ValueError as e:  # NoReadableCheckpoint, or another model (never a fallback)
         raise RunError(f"--resume: {e}") from None
     return restored, skipped
 
 
+def _contradiction(e: ckpt.MetadataMismatch, out: Path) -> str:
+    """A checkpoint's record of its run against the run's ``config.json``, in options:
+    ``checkpoint DIR/10 was made by another run: --lr 0.01 in the checkpoint, 0.05 in
+    DIR/config.json``."""
+    def setting(key: str) -> str:  # "run.lr" -> "--lr"; "model.dtype" -> "dtype" (no option)
+        name = key.split(".")[-1]
+        return name if name in ("dtype", "reference_model") else _flag(name)
+
+    parts = []
+    for key, saved, expected in e.differences:
+        if e.absent.get(key) == "checkpoint":
+            parts.append(f"{setting(key)} not recorded in the checkpoint, {_show(expected)} "
+                         f"in config.json")
+        elif e.absent.get(key) == "here":
+            parts.append(f"{setting(key)} {_show(saved)} in the checkpoint, not in config.json")
+        else:
+            parts.append(f"{setting(key)} {_show(saved)} in the checkpoint, {_show(expected)} "
+                         f"in config.json")
+    return f"{e.where} was made by another run than {out}: " + "; ".join(parts)
+
+
 class _Stop:
+
     """Turns SIGINT/SIGTERM into a flag the training loop checks between steps."""
 
     def __init__(self):
@@ -520,17 +635,6 @@ class RunResult:
     samples: str | None = None
 
 
-def _write_jsonl_prefix(path: Path, max_step: int) -> None:
-    """Keeps only the rows with ``step <= max_step`` (atomically)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= max_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 def _warn(msg: str) -> None:
     import sys
 
@@ -541,10 +645,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         log=print, warn=_warn, memory_available: int | None = None) -> RunResult:
     """Runs (or resumes) a training run, writing into ``out``.
 
-    The parts, in order: ``_check_out`` (a fresh or a resumable directory),
-    ``_build`` (task, model, optimizer, step, the process layout), ``_start`` (the
-    initial or the restored state), ``_resume_directory`` (the files of a resumed
-    run), ``_train`` (``train_loop`` with its hooks) and ``_finish`` (figures, samples).
+    The parts, in order: ``_claim`` (the directory made and locked: one writer),
+    ``_prepare`` (what reads: the directory's state, the task, model, optimizer and
+    step, the initial or the restored state, the metrics rows, and the checks that the
+    run can write: nothing is written before them), then ``_write_run``:
+    ``_resume_directory`` (the files of a resumed run), ``_train`` (``train_loop`` with
+    its hooks) and ``_finish`` (figures, samples).
 
     Args:
         cfg: the run's configuration (``build_config`` or ``prepare_resume``).
@@ -552,7 +658,9 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
             a run; a resumed run requires one.
         resume: continue from the newest readable checkpoint in ``out/checkpoints``;
             each newer, unreadable one is moved aside to ``<step>.damaged`` (never
-            deleted) with one ``warn`` line naming it and why.
+            deleted) with one ``warn`` line naming it and why; a torn last row of
+            ``metrics.jsonl`` is moved aside to ``metrics.jsonl.torn`` (one ``warn``
+            line). A run with no checkpoint yet starts again from step 0 (one line).
         progress: show a tqdm progress bar.
         log: where to print one-line messages.
         warn: where to print warnings (default: stderr).
@@ -563,64 +671,260 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool
         A ``RunResult``.
 
     Raises:
-        RunError: bad options, an existing run without ``resume``, no (readable)
-            checkpoint to resume, a checkpoint of another model, a run that does not
-            fit in memory (refused before anything is allocated or written). Nothing
-            in ``out`` has changed then.
+        RunError: bad options, an existing run without ``resume``, a directory another
+            run holds (naming its pid), no readable checkpoint to resume, a checkpoint
+            of another model or run, a run that does not fit in memory, an ``out``
+            that cannot be made or written or lacks the space for a checkpoint
+            (refused before anything is allocated or written). Nothing in ``out``
+            has changed then.
         RunFailed: the loss became NaN or infinite (the message names the step).
+        rundir.WriteFailed: a write failed mid-run (a full disk...): one line naming
+            the path, the cause and the last good checkpoint, which was read back whole.
     """
     out = Path(out)
     if not distributed.is_writer():  # process 0 alone shows progress and messages
         progress, log, warn = False, _quiet, _quiet
-    _check_out(out, resume)
-    built = _build(cfg, memory_available)
-    start = _start(cfg, built, out / "checkpoints", resume)  # reads only: nothing written yet
-    if distributed.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-    distributed.barrier("run-directory")  # every process has read what it needed; made
-    checkpointer = ckpt.Checkpointer(out / "checkpoints", keep=3)
+    claim = _claim(out, resume, warn)
     try:
-        if resume:
-            _resume_directory(out, checkpointer, start, warn)
-            if start.step >= cfg.steps:
-                log(f"{out}: the run already reached step {start.step} (>= --steps "
-                    f"{cfg.steps}); pass a larger --steps to continue it")
-                return RunResult(out, start.step, start.step, [], 0.0, 0.0,
-                                 "already-finished")
-        if distributed.is_writer():
-            config = dataclasses.asdict(cfg) | {"versions": _versions(),
-                                                "devices_used": built.n_dev,
-                                                "processes_used": jax.process_count()}
-            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        res = _train(cfg, built, start, out, checkpointer, progress, warn)
-        result = RunResult(out, start.step, res.step, res.history, res.compile_s,
-                           res.steps_per_s, res.status)
-        if distributed.is_writer():
-            _finish(cfg, built.task, built.model, host_local(res.params), out, result, log)
-        return result
+        try:
+            prepared = _prepare(cfg, out, resume, memory_available)
+        except BaseException:
+            claim.undo()  # a refusal: leave no directory we made behind
+            raise
+        return _write_run(cfg, out, resume, prepared, progress, log, warn)
     finally:
-        checkpointer.close()
+        claim.release()
 
 
 def _quiet(*args, **kwargs) -> None:
     """``log`` and ``warn`` of the processes other than process 0."""
 
 
-def _check_out(out: Path, resume: bool) -> None:
-    """Refuses a fresh run into a directory that holds one, and a resume without a
-    checkpoint; process 0 decides, before anything is written."""
+class _Claim(NamedTuple):
+    """``out`` made (``created``: the directories this run made) and locked."""
+
+    held: rundir.DirectoryLock | None  # None: not process 0
+    created: list[Path]
+
+    def undo(self) -> None:
+        self.release()
+        rundir.remove_created(self.created)
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
+
+
+def _claim(out: Path, resume: bool, warn) -> _Claim:
+    """Makes ``out`` (a new run) and takes its exclusive lock for the whole run: one
+    writer at a time. Process 0 decides; every process gets its refusal.
+
+    Raises:
+        RunError: another process holds the lock (naming its pid), or ``out`` cannot
+            be made or opened. Nothing is left behind.
+    """
+    refusal, held, created = None, None, []
+    if distributed.is_writer():
+        try:
+            if not resume:
+                created = rundir.make_directory(out)
+            held = rundir.lock(out)
+        except rundir.Locked as e:
+            holder = f"pid {e.pid}" if e.pid is not None else "another process"
+            refusal = (f"--out {out} is in use: another run ({holder}) holds its lock; wait "
+                       f"for it to end, or choose another --out")
+        except OSError as e:
+            if out.exists() and not out.is_dir():
+                refusal = f"--out {out} is a file, not a directory: choose a directory"
+            elif resume and not out.exists():
+                refusal = f"--resume: --out {out} holds no run (no such directory)"
+            else:
+                refusal = f"cannot {'open' if resume else 'create'} --out: {rundir.describe(e)}"
+        if held is not None and held.unsupported:
+            warn(f"warning: cannot lock {out} ({held.unsupported}): make sure no other run "
+                 f"writes into it")
+    refusal = distributed.from_writer("run-directory-lock", refusal)
+    if refusal:
+        _Claim(held, created).undo()
+        raise RunError(refusal)
+    return _Claim(held, created)
+
+
+class _Prepared(NamedTuple):
+    """What a run read before writing anything."""
+
+    built: _Built
+    start: _State
+    resumable: bool  # resume: a finished checkpoint exists (else: from step 0)
+    rows: rundir.Rows | None  # resume: metrics.jsonl as read back (process 0)
+
+
+def _prepare(cfg: RunConfig, out: Path, resume: bool, memory_available) -> _Prepared:
+    """Everything a run reads, and the checks that it can write, before it writes.
+
+    Raises:
+        RunError: a refusal (see ``run``), also for any OSError here, naming the path.
+    """
+    try:
+        resumable = _check_out(out, resume)
+        built = _build(cfg, memory_available)
+        start = _start(cfg, built, out, resume and resumable)
+        rows = _read_metrics(out) if resume and distributed.is_writer() else None
+        refusal = _preflight(out, start) if distributed.is_writer() else None
+    except OSError as e:
+        raise RunError(rundir.describe(e)) from None
+    refusal = distributed.from_writer("preflight", refusal)
+    if refusal:
+        raise RunError(refusal)
+    return _Prepared(built, start, resumable, rows)
+
+
+# What a checkpoint writes beside its arrays (orbax's metadata files, each rounded up to
+# the file system's block): a tiny run's checkpoint takes 92 kB on ext4.
+CHECKPOINT_OVERHEAD = 256 * 1024
+
+
+def _preflight(out: Path, start: _State) -> str | None:
+    """Process 0's checks before anything is written: ``out`` and ``out/checkpoints``
+    take a file, and their file system has room for one checkpoint (the arrays'
+    bytes plus ``CHECKPOINT_OVERHEAD``, counting unfinished saves, which the run
+    removes, as free). Returns the refusal, or None."""
+    ckpt_dir = out / "checkpoints"
+    for d in (out, ckpt_dir):
+        if not d.exists():
+            continue
+        try:
+            rundir.check_writable(d)
+        except OSError as e:
+            return f"cannot write in {rundir.describe(e, d)}"
+    arrays = sum(getattr(x, "nbytes", 0)
+                 for x in jax.tree.leaves((start.params, start.opt_state)))
+    need = arrays + CHECKPOINT_OVERHEAD
+    where = ckpt_dir if ckpt_dir.exists() else out
+    free = rundir.free_bytes(where)
+    if ckpt_dir.exists():
+        free += sum(rundir.disk_usage(ckpt_dir / name)
+                    for name in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in name)
+    if free < need:
+        return (f"no space for a checkpoint in {where}: {rundir.format_bytes(free)} free on "
+                f"its file system, a checkpoint needs about {rundir.format_bytes(need)}; "
+                f"free some space, or choose another --out")
+    return None
+
+
+def _check_out(out: Path, resume: bool) -> bool:
+    """Refuses a new run into a directory that holds one; process 0 decides, under the
+    run's lock (``_claim``), before anything is written.
+
+    Returns:
+        Whether ``out`` holds a finished checkpoint (``resume``; without one the run
+        starts again from step 0).
+    """
     refusal = None
-    if not resume and out.exists() and any(out.iterdir()):
+    if not resume and any(out.iterdir()):
         refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
                    f"choose another directory")
-    # Process 0 decides (before anything is written: it makes the directory next).
     refusal = distributed.from_writer("out-holds-a-run", refusal)
     if refusal:
         raise RunError(refusal)
     ckpt_dir = out / "checkpoints"
-    if resume and not (ckpt_dir.exists() and ckpt.latest_step(ckpt_dir) is not None):
-        raise RunError(f"--resume: no checkpoint in {ckpt_dir}")
+    return resume and ckpt_dir.is_dir() and ckpt.latest_step(ckpt_dir) is not None
+
+
+def _read_metrics(out: Path) -> rundir.Rows | None:
+    """``out/metrics.jsonl`` as read back (None if absent), every row with a step.
+
+    Raises:
+        RunError: a damaged row before the last line, naming the file and the line.
+    """
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return None
+    try:
+        rows = rundir.read_rows(path)
+    except ValueError as e:
+        raise RunError(f"--resume: {e}") from None
+    for i, row in enumerate(rows.rows):
+        if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise RunError(f"--resume: {path}: row {i + 1} has no integer step "
+                           f"({rows.lines[i][:60]}): repair or remove the row")
+    return rows
+
+
+def _write_run(cfg: RunConfig, out: Path, resume: bool, prepared: _Prepared, progress: bool,
+               log, warn) -> RunResult:
+    """The writing part of ``run``: the directory's files, the training, the figures.
+
+    Raises:
+        rundir.WriteFailed: any write failing (an OSError, a checkpoint that cannot be
+            saved), with the last good checkpoint named (``_write_failed``).
+        RunFailed: a NaN or infinite loss.
+    """
+    built, start = prepared.built, prepared.start
+    checkpointer, ended = None, False
+    try:
+        if distributed.is_writer():
+            (out / "checkpoints").mkdir(exist_ok=True)
+        distributed.barrier("run-directory")  # every process has read what it needed; made
+        checkpointer = ckpt.Checkpointer(out / "checkpoints", keep=3)
+        if resume:
+            _resume_directory(out, checkpointer, prepared, warn)
+            if start.step >= cfg.steps:
+                log(f"{out}: the run already reached step {start.step} (>= --steps "
+                    f"{cfg.steps}); pass a larger --steps to continue it")
+                ended = True
+                return RunResult(out, start.step, start.step, [], 0.0, 0.0,
+                                 "already-finished")
+        if distributed.is_writer():
+            config = dataclasses.asdict(cfg) | {"versions": _versions(),
+                                                "devices_used": built.n_dev,
+                                                "processes_used": jax.process_count()}
+            rundir.write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+        res = _train(cfg, built, start, out, checkpointer, progress, warn)
+        result = RunResult(out, start.step, res.step, res.history, res.compile_s,
+                           res.steps_per_s, res.status)
+        if distributed.is_writer():
+            _finish(cfg, built.task, built.model, host_local(res.params), out, result, log)
+        ended = True
+        return result
+    except OSError as e:
+        raise _write_failed(f"cannot write {rundir.describe(e)}", out) from None
+    except rundir.WriteFailed as e:
+        raise _write_failed(str(e), out) from None
+    finally:
+        if checkpointer is not None:
+            if ended:
+                checkpointer.close()
+            else:  # after a failure, which is the error to report
+                with contextlib.suppress(Exception):
+                    checkpointer.close()
+
+
+def _write_failed(what: str, out: Path) -> rundir.WriteFailed:
+    """``what`` failed mid-run: the error, naming the last good checkpoint (read back
+    whole now) from which ``--resume`` continues."""
+    last = _last_good_checkpoint(out / "checkpoints")
+    if last is None:
+        then = "there is no checkpoint yet (--resume starts the run again from step 0)"
+    else:
+        then = (f"the last good checkpoint is step {last} in {out / 'checkpoints'} (read "
+                f"back whole; --resume continues from it)")
+    return rundir.WriteFailed(f"{what}; stopped: {then}")
+
+
+def _last_good_checkpoint(ckpt_dir: Path) -> int | None:
+    """The newest checkpoint of ``ckpt_dir`` that reads back whole (``Checkpointer.verify``)."""
+    try:
+        with ckpt.Checkpointer(ckpt_dir, read_only=True) as reader:
+            for step in reversed(reader.all_steps()):
+                try:
+                    reader.verify(step)
+                except ValueError:
+                    continue
+                return step
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class _Built(NamedTuple):
@@ -696,37 +1000,52 @@ class _State(NamedTuple):
     opt_state: Any
     key: jax.Array
     step: int
-    metadata: dict  # stored with each checkpoint: the model's fields
+    metadata: dict  # stored with each checkpoint: ``checkpoint_metadata(cfg)``
     skipped: list  # resume: the newer, unreadable checkpoints, ``(step, why)``
 
 
-def _start(cfg: RunConfig, built: _Built, ckpt_dir: Path, resume: bool) -> _State:
+def _start(cfg: RunConfig, built: _Built, out: Path, resume: bool) -> _State:
     """The initial parameters, optimizer state and key, or those of the newest readable
-    checkpoint (``resume``); replicated on the mesh. Nothing is written."""
+    checkpoint in ``out/checkpoints`` (``resume``); replicated on the mesh. Nothing is
+    written."""
     params = init_params(cfg, built.task, built.model)
     key = jax.random.key(cfg.seed)
     opt_state = built.optimizer.init(params)
     if built.mesh is not None:  # before a restore: it restores onto the same (global) layout
         params, opt_state, key = sharding.replicate((params, opt_state, key), built.mesh)
-    metadata = {"model": cfg.model_fields()}
+    metadata = checkpoint_metadata(cfg)
     if not resume:
         return _State(params, opt_state, key, 0, metadata, [])
     restored, skipped = _restore_for_resume(
-        ckpt_dir, ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata))
+        out / "checkpoints", ckpt.CheckpointState(params, opt_state, 0, key, 0, metadata), out)
     return _State(restored.params, restored.opt_state, restored.key, int(restored.step),
                   metadata, skipped)
 
 
-def _resume_directory(out: Path, checkpointer: ckpt.Checkpointer, start: _State,
+def _resume_directory(out: Path, checkpointer: ckpt.Checkpointer, prepared: _Prepared,
                       warn) -> None:
-    """A resumed run's files: damaged checkpoints moved aside (with a warning each), the
-    metrics rows after the checkpoint dropped."""
+    """A resumed run's files: damaged checkpoints and a torn last row moved aside (with a
+    warning each), the metrics rows after the checkpoint dropped (atomically)."""
+    start = prepared.start
     if distributed.is_writer():
+        since = f"checkpoint {start.step}" if prepared.resumable else "step 0"
         for bad_step, why in start.skipped:  # never deleted, never in the way of a save
             moved = checkpointer.set_aside(bad_step)
             warn(f"warning: checkpoint {bad_step} is unreadable ({why}): resuming "
-                 f"from checkpoint {start.step}; moved it aside to {moved}")
-        _write_jsonl_prefix(out / "metrics.jsonl", start.step)
+                 f"from {since}; moved it aside to {moved}")
+        if not prepared.resumable:
+            warn(f"--resume: {out} has no checkpoint yet (the run stopped before its first): "
+                 f"starting it from step 0 with its stored configuration")
+        rows, path = prepared.rows, out / "metrics.jsonl"
+        if rows is not None:
+            if rows.torn:  # a write cut short (a full disk, a kill): kept, never deleted
+                aside = rundir.side_path(path, "torn")
+                rundir.write_atomic(aside, rows.torn)
+                warn(f"warning: the last row of {path} is torn ({len(rows.torn)} bytes "
+                     f"without a newline: a write cut short): resuming from {since}; moved it "
+                     f"aside to {aside}")
+            kept = [line for line, row in zip(rows.lines, rows.rows) if row["step"] <= start.step]
+            rundir.write_atomic(path, "".join(line + "\n" for line in kept))
     if start.skipped and distributed.is_multiprocess():  # process 0 moved them: re-list
         distributed.barrier("set-aside")
         checkpointer.reload()
@@ -753,26 +1072,29 @@ def _evaluator(task: Task, model: RNN, mesh: sharding.Mesh | None):
 
 def _train(cfg: RunConfig, built: _Built, start: _State, out: Path,
            checkpointer: ckpt.Checkpointer, progress: bool, warn) -> LoopResult:
-    """``train_loop`` from ``start`` with the run's hooks: rows to ``metrics.jsonl``,
-    checkpoints, evaluation, the stop signals.
+    """``train_loop`` from ``start`` with the run's hooks: rows to ``metrics.jsonl``
+    (each written whole, ``rundir.RowWriter``), checkpoints, evaluation, the stop signals.
 
     Raises:
         RunFailed: a NaN or infinite loss (nothing saved after the last good checkpoint).
+        rundir.WriteFailed: a row or a checkpoint could not be written (naming which and
+            why; the checkpoint being saved is left unfinished, never the latest).
     """
     key, metadata = start.key, start.metadata
 
     def save(step, params, opt_state):
-        if checkpointer.latest_step() != step:  # else: resumed, stopped before a step
+        if checkpointer.latest_step() == step:  # resumed, stopped before a step
+            return
+        try:
             checkpointer.save(ckpt.CheckpointState(params, opt_state, step, key, step,
                                                    metadata))
+        except Exception as e:  # orbax's and tensorstore's errors: OSError, ValueError...
+            raise rundir.WriteFailed(f"cannot save checkpoint {step} in "
+                                     f"{checkpointer.directory}: {rundir.cause(e)}") from None
 
     evaluate = _evaluator(built.task, built.model, built.mesh)
-    rows_to = out / "metrics.jsonl" if distributed.is_writer() else os.devnull
-    with _Stop() as stop, open(rows_to, "a") as metrics_file:
-        def write_row(row):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
+    rows_to = out / "metrics.jsonl" if distributed.is_writer() else None
+    with _Stop() as stop, rundir.RowWriter(rows_to) as rows:
         if progress:  # the first step compiles (seconds to minutes): say so
             warn(f"{cfg.task}: compiling the training step (the first step; the "
                  f"progress bar's ETA starts after it)...")
@@ -782,12 +1104,13 @@ def _train(cfg: RunConfig, built: _Built, start: _State, out: Path,
             eval_every=cfg.eval_every, evaluate=evaluate,
             checkpoint_every=cfg.checkpoint_every, checkpoint=save,
             target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
-            on_row=write_row, progress=progress, desc=cfg.task)
+            on_row=rows.write, progress=progress, desc=cfg.task)
     if res.status == "nonfinite":
-        last = checkpointer.latest_step()
+        last, where = checkpointer.latest_step(), out / "checkpoints"
         raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
-                        f"{res.first_bad}; stopped without saving; the last good checkpoint "
-                        f"is {'step ' + str(last) if last else 'none'} in {out / 'checkpoints'}")
+                        f"{res.first_bad}; stopped without saving; "
+                        + (f"the last good checkpoint is step {last} in {where}"
+                           if last is not None else f"there is no checkpoint yet in {where}"))
     return res
 
 
@@ -861,16 +1184,18 @@ def host_local(tree):
 
 def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: RunResult,
             log) -> None:
-    """Writes the learning-curve figure (and samples) from the whole metrics file."""
+    """Writes the learning-curve figure (and samples) from the whole metrics file, each
+    atomically (a temporary file renamed into place)."""
     from jaxrnn_app.plots import learning_curves
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = rundir.read_rows(out / "metrics.jsonl").rows
     if rows:
-        learning_curves(rows, out / "curves.png",
-                        title=f"{cfg.task}: {cfg.cell if not cfg.reference_model else 'elman'}"
-                              f" ({cfg.method}), loss {task.loss}",
-                        baseline=task.baseline)
+        with rundir.atomic_path(out / "curves.png") as tmp:
+            learning_curves(rows, tmp,
+                            title=f"{cfg.task}: "
+                                  f"{cfg.cell if not cfg.reference_model else 'elman'}"
+                                  f" ({cfg.method}), loss {task.loss}",
+                            baseline=task.baseline)
     if cfg.task == "charlm":
         from jaxrnn import sample
 
@@ -878,4 +1203,4 @@ def _finish(cfg: RunConfig, task: Task, model: RNN, params, out: Path, result: R
         ids = sample(model, params, task.encode(prompt), 400, jax.random.key(cfg.seed + 1),
                      temperature=0.8)
         result.samples = prompt + task.decode(np.asarray(ids))
-        (out / "samples.txt").write_text(result.samples + "\n")
+        rundir.write_atomic(out / "samples.txt", result.samples + "\n")

@@ -111,6 +111,28 @@ def test_train_compute_dtype_refusals_exit_2(args, match, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--lr", "inf"], "argument --lr: expected a finite number, got inf"),
+    (["--forget-bias", "nan"], "argument --forget-bias: expected a finite number, got nan"),
+    (["--forget-bias=-inf"], "argument --forget-bias: expected a finite number, got -inf"),
+    (["--target-loss", "nan"], "argument --target-loss: expected a finite number, got nan"),
+    (["--task", "sine", "--schedule", "cosine", "--warmup", "5"],
+     "--warmup 5 applies to --schedule warmup-cosine only (--schedule cosine has no warm-up)"),
+    (["--task", "sine", "--warmup", "5"], "(--schedule constant has no warm-up)"),
+    (["--task", "sine", "--dropout", "0.2"],
+     "--dropout 0.2 acts between stacked layers, and --layers 1 has none"),
+])
+def test_train_options_that_would_do_nothing_or_nonsense_exit_2(args, match, tmp_path, capsys):
+    """Non-finite values, and options this run would silently ignore: one line, exit 2,
+    nothing written (#22's minor list)."""
+    with pytest.raises(SystemExit) as e:  # argparse's refusals exit from inside main
+        sys.exit(main(["train", "--out", str(tmp_path / "r"), "--no-progress", *args]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_gradcheck_passes(capsys):
     assert main(["gradcheck", "--trials", "2", "--max-seq-len", "8", "--no-progress"]) == 0
     out = capsys.readouterr().out

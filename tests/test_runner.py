@@ -132,6 +132,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     bad_step = int(err.split("at step ")[1].split(";")[0])
     kept = ckpt.latest_step(out / "checkpoints")
     assert kept is None or kept < bad_step
+    assert err.endswith(f"there is no checkpoint yet in {out / 'checkpoints'}\n" if kept is None
+                        else f"the last good checkpoint is step {kept} in {out / 'checkpoints'}\n")
 
 
 @pytest.mark.parametrize("args, match", [
