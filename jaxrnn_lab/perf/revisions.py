@@ -19,7 +19,9 @@ Commands::
 
 ``--lengths`` gives every batch lengths drawn in [T/2, T] (seed 0), so the masked
 path (the select per step, and the padding zeroed before the layer reads it) is
-what is timed.
+what is timed. ``--compute-dtype bfloat16`` times mixed-precision steps (both
+revisions must have ``RNN(compute_dtype=...)``); ``--cells`` and ``--grid`` narrow
+the points.
 
 Writes ``revisions.json`` and ``revisions.md`` under ``--out``.
 """
@@ -55,11 +57,12 @@ steps = []
 for line in sys.stdin:
     req = json.loads(line)
     if req[0] == "build":
-        with_lengths = req[2]
+        with_lengths, compute = req[2], req[3]
         for cell, method, (T, B, H, L, bi) in req[1]:
             D = O = max(1, H // 4)
+            extra = {} if compute is None else {"compute_dtype": compute}
             model = jaxrnn.RNN(cell=cell, input_size=D, hidden_size=H, output_size=O,
-                               num_layers=L, bidirectional=bi)
+                               num_layers=L, bidirectional=bi, **extra)
             params = model.init(jax.random.key(0))
             opt = jaxrnn.make_optimizer("adam", 1e-3)
             rng = np.random.default_rng(0)
@@ -107,12 +110,12 @@ class Worker:
 
 
 def compare(base: Path, head: Path, points, rounds: int, calls: int,
-            lengths: bool = False) -> list[dict]:
+            lengths: bool = False, compute_dtype: str | None = None) -> list[dict]:
     """Per point: median base and head seconds, and the median of the rounds' ratios."""
     workers = {"base": Worker(base), "head": Worker(head)}
     try:
         for w in workers.values():
-            w.ask("build", points, lengths)
+            w.ask("build", points, lengths, compute_dtype)
         times: dict[str, list[list[float]]] = {k: [[] for _ in points] for k in workers}
         for r in range(rounds):
             for i in range(len(points)):
@@ -157,11 +160,20 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=3, help="steps per measurement")
     parser.add_argument("--lengths", action="store_true",
                         help="padded batches: lengths drawn in [T/2, T]")
+    parser.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16"),
+                        help="mixed-precision steps (RNN(compute_dtype=...))")
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--grid", nargs="+", default=None, metavar="T,B,H[,L[,bi]]",
+                        help="grid points (default: the benchmark's)")
     parser.add_argument("--out", default="runs/revisions", help="output directory")
     args = parser.parse_args(argv)
     grid = QUICK_GRID if args.quick else GRID
+    if args.grid:
+        grid = [tuple(int(v) for v in g.split(",")[:4]) + (g.endswith(",bi"),)
+                if len(g.split(",")) > 3 else tuple(int(v) for v in g.split(",")) + (1, False)
+                for g in args.grid]
     rounds = args.rounds or (3 if args.quick else 9)
-    points = [(c, m, p) for p in grid for c in CELLS for m in METHODS]
+    points = [(c, m, p) for p in grid for c in args.cells for m in METHODS]
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
         for name, rev in (("base", args.base), ("head", args.head)):
@@ -173,7 +185,7 @@ def main(argv=None) -> None:
                             str(trees[name]), rev], check=True, capture_output=True)
         try:
             rows = compare(trees["base"], trees["head"], points, rounds, args.calls,
-                           args.lengths)
+                           args.lengths, args.compute_dtype)
         finally:
             for name, rev in (("base", args.base), ("head", args.head)):
                 if rev is not None:
@@ -183,7 +195,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "revisions.json").write_text(json.dumps(
         {"base": args.base, "head": args.head or "working tree", "rounds": rounds,
-         "calls": args.calls, "lengths": args.lengths, "load": os.getloadavg(),
+         "calls": args.calls, "lengths": args.lengths, "compute_dtype": args.compute_dtype,
+         "load": os.getloadavg(),
          "rows": rows}, indent=1))
     text = markdown(rows, args.base, args.head or "working tree")
     (out / "revisions.md").write_text(text)
