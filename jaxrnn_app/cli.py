@@ -280,6 +280,13 @@ def _say(msg: str) -> None:
 
 
 def cmd_sample(args) -> int:
+    try:
+        return _sample(args)
+    except OSError as e:  # reading the run or its text: nothing was written
+        raise UsageError(f"cannot read {rundir.describe(e)}") from None
+
+
+def _sample(args) -> int:
     import jax
     import numpy as np
 

@@ -769,11 +769,18 @@ def _prepare(cfg: RunConfig, out: Path, resume: bool, memory_available) -> _Prep
         resumable = _check_out(out, resume)
         built = _build(cfg, memory_available)
         start = _start(cfg, built, out, resume and resumable)
-        rows = _read_metrics(out) if resume and distributed.is_writer() else None
-        refusal = _preflight(out, start) if distributed.is_writer() else None
     except OSError as e:
         raise RunError(rundir.describe(e)) from None
-    refusal = distributed.from_writer("preflight", refusal)
+    refusal, rows = None, None
+    if distributed.is_writer():  # what process 0 alone reads and writes
+        try:
+            rows = _read_metrics(out) if resume else None
+            refusal = _preflight(out, start)
+        except RunError as e:
+            refusal = str(e)
+        except OSError as e:
+            refusal = rundir.describe(e)
+    refusal = distributed.from_writer("preflight", refusal)  # every process stops with it
     if refusal:
         raise RunError(refusal)
     return _Prepared(built, start, resumable, rows)
@@ -821,9 +828,12 @@ def _check_out(out: Path, resume: bool) -> bool:
         starts again from step 0).
     """
     refusal = None
-    if not resume and any(out.iterdir()):
-        refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
-                   f"choose another directory")
+    try:
+        if distributed.is_writer() and not resume and any(out.iterdir()):
+            refusal = (f"--out {out} already holds a run; pass --resume to continue it, or "
+                       f"choose another directory")
+    except OSError as e:  # decided by process 0 alone: every process gets it
+        refusal = f"cannot read --out: {rundir.describe(e)}"
     refusal = distributed.from_writer("out-holds-a-run", refusal)
     if refusal:
         raise RunError(refusal)
