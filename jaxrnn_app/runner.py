@@ -178,7 +178,14 @@ class RunConfig:
     def run_fields(self) -> dict[str, Any]:
         """The run-defining fields beyond the model's (``RUN_DEFINING`` minus
         ``MODEL_FIELDS``): the optimizer, its schedule, the gradient method, ..."""
-        return {k: getattr(self, k) for k in RUN_DEFINING if k not in MODEL_FIELDS}
+        return {k: getattr(self, k) for k in RUN_DEFINING if k not in MODEL_FIELDS
+                and _OPTIONAL_RUN_FIELDS.get(k, object()) != getattr(self, k)}
+
+
+# Run-defining fields added to RUN_DEFINING after checkpoints recorded their run: name
+# each here with its default, so that it is recorded only when set and the checkpoints
+# made before it resume (as ``_OPTIONAL_MODEL_FIELDS``). None yet.
+_OPTIONAL_RUN_FIELDS: dict[str, Any] = {}
 
 
 # Recorded in every checkpoint (``checkpoint_metadata``): "model" since the first
@@ -730,6 +737,7 @@ def _claim(out: Path, resume: bool, warn) -> _Claim:
                 created = rundir.make_directory(out)
             held = rundir.lock(out)
         except rundir.Locked as e:
+            created = []  # made here or not, the holder uses it now: never removed
             holder = f"pid {e.pid}" if e.pid is not None else "another process"
             refusal = (f"--out {out} is in use: another run ({holder}) holds its lock; wait "
                        f"for it to end, or choose another --out")
