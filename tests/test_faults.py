@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxrnn_app import checkpoint as ckpt
 from jaxrnn_app import rundir, runner
 from jaxrnn_app.cli import main
 from test_runner import cli, losses, rows, snapshot
