@@ -570,10 +570,7 @@ def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
 def dgi_over_residual(residuals, shape, dtype) -> int | None:
     """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None.
 
-    ``dtype``: the cotangents' dtype, or a tuple (the cotangents', then the compute
-    dtype: under mixed precision the gates are stored narrow, and ``dgi`` is stored
-    over them in their dtype, its weight-gradient products accumulating in the
-    cotangents' dtype).
+    ``dtype``: the cotangents' dtype (or a tuple of dtypes ``dgi`` may be stored in).
     """
     return _first_leaf_like(residuals, shape, dtype)
 
@@ -621,8 +618,11 @@ def _plan(cell: Cell, params, xs, fwd: ForwardTrace, dhs, extra: dict) -> Buffer
         # output and one such buffer less (measured: LSTM T=1000, B=16, H=64 bptt
         # 71 -> 50 ms; the peephole LSTM, whose loop also sums its peephole terms,
         # 76 -> 49 ms).
-        k = dgi_over_residual(jax.tree.leaves(fwd.residuals), dhs.shape[:2] + (gh,),
-                              (dhs.dtype, params.w_ih.dtype))
+        # (only a leaf of the cotangents' dtype: over bfloat16 gates under mixed precision
+        # the plan saved memory, GRU 0.87x of float32's temp bytes instead of 1.37x, but
+        # made the bf16 step 1.25-1.79x slower, LSTM/GRU at T=100 and 1000, measured
+        # interleaved: python -m jaxrnn_lab.perf.revisions --compute-dtype bfloat16)
+        k = dgi_over_residual(jax.tree.leaves(fwd.residuals), dhs.shape[:2] + (gh,), dhs.dtype)
         over = "output" if k is None else "residual"
     return BufferPlan(over, k, cell.fold_recurrent_bias, summed, outer, xs.shape[-1],
                       dhs.shape[-1], gh)
