@@ -228,7 +228,8 @@ def cmd_train(args) -> int:
     from jaxrnn_app import distributed
 
     # Before anything touches a JAX backend: the process flags, then the runtime.
-    distributed.check_flags(args.num_processes, args.process_id, args.coordinator)
+    distributed.check_flags(args.num_processes, args.process_id, args.coordinator,
+                            timeout_s=args.coordinator_timeout)
     from jaxrnn_app import runner
 
     given = {k: getattr(args, k) for k in RUN_OPTIONS}
@@ -238,7 +239,8 @@ def cmd_train(args) -> int:
         cfg = runner.prepare_resume(Path(args.out), given)
     else:
         cfg = runner.build_config(**given)
-    distributed.start(args.num_processes, args.process_id, args.coordinator)
+    distributed.start(args.num_processes, args.process_id, args.coordinator,
+                      timeout_s=args.coordinator_timeout)
     if args.out is not None:
         out = Path(args.out)
     else:  # one name for every process: process 0's (the clock differs between them)
@@ -501,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                     help="where process 0 runs the coordination service; the same on "
                          "every process")
+    # distributed.DEFAULT_COORDINATOR_TIMEOUT, spelled out so that building the parser
+    # imports no jax (tests/test_distributed.py checks that the two agree)
+    mp.add_argument("--coordinator-timeout", type=_positive_float, default=None,
+                    metavar="SECONDS",
+                    help="how long each process waits for the others to join; then it "
+                         "exits with status 2, naming the missing ones (default: 120)")
     t.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("sample", help="sample text from a trained charlm run",

@@ -264,27 +264,27 @@ def test_a_slurm_job_is_detected_only_with_several_tasks(monkeypatch):
 
 
 # --- a missing process ---------------------------------------------------------
-# `jaxrnn train` with a coordinator timeout of `seconds` (its default patched, as
-# `--coordinator-timeout` would set it).
-_WITH_TIMEOUT = ("import sys; from jaxrnn_app import cli, distributed; "
-                 "distributed.DEFAULT_COORDINATOR_TIMEOUT = float(sys.argv[1]); "
-                 "sys.exit(cli.main(['train', *sys.argv[2:]]))")
-
-
 def test_a_process_whose_peer_never_comes_exits_2_with_one_line_and_writes_nothing(tmp_path):
     # Process 0 without process 1 (before the handshake: 307 s of silence, then SIGABRT,
     # exit 134, and a C++ stack trace). Process 1 without process 0: the next test.
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WITH_TIMEOUT, "1", *RUN, "--steps", "1",
+        [sys.executable, "-m", "jaxrnn_app", "train", *RUN, "--steps", "1",
          "--out", str(tmp_path / "run"), "--num-processes", "2", "--process-id", "0",
-         "--coordinator", f"localhost:{port}"],
+         "--coordinator", f"localhost:{port}", "--coordinator-timeout", "1"],
         cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     [(rc, out, err)] = _wait([proc])
     assert err == (f"jaxrnn train: error: process 1 of 2 did not join within 1 s (--coordinator "
                    f"localhost:{port}): start it, or raise --coordinator-timeout\n")
     assert (rc, out) == (2, "")
     assert os.listdir(tmp_path) == []  # no run directory
+
+
+def test_the_coordinator_timeout_help_states_the_default():
+    from jaxrnn_app import cli
+
+    help_text = " ".join(cli.build_parser().commands["train"].format_help().split())
+    assert f"(default: {distributed.DEFAULT_COORDINATOR_TIMEOUT})" in help_text
 
 
 def _meet_all(processes, timeout_s=0.5):
