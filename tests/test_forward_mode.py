@@ -125,9 +125,10 @@ def test_forward_mode_runs_the_cells_tangent_step():
     assert_trees_rel_close(loss["bptt"], loss["autodiff"], TOL)
 
 
-def test_linearize_and_jacfwd_under_vmap_equal_autodiff():
+def test_linearize_under_vmap_equals_autodiff():
     """``jax.linearize`` inside and outside ``jax.vmap`` (the batch rule folds the
-    mapped axis into the layer's batch) and ``vmap`` of ``jacfwd``, float64."""
+    mapped axis into the layer's batch), float64 (``jacfwd`` under ``vmap``: the
+    forward-mode test's ``ys_vmap`` and ``jacfwd_x``)."""
     model = RNN(cell="gru", input_size=D, hidden_size=H, output_size=O)
     params = model.init(jax.random.key(0), jnp.float64)
     xs = jax.random.normal(jax.random.key(1), (4, T, 1, D), jnp.float64)  # 4 mapped sequences
@@ -138,6 +139,5 @@ def test_linearize_and_jacfwd_under_vmap_equal_autodiff():
         f = lambda x: model.apply(params, x, lengths=lengths, method=method)[0]  # noqa: E731
         inside = jax.vmap(lambda x, t: jax.linearize(f, x)[1](t))(xs, tx)
         outside = jax.linearize(jax.vmap(f), xs)[1](tx)
-        jac = jax.vmap(jax.jacfwd(lambda x: jnp.sum(f(x) ** 2)))(xs)
-        res[method] = (inside, outside, jac)
+        res[method] = (inside, outside)
     assert_trees_rel_close(res["bptt"], res["autodiff"], TOL)
