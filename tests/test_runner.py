@@ -70,36 +70,8 @@ def test_resume_of_a_finished_run_needs_more_steps(tmp_path, capsys):
     assert len(rows(tmp_path / "r")) == 5
 
 
-def test_sigkill_mid_training_then_resume(tmp_path):
-    """A run killed with SIGKILL resumes from its last complete checkpoint; the losses
-    after resuming are those of an uninterrupted run."""
-    args = ["train", "--task", "sine", "--cell", "gru", "--hidden", "8", "--batch", "4",
-            "--seq-len", "12", "--lr", "0.01", "--log-every", "1", "--eval-every", "0",
-            "--checkpoint-every", "5", "--no-progress"]
-    killed = tmp_path / "killed"
-    p = cli(*args, "--steps", "100000", "--out", str(killed))
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        steps = [int(d.name) for d in (killed / "checkpoints").glob("*") if d.name.isdigit()]
-        if steps and max(steps) >= 10:
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=60)
-    assert p.returncode == -signal.SIGKILL
-    last = ckpt.latest_step(killed / "checkpoints")
-    assert last is not None and last >= 10
-    target = last + 12
-    r = cli("train", "--resume", "--out", str(killed), "--steps", str(target), "--no-progress")
-    out, err = r.communicate(timeout=300)
-    assert r.returncode == 0, err
-    ref = tmp_path / "ref"
-    r = cli(*args, "--steps", str(target), "--out", str(ref))
-    _, err = r.communicate(timeout=300)
-    assert r.returncode == 0, err
-    a, b = losses(ref), losses(killed)
-    assert sorted(b) == list(range(1, target + 1))  # rows past the checkpoint were replaced
-    assert a == b
+# A run killed with SIGKILL resuming as an uninterrupted run: tests/test_faults.py
+# (killed mid-save, deterministically, which the random-moment kill here was not).
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
