@@ -108,10 +108,14 @@ class CheckpointState(NamedTuple):
 
 @contextlib.contextmanager
 def _quiet():
-    """Orbax logs through absl at INFO and WARNING; keep it to errors while we call it."""
+    """Orbax logs through absl at INFO and WARNING; keep it to errors while we call it.
+
+    Never lowers the level: after a failed save (``_quiet_save``) absl stays at CRITICAL,
+    since the failed save's threads may still be logging while the run reads its last
+    good checkpoint back (a race seen once in the suite: their tracebacks on stderr)."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:
