@@ -190,11 +190,9 @@ def _inplace_index(residuals, shape, dtype) -> int | None:
 
 
 def _first_leaf_like(tree, shape, dtype) -> int | None:
-    """Index of the first leaf of ``tree`` with ``shape`` and ``dtype`` (or one of a tuple
-    of dtypes), or None."""
-    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    """Index of the first leaf of ``tree`` with ``shape`` and ``dtype``, or None."""
     for k, leaf in enumerate(jax.tree.leaves(tree)):
-        if tuple(leaf.shape) == tuple(shape) and leaf.dtype in dtypes:
+        if tuple(leaf.shape) == tuple(shape) and leaf.dtype == dtype:
             return k
     return None
 
@@ -466,12 +464,8 @@ def forward_scan(cell: Cell, params: CellParams, xs: jax.Array, carry0: Carry,
     return hs, carry_T, ForwardTrace(carries, residuals)
 
 
-def sum_outer(dg: jax.Array, a: jax.Array, acc_dtype=None) -> jax.Array:
+def sum_outer(dg: jax.Array, a: jax.Array) -> jax.Array:
     """``sum_t dg_t^T a_t`` for ``dg (T, B, G)``, ``a (T, B, K)``: one (G, K) product.
-
-    ``acc_dtype``: the dtype the product accumulates in and returns, when wider than
-    its operands' (mixed precision: bfloat16 ``dg`` and ``a``, float32 sums); None:
-    the operands' own.
 
     In the backend's formulation (``formulation.py``, read at trace time). With
     ``explicit_outer_transposes`` (CPU), computed as ``((a^T) dg)^T`` with both
@@ -486,39 +480,22 @@ def sum_outer(dg: jax.Array, a: jax.Array, acc_dtype=None) -> jax.Array:
     """
     # Contract over (t, b) directly, without merging the two axes: a reshape would
     # make XLA gather a batch sharded over devices (tests/test_sharding.py).
-    acc = _wider(acc_dtype, dg, a)  # None: the operands' dtype, as before
     if not _formulation().explicit_outer_transposes:
-        return jax.lax.dot_general(dg, a, (((0, 1), (0, 1)), ((), ())),
-                                   preferred_element_type=acc)  # (G, K)
+        return jax.lax.dot_general(dg, a, (((0, 1), (0, 1)), ((), ())))  # (G, K)
     a_t = jax.lax.optimization_barrier(jnp.transpose(a, (2, 0, 1)))  # (K, T, B), row-major
-    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())),
-                               preferred_element_type=acc)  # (K, G)
+    prod = jax.lax.dot_general(a_t, dg, (((1, 2), (0, 1)), ((), ())))  # (K, G)
     return jax.lax.optimization_barrier(prod).T
 
 
-def _wider(acc_dtype, *operands):
-    """``acc_dtype`` when it is wider than the operands' result dtype, else None."""
-    if acc_dtype is None:
-        return None
-    natural = jnp.result_type(*operands)
-    return None if jnp.promote_types(natural, acc_dtype) == natural else jnp.dtype(acc_dtype)
-
-
-def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None, acc_dtype=None):
-    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None),
-    both accumulated in ``acc_dtype`` when it is wider (``sum_outer``).
+def _weight_and_bias(dg: jax.Array, a: jax.Array, bias: jax.Array | None):
+    """``sum_t dg_t^T a_t``, and ``sum_t sum_b dg_t`` when the layer has ``bias`` (else None).
 
     The bias gradient is a reduction of its own. Taking it as the last column of the
     product instead, with a row of ones appended to the transposed ``a``, measured
     a tie and costs that row (docs/experiments/step_formulations, variant
     ``bias_in_product``).
     """
-    return sum_outer(dg, a, acc_dtype), (None if bias is None else _sum_steps(dg, acc_dtype))
-
-
-def _sum_steps(dg: jax.Array, acc_dtype=None) -> jax.Array:
-    """``sum_t sum_b dg_t``, in ``acc_dtype`` when it is wider than ``dg``'s."""
-    return dg.sum(axis=(0, 1), dtype=_wider(acc_dtype, dg))
+    return sum_outer(dg, a), (None if bias is None else dg.sum(axis=(0, 1)))
 
 
 def _masked(m_t: jax.Array | None, v: jax.Array) -> jax.Array:
@@ -568,10 +545,7 @@ def _dgi_over_dhs(dhs: jax.Array, params: CellParams) -> bool:
 
 
 def dgi_over_residual(residuals, shape, dtype) -> int | None:
-    """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None.
-
-    ``dtype``: the cotangents' dtype (or a tuple of dtypes ``dgi`` may be stored in).
-    """
+    """Index of the residual leaf the reverse scan writes ``dgi (T, B, G*H)`` over, or None."""
     return _first_leaf_like(residuals, shape, dtype)
 
 
@@ -768,20 +742,16 @@ def _weight_gradients(cell: Cell, params, plan: BufferPlan, xs, carry0, fwd: For
     dgi, dgh = rev.dgi, rev.dgh
     hs = fwd.carries[0]  # (T, B, H): h_t
     hs_prev = jnp.concatenate([carry0[0][None], hs[:-1]])  # (T, B, H): h_{t-1}, h_{-1} = h0
-    # the sums accumulate in the carry's dtype: float32 under a bfloat16 compute dtype,
-    # whose dgi may be stored narrow (over the narrow gates, BufferPlan "residual")
-    acc = hs.dtype
     grads = {}
     # sum_t dgi_t^T x_t, and sum_t dgi_t for b_ih
-    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih, acc)
+    grads["w_ih"], db_ih = _weight_and_bias(dgi, xs, params.b_ih)
     if "w_hh" not in plan.summed + plan.outer and params.w_hh.ndim == 2:
         # sum_t dgh_t^T h_{t-1}, and sum_t dgh_t for b_hh (folded: dgh is dgi, and XLA
         # computes the one sum once)
-        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh, acc)
+        grads["w_hh"], db_hh = _weight_and_bias(dgh, hs_prev, params.b_hh)
     else:
-        db_hh = None if params.b_hh is None else _sum_steps(dgh, acc)  # sum_t dgh_t
-    # dL/dx_t = dgi_t W_ih
-    dxs = jnp.matmul(dgi, params.w_ih, preferred_element_type=_wider(acc, dgi, params.w_ih))
+        db_hh = None if params.b_hh is None else dgh.sum(axis=(0, 1))  # sum_t dgh_t
+    dxs = dgi @ params.w_ih  # dL/dx_t = dgi_t W_ih
     if db_ih is not None:
         grads["b_ih"] = db_ih
     if db_hh is not None:

@@ -240,13 +240,12 @@ class GRUSlices(GRU):
 
 # --- the generic scan's choices, each undone by swapping one helper while tracing --
 
-def _folded_sum_outer(dg, a, acc_dtype=None):
-    """``sum_outer`` before issue #10: the transposes left to XLA (float32 here: no
-    accumulation dtype of its own)."""
+def _folded_sum_outer(dg, a):
+    """``sum_outer`` before issue #10: the transposes left to XLA."""
     return jax.lax.dot_general(a, dg, (((0, 1), (0, 1)), ((), ()))).T
 
 
-def _bias_in_product(dg, a, bias, acc_dtype=None):
+def _bias_in_product(dg, a, bias):
     """The bias gradient as the last column of the weight-gradient product (not chosen).
 
     ``scan.sum_outer`` with a row of ones appended to the transposed ``a`` inside the
