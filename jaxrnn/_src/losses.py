@@ -93,6 +93,43 @@ def xent(ys: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> ja
     return jnp.sum(nll) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def divisor(name: str, scored: jax.Array, output_size: int) -> jax.Array:
+    """What the loss called ``name`` divides its sum by, for the (T, B) positions ``scored``.
+
+    1 for ``half_sse`` (a sum); the scored ``(t, b, o)`` positions for ``mse``; the
+    scored ``(t, b)`` positions for ``xent``; at least 1 (as the losses above).
+    """
+    get_loss(name)
+    if name == "half_sse":
+        return jnp.ones((), jnp.float32)
+    count = jnp.maximum(jnp.sum(scored), 1)
+    return count * output_size if name == "mse" else count
+
+
+def step_term(name: str, y: jax.Array, target: jax.Array, scored: jax.Array,
+              total_divisor: jax.Array) -> jax.Array:
+    r"""One step's share :math:`\ell_t` of a sequence loss: :math:`\sum_t \ell_t` is the loss.
+
+    Every loss here is a sum over the steps divided by ``divisor``; this is the
+    loss of the one step (computed by the loss itself, over a sequence of one step)
+    times that step's own divisor, over the whole sequence's. Online estimators
+    take its gradient with respect to ``y`` at every step.
+
+    Args:
+        name: the loss's name.
+        y: the step's outputs, (B, O).
+        target: its targets, (B, O) floats or (B,) integer classes.
+        scored: (B,) bool, the positions the loss scores at this step.
+        total_divisor: ``divisor(name, scored_over_all_steps, O)``.
+
+    Returns:
+        A scalar.
+    """
+    m = scored[None]
+    one_step = get_loss(name)(y[None], target[None], m)
+    return one_step * divisor(name, m, y.shape[-1]).astype(y.dtype) / total_divisor
+
+
 # keys: names.LossName, which a test keeps equal
 LOSSES: dict[str, LossFn] = {"half_sse": half_sse, "mse": mse, "xent": xent}
 
