@@ -1,4 +1,4 @@
-r"""The local learning rules with eligibility traces: e-prop (Bellec et al. 2020) and RFLO (Murray 2019).
+r"""Local learning rules with eligibility traces: e-prop (Bellec et al. 2020), RFLO (Murray 2019).
 
 Both keep, per unit, an *eligibility trace*: the sensitivity of the unit's state to
 its own parameters through the unit's internal dynamics only, the influence of
@@ -130,14 +130,14 @@ class EProp(Estimator):
             check_unit_local(cell, num_layers, self.name)
 
     def init(self, cell, layers, carries0, key):
+        if self.feedback == "random" and key is None:
+            raise ValueError(f"method={self.name!r} with feedback='random' draws its feedback "
+                             f"matrix: it needs a key (key=...)")
         (layer,), (carry,) = layers, carries0
         n_dir = unit_layout(layer)[2]
         traces = tuple(jnp.zeros((n_dir,) + c.shape, c.dtype) for c in carry)  # e_0 = 0
         if self.feedback == "symmetric":
             return TraceState(traces, None)
-        if key is None:
-            raise ValueError(f"method={self.name!r} with feedback='random' draws its feedback "
-                             f"matrix: it needs a key (key=...)")
         if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.wrap_key_data(key)  # a raw uint32 key
         return TraceState(traces, jax.random.key_data(key))

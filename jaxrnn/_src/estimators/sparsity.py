@@ -18,6 +18,7 @@ direction's ``layers`` tuple, or a model's whole ``RNNParams``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,6 +33,7 @@ def _is_recurrent_matrix(path, leaf) -> bool:
             and getattr(leaf, "ndim", 0) == 2 and leaf.shape[0] % leaf.shape[1] == 0)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one small program, not a dozen eager ops
 def _random_mask(key, shape: tuple[int, int], density: float) -> jax.Array:
     """(G*H, H) bool: the G*H unit-diagonal entries ``[g*H+i, i]``, plus random others.
 
@@ -80,7 +82,7 @@ def recurrent_mask(key: jax.Array, tree, density: float):
 
 
 def apply_mask(tree, masks):
-    """``tree`` with zeros outside ``masks`` (a pytree of bools like it, as ``recurrent_mask``'s)."""
+    """``tree`` with zeros outside ``masks`` (bools like it: ``recurrent_mask``'s)."""
     return jax.tree.map(lambda a, m: jnp.where(m, a, jnp.zeros_like(a)), tree, masks)
 
 
