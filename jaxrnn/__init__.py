@@ -14,7 +14,7 @@ Everything here is re-exported from the private modules under ``jaxrnn._src``;
 
 from jaxrnn._src.cellcheck import CellReport, check_cell
 from jaxrnn._src.cells import (GRU, LSTM, Cell, CellParams, Elman, IndRNN, LayerNormLSTM,
-                               LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
+                               Leaky, LSTMPParams, Outer, PeepholeLSTM, ProjectedLSTM, make_cell)
 from jaxrnn._src.diagnostics import Diagnostics, gradient_diagnostics, step_gradients
 from jaxrnn._src.generate import sample
 from jaxrnn._src.loop import LoopResult, train_loop
@@ -56,6 +56,7 @@ __all__ = [
     "PeepholeLSTM",
     "LayerNormLSTM",
     "IndRNN",
+    "Leaky",
     "make_cell",
     # losses
     "half_sse",

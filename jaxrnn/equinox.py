@@ -38,7 +38,7 @@ class RNN(eqx.Module):
         num_layers: stacked recurrent layers.
         bidirectional: run each layer in both directions and concatenate.
         bias: the layers have ``b_ih`` and ``b_hh``.
-        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman and IndRNN only).
+        nonlinearity: ``"tanh"`` or ``"relu"`` (Elman, IndRNN and Leaky only).
         proj_size: LSTM only: project ``h`` to P features (PyTorch's ``proj_size``).
         forget_bias: LSTM-family cells: added to the forget gate's ``b_ih`` at
             initialisation.

@@ -234,7 +234,8 @@ def test_state_of_a_cell_with_three_carries_must_be_a_triple():
 
 
 def test_gru_rejects_relu():
-    with pytest.raises(ValueError, match="nonlinearity='relu' applies to the elman and indrnn cells only"):
+    with pytest.raises(ValueError, match="nonlinearity='relu' applies to the elman, indrnn "
+                                         "and leaky cells only"):
         small(cell="gru", nonlinearity="relu")
 
 

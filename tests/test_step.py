@@ -51,7 +51,7 @@ class Decay(Cell):
 # Every built-in cell (the projected LSTM as its own entry) and a user's cell; the
 # stack's depth and the head pairwise (each cell once: compiles cost the suite's time).
 CELL_CASES = ["lstm_proj", "elman", "gru", "indrnn", "peephole_lstm", "layernorm_lstm", "lstm",
-              Decay()]
+              "leaky", Decay()]
 STACKS = all_pairs({"num_layers": [1, 2], "head": [False, True]})
 CASES = [dict(cell=c, **STACKS[i % len(STACKS)]) for i, c in enumerate(CELL_CASES)]
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -306,6 +307,80 @@ class Elman(Cell):
         if self.nonlinearity == "tanh":
             return (da * (1 - h * h),)  # through tanh: tanh'(a) = 1 - h^2
         return (jnp.where(h > 0, da, 0),)  # through relu: [h > 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaky(Cell):
+    r"""The leaky RNN (Marschall, Cho & Savin 2020, JMLR): an Elman step, leakily integrated.
+
+    .. math::
+        a_t = W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh}, \qquad
+        h_t = (1 - \alpha)\, h_{t-1} + \alpha\, \phi(a_t)
+
+    with :math:`\phi \in \{\tanh, \mathrm{relu}\}` and a fixed leak
+    :math:`\alpha \in (0, 1]` (the field ``alpha``; :math:`\alpha = 1` is the Elman
+    cell). Backward, given the total :math:`\partial L/\partial h_t` (the loss's own
+    term plus ``dh_next``):
+
+    .. math::
+        \delta a_t = \alpha\, \frac{\partial L}{\partial h_t}\,\phi'(a_t), \qquad
+        \texttt{dh\_next} = (1 - \alpha)\, \frac{\partial L}{\partial h_t}
+            + W_{hh}^\top \delta a_t,
+
+    where :math:`\phi'(a_t) = 1 - u_t^2` for tanh and :math:`[u_t > 0]` for relu, read
+    from the stored residual :math:`u_t = \phi(a_t)` (B, H): unlike Elman's, the
+    output :math:`h_t` does not give it. Forward mode, the tangent of :math:`h_t`:
+    :math:`(1 - \alpha)\, \dot h_{t-1} + \alpha\, \phi'(a_t)\, \dot a_t`. Parameters and
+    initialisation: PyTorch's ``nn.RNN`` (``CellParams``).
+
+    Args:
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        alpha: the leak, a real number in (0, 1].
+    """
+
+    nonlinearity: str = "tanh"
+    alpha: float = 0.5
+
+    name: ClassVar[str] = "leaky"
+    num_gates: ClassVar[int] = 1
+    carry_size: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a <= 1:
+            raise ValueError(f"alpha must be a real number in (0, 1], got {a!r}")
+        object.__setattr__(self, "alpha", float(a))  # one spelling: alpha=1 is alpha=1.0
+
+    def step(self, params, carry, xp):
+        (h_prev,) = carry
+        a = xp + self.recurrent_preactivation(params, h_prev)  # a_t = W_ih x_t + b + W_hh h_{t-1}
+        u = jnp.tanh(a) if self.nonlinearity == "tanh" else jax.nn.relu(a)  # u_t = phi(a_t)
+        h = (1 - self.alpha) * h_prev + self.alpha * u  # h_t = (1 - alpha) h_{t-1} + alpha u_t
+        return (h,), u
+
+    def backward_step(self, params, carry_prev, carry, res, dcarry):
+        u = res  # u_t = phi(a_t)
+        (dh,) = dcarry  # dL/dh_t: the loss's term at t plus dh_next from t+1
+        if self.nonlinearity == "tanh":
+            da = self.alpha * dh * (1 - u * u)  # back through alpha tanh(a): tanh'(a) = 1 - u^2
+        else:
+            da = jnp.where(u > 0, self.alpha * dh, 0)  # back through alpha relu(a): [u > 0]
+        # dL/dh_{t-1}: the leak path (1 - alpha) h_{t-1} plus a_t = ... + W_hh h_{t-1}
+        dh_next = (1 - self.alpha) * dh + da @ params.w_hh
+        return (dh_next,), da, da
+
+    def tangent_step(self, params, carry_prev, xp, carry, res, dparams, dcarry_prev, dxp):
+        (h_prev,), (dh_prev,), u = carry_prev, dcarry_prev, res
+        da = dxp + self.recurrent_tangent(params, h_prev, dparams, dh_prev)  # a_t's tangent
+        if self.nonlinearity == "tanh":
+            du = da * (1 - u * u)  # through tanh: tanh'(a) = 1 - u^2
+        else:
+            du = jnp.where(u > 0, da, 0)  # through relu: [u > 0]
+        # h_t = (1 - alpha) h_{t-1} + alpha u_t: the leak path plus alpha phi(a_t)
+        return ((1 - self.alpha) * dh_prev + self.alpha * du,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -978,11 +1053,12 @@ class IndRNN(Cell):
 
 
 CELLS: dict[str, type[Cell]] = {"elman": Elman, "lstm": LSTM, "gru": GRU, "indrnn": IndRNN,
-                                "peephole_lstm": PeepholeLSTM, "layernorm_lstm": LayerNormLSTM}
+                                "peephole_lstm": PeepholeLSTM, "layernorm_lstm": LayerNormLSTM,
+                                "leaky": Leaky}
 # cells with a forget gate (forget_bias applies) and cells with a nonlinearity option
 # (CELLS' keys: names.CellName, which a test keeps equal)
 _FORGET_GATE = ("lstm", "peephole_lstm", "layernorm_lstm")
-_NONLINEARITY = ("elman", "indrnn")
+_NONLINEARITY = ("elman", "indrnn", "leaky")
 
 
 def check_cell_class(cell: Cell) -> None:
@@ -1016,8 +1092,9 @@ def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
 
     Args:
         kind: a name in ``CELLS``.
-        nonlinearity: ``'tanh'`` or ``'relu'`` for ``'elman'`` and ``'indrnn'``
-            (IndRNN's default in ``RNN`` is tanh, as for Elman).
+        nonlinearity: ``'tanh'`` or ``'relu'`` for ``'elman'``, ``'indrnn'`` and ``'leaky'``
+            (IndRNN's default in ``RNN`` is tanh, as for Elman; ``'leaky'`` gets the
+            default ``alpha``, 0.5: pass ``Leaky(alpha=...)`` for another).
         proj_size: ``'lstm'`` only, 0 < P < hidden_size; 0 for none.
         forget_bias: cells with a forget gate only.
         hidden_size, bias: the model's, to validate ``proj_size`` and ``forget_bias``.
@@ -1028,8 +1105,9 @@ def make_cell(kind: str, nonlinearity: str = "tanh", *, proj_size: int = 0,
     if kind not in CELLS:
         raise ValueError(f"cell must be one of {sorted(CELLS)}, got {kind!r}")
     if nonlinearity != "tanh" and kind not in _NONLINEARITY:
-        raise ValueError(f"nonlinearity={nonlinearity!r} applies to the {' and '.join(_NONLINEARITY)}"
-                         f" cells only; cell={kind!r} takes nonlinearity='tanh'")
+        cells = f"{', '.join(_NONLINEARITY[:-1])} and {_NONLINEARITY[-1]}"
+        raise ValueError(f"nonlinearity={nonlinearity!r} applies to the {cells} cells only; "
+                         f"cell={kind!r} takes nonlinearity='tanh'")
     if forget_bias and kind not in _FORGET_GATE:
         raise ValueError(f"forget_bias={forget_bias!r} applies to cells with a forget gate "
                          f"{list(_FORGET_GATE)}; cell={kind!r} has none")

@@ -17,4 +17,4 @@ Method = Literal["bptt", "autodiff", "rtrl"]
 # the losses of jaxrnn._src.losses.LOSSES
 LossName = Literal["half_sse", "mse", "xent"]
 # the built-in cells of jaxrnn._src.cells.CELLS
-CellName = Literal["elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm"]
+CellName = Literal["elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm", "leaky"]
