@@ -203,8 +203,8 @@ def compact_cost(cell, layers, batch: int, what: str) -> Cost:
     n_dir = unit_layout(layers[0])[2]
     return Cost(state=batch * n_dir * S, work=min(n_dir, BLOCK) * n + batch * n_dir * S,
                 flops=n_dir * step_flops(cell, layers, batch),
-                formula=f"state B (n/H) S, work ({BLOCK} + B S) n/H; per step n/H = {n_dir} "
-                        f"tangents of the layer ({what})")
+                formula=f"state B (n/H) S, work min(n/H, {BLOCK}) n + B (n/H) S; per step "
+                        f"n/H = {n_dir} tangents of the layer, 2 B (n/H) G H (D + H) ({what})")
 
 
 # --- SnAp-n's pattern ------------------------------------------------------------------
