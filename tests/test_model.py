@@ -335,9 +335,9 @@ def test_rtrl_method_equals_bptt(key):
     lb, gb = model.loss_and_grad(params, xs, targets, method="bptt", state=state)
     assert float(lr) == pytest.approx(float(lb), rel=1e-13)
     assert_trees_rel_close(gr, gb, 1e-10)
-    with pytest.raises(ValueError, match="rtrl"):
-        lstm = small(cell="lstm")
-        lstm.loss_and_grad(lstm.init(key, jnp.float64), xs, targets, method="rtrl")
+    both = small(bidirectional=True)
+    with pytest.raises(ValueError, match="method='rtrl' runs forward in time: bidirectional"):
+        both.loss_and_grad(both.init(key, jnp.float64), xs, targets, method="rtrl")
 
 
 # --- layers without a head (output_size=None) ----------------------------------

@@ -21,6 +21,7 @@ import pytest
 import jaxrnn
 from jaxrnn._src import names
 from jaxrnn.extend import CELLS, METHODS, TRAIN_METHODS
+from jaxrnn._src.estimators import ESTIMATORS
 from jaxrnn._src.losses import LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,8 @@ EXAMPLE = ROOT / "examples" / "typed_example.py"
 
 def test_literals_are_the_runtime_names():
     assert typing.get_args(names.ScanMethod) == METHODS == ("bptt", "autodiff")
-    assert typing.get_args(names.Method) == TRAIN_METHODS == METHODS + ("rtrl",)
+    assert typing.get_args(names.EstimatorName) == tuple(ESTIMATORS)
+    assert typing.get_args(names.Method) == TRAIN_METHODS == METHODS + tuple(ESTIMATORS)
     assert set(typing.get_args(names.LossName)) == set(LOSSES)
     assert set(typing.get_args(names.CellName)) == set(CELLS)
     assert jaxrnn.Method is names.Method and jaxrnn.CellName is names.CellName

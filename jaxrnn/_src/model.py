@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
+from jaxrnn._src import estimators
+from jaxrnn._src.estimators.base import Estimator
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src import validation
 from jaxrnn._src.cells import CELLS, Carry, Cell, CellParams, check_cell_class, make_cell
@@ -325,7 +327,7 @@ class RNN:
         n = self.num_layers * self.num_directions
         return [tuple(p[i] for p in parts) for i in range(n)]
 
-    def _state(self, carries: list[Carry]) -> State:
+    def state_from_carries(self, carries: list[Carry]) -> State:
         """One carry per (layer, direction) -> PyTorch-shaped state."""
         parts = tuple(jnp.stack([c[k] for c in carries]) for k in range(len(carries[0])))
         return parts if self.cell_fn.carry_size > 1 else parts[0]
@@ -361,7 +363,7 @@ class RNN:
         run = run_stack(direction, params.layers, xs,
                         self.initial_carries(state, B, params_dtype(params)),
                         lengths, self.dropout, dropout_key)
-        return run.h, self._state(run.finals)
+        return run.h, self.state_from_carries(run.finals)
 
     def readout(self, params: RNNParams, hs: jax.Array, mask: jax.Array | None = None):
         """``y_t = W h_t + b``, (T, B, dirs*H) -> (T, B, O); zero where ``mask`` is False.
@@ -453,7 +455,7 @@ class RNN:
             carries.append(carry)
             h = carry[0]  # the next layer's input
         y = h if params.readout is None else self.readout(params, h)
-        return self._state(carries), y
+        return self.state_from_carries(carries), y
 
     # --- losses and gradients -----------------------------------------------
     def loss(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
@@ -479,38 +481,70 @@ class RNN:
         return loss_fn(self, loss, method, params, xs, targets, state, lengths, dropout_key)
 
     def loss_and_grad(self, params: RNNParams, xs: jax.Array, targets: jax.Array,
-                      loss: LossName = "half_sse", method: Method = "bptt",
+                      loss: LossName = "half_sse", method: Method | Estimator = "bptt",
                       state: State | None = None, lengths: jax.Array | None = None,
-                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, RNNParams]:
+                      dropout_key: jax.Array | None = None, *, key: jax.Array | None = None
+                      ) -> tuple[jax.Array, RNNParams]:
         """The loss and its gradient with respect to ``params``, jit-compiled.
 
         Args: as in ``loss``. ``method="bptt"`` uses the handwritten reverse-scan
         BPTT for every recurrent layer; ``method="autodiff"`` uses ``jax.grad``
-        through the forward scan; ``method="rtrl"`` uses real-time recurrent
-        learning (forward in time, exact; single-layer, one-direction Elman
-        models of modest size only, see ``jaxrnn._src.rtrl``).
+        through the forward scan. The other methods are forward-in-time estimators
+        (``jaxrnn.estimators``, docs/estimators.md), run over the whole sequence with
+        one read-out at its end: ``"rtrl"`` (exact real-time recurrent learning,
+        every cell and depth, for small models), ``"snap1"``, ``"snap2"``,
+        ``"uoro"``, ``"kf_rtrl"``, ``"rflo"``, ``"eprop"`` (approximations); an
+        ``Estimator`` instance gives one with its options. They run one direction
+        and no dropout.
+            key: the estimator's own PRNG key, apart from ``dropout_key``: needed by
+                the stochastic estimators (``"uoro"``, ``"kf_rtrl"``, random
+                feedback), ignored by the others.
 
         Returns:
             ``(loss, grads)``, ``grads`` an ``RNNParams`` like ``params``.
 
         Raises:
             ValueError: a model without a readout (``output_size=None``), an unknown
-                ``method``; bad inputs, as ``apply``.
+                ``method``, a model an estimator does not support (one line naming
+                the method); bad inputs, as ``apply``.
         """
         validation.check_readout(self.output_size, "loss_and_grad")
-        if method == "rtrl":  # forward-mode, exact, for small single-layer Elman models
-            if dropout_key is not None:
-                raise ValueError("method='rtrl' takes no dropout_key")
-            from jaxrnn._src.rtrl import rtrl_loss_and_grad
-
-            return rtrl_loss_and_grad(self, params, xs, targets, loss, state, lengths)
+        estimator = None if method in METHODS else self.estimator(method)
         xs, state, lengths = self.check_inputs(params, xs, state, lengths)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS + ('rtrl',)}, got {method!r}")
         targets = self.check_targets((xs.shape[0], xs.shape[1], self.output_size), targets, loss,
                                      lengths)
-        return _loss_and_grad(self, loss, method, params, xs, targets, state, lengths,
-                              dropout_key)
+        if estimator is None:
+            return _loss_and_grad(self, loss, method, params, xs, targets, state, lengths,
+                                  dropout_key)
+        if dropout_key is not None:
+            raise ValueError(f"method={estimator.method!r} applies no dropout: it takes no "
+                             f"dropout_key")
+        self.check_estimator(estimator, params, xs.shape[1])
+        losses_lib.get_loss(loss)
+        return estimated_loss_and_grad(self, estimator, loss, params, xs, targets, state,
+                                       lengths, key)
+
+    def estimator(self, method: Method | Estimator) -> Estimator:
+        """The ``Estimator`` for ``method`` (a name or an instance), checked for this model.
+
+        Raises:
+            ValueError: an unknown method (listing them all), or one this model's cell,
+                layers, directions or compute dtype rule out.
+        """
+        if isinstance(method, str) and method not in estimators.ESTIMATORS:
+            raise ValueError(f"method must be one of {METHODS + tuple(estimators.ESTIMATORS)} "
+                             f"or a jaxrnn.estimators.Estimator, got {method!r}")
+        estimator = estimators.get_estimator(method)
+        estimators.check_model(estimator, self.cell_fn, self.num_layers, self.bidirectional,
+                               self.compute_dtype)
+        return estimator
+
+    def check_estimator(self, estimator, params: RNNParams, batch: int,
+                        max_elements: int = estimators.MAX_STATE_ELEMENTS) -> None:
+        """``estimators.check_model`` with this model's fields and size (see ``estimator``)."""
+        self.estimator(estimator)  # the cell, layers and directions first
+        estimators.check_model(estimator, self.cell_fn, self.num_layers, self.bidirectional,
+                               self.compute_dtype, layers_of(params), batch, max_elements)
 
     # --- PyTorch interop (jaxrnn._src.interop) --------------------------------
     def torch_names(self) -> list[str]:
@@ -592,3 +626,40 @@ def _loss_and_grad(model: RNN, loss: str, method: ScanMethod, params, xs, target
                    dropout_key):
     return jax.value_and_grad(loss_fn, argnums=3)(model, loss, method, params, xs, targets,
                                                    state, lengths, dropout_key)
+
+
+def layers_of(params: RNNParams) -> tuple:
+    """The layers' parameters of a one-direction model, one NamedTuple per layer."""
+    return tuple(p for (p,) in params.layers)
+
+
+def estimator_grads(params: RNNParams, dlayers, dreadout) -> RNNParams:
+    """An estimator's gradients as an ``RNNParams`` like ``params``."""
+    return RNNParams(tuple((g,) for g in dlayers),
+                     params.readout._replace(weight=dreadout.weight, bias=dreadout.bias))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 9, 10))
+def estimated_loss_and_grad(model: RNN, estimator, loss: str, params, xs, targets, state,
+                            lengths, key, last_only: bool = False, state_grad: bool = False):
+    """``loss_and_grad`` by a forward-in-time estimator, on validated, time-major arrays.
+
+    Returns:
+        ``(loss, grads)``; with ``state_grad`` (an estimator whose ``read_out`` also
+        gives the initial carries' gradient, ``RTRL(state_grad=True)``),
+        ``(loss, grads, dstate)`` with ``dstate`` in the state's shape.
+    """
+    B = xs.shape[1]
+    carries0 = model.initial_carries(state, B, params_dtype(params))
+    readout = estimators.Readout(params.readout.weight, params.readout.bias)
+    value, g, dreadout = estimators.loss_and_grad(estimator, model.cell_fn, layers_of(params),
+                                                  readout, loss, xs, targets, carries0, lengths,
+                                                  key, last_only)
+    if not state_grad:
+        return value, estimator_grads(params, g, dreadout)
+    g, gq = g  # gq (B, S): the initial carries' gradient, every layer's parts in order
+    widths = [c.shape[-1] for carry in carries0 for c in carry]
+    parts = jnp.split(gq, np.cumsum(widths)[:-1], axis=-1)
+    k = len(carries0[0])
+    dcarries = [tuple(parts[l * k:(l + 1) * k]) for l in range(len(carries0))]
+    return value, estimator_grads(params, g, dreadout), model.state_from_carries(dcarries)

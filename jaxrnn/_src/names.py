@@ -12,8 +12,12 @@ from typing import Literal
 
 # the per-layer gradient methods of the scan (RNN.apply, RNN.loss, layer, make_tbptt_step)
 ScanMethod = Literal["bptt", "autodiff"]
-# the whole-loss gradient methods (RNN.loss_and_grad, make_train_step): the scan's plus RTRL
-Method = Literal["bptt", "autodiff", "rtrl"]
+# the forward-in-time gradient estimators (jaxrnn.estimators.ESTIMATORS' keys)
+EstimatorName = Literal["rtrl", "snap1", "snap2", "uoro", "kf_rtrl", "rflo", "eprop"]
+# the whole-loss gradient methods (RNN.loss_and_grad, make_train_step): the scan's and
+# the estimators
+Method = Literal["bptt", "autodiff", "rtrl", "snap1", "snap2", "uoro", "kf_rtrl", "rflo",
+                 "eprop"]
 # the losses of jaxrnn._src.losses.LOSSES
 LossName = Literal["half_sse", "mse", "xent"]
 # the built-in cells of jaxrnn._src.cells.CELLS

@@ -2,8 +2,10 @@
 
 The step is ``(params, opt_state, batch) -> (params, opt_state, metrics)``; the
 gradient comes from ``method="bptt"`` (handwritten reverse scan),
-``method="autodiff"`` (``jax.grad``) or ``method="rtrl"`` (real-time recurrent
-learning, forward in time; single-layer one-direction Elman models only). With
+``method="autodiff"`` (``jax.grad``) or a forward-in-time estimator
+(``"rtrl"``, ``"snap1"``, ``"uoro"``, ...: ``jaxrnn.estimators``), one update per
+batch. ``make_online_step`` trains online: an update every ``k`` steps of a
+stream, the network's and the estimator's state carried across. With
 ``diagnostics=True`` the ``bptt`` step reads per-step gradient norms off the same
 reverse scan (``jaxrnn._src.diagnostics``) and logs their summary. Clipping,
 schedules and the like belong in the optax chain (``make_optimizer``), never
@@ -19,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrnn._src import estimators
+from jaxrnn._src.estimators.base import Estimator
 from jaxrnn._src import losses as losses_lib
-from jaxrnn._src import rtrl
 from jaxrnn._src.diagnostics import gradient_diagnostics, summary
-from jaxrnn._src.model import RNN, RNNParams, loss_fn
+from jaxrnn._src.model import (RNN, RNNParams, State, estimated_loss_and_grad, estimator_grads,
+                               layers_of, loss_fn)
 from jaxrnn._src.names import LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS
 from jaxrnn._src.validation import check_int, check_readout
@@ -54,8 +58,8 @@ class TrainStep(Protocol):
 StepFn = TrainStep
 
 # The gradient methods of ``make_train_step``: the per-layer methods of the scan,
-# plus RTRL, which computes the whole loss's gradient at once.
-TRAIN_METHODS: tuple[Method, ...] = get_args(Method)  # METHODS + ("rtrl",)
+# plus the estimators, which compute the whole loss's gradient forward in time.
+TRAIN_METHODS: tuple[Method, ...] = get_args(Method)  # METHODS + estimators' names
 
 
 def make_optimizer(name: str = "adam", lr: float = 1e-3, clip: float | None = None,
@@ -149,8 +153,9 @@ def check_train_options(method: str, diagnostics: bool = False) -> None:
         ValueError: an unknown ``method``, or ``diagnostics`` with a method other than
             ``"bptt"`` (the messages name the arguments).
     """
-    if method not in TRAIN_METHODS:
+    if not isinstance(method, Estimator) and method not in TRAIN_METHODS:
         raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
+    method = getattr(method, "name", method)
     if diagnostics and method != "bptt":
         raise ValueError(f"diagnostics=True reads the handwritten reverse scan: it needs "
                          f"method='bptt', got method={method!r}")
@@ -169,11 +174,13 @@ def check_truncation(k1: int, k2: int | None = None, method: str = "bptt") -> in
         ``k2`` (``k1`` where it was None).
 
     Raises:
-        ValueError: ``method="rtrl"`` or another unknown method, ``k1 < 1``, ``k2 < k1``.
+        ValueError: an estimator (``method="rtrl"``, ...) or another unknown method,
+            ``k1 < 1``, ``k2 < k1``.
     """
-    if method == "rtrl":
-        raise ValueError("method='rtrl' is not supported by truncated BPTT (make_tbptt_step): "
-                         "use method='bptt' or 'autodiff', or make_train_step for rtrl")
+    if method in TRAIN_METHODS and method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported by truncated BPTT "
+                         f"(make_tbptt_step): use method='bptt' or 'autodiff', or "
+                         f"make_train_step / make_online_step for {method}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_int("k1", k1, 1)
@@ -192,9 +199,10 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
         model: the ``RNN``.
         optimizer: any optax ``GradientTransformation``.
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"``.
-        method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"`` (real-time recurrent
-            learning: ``cell="elman"``, ``num_layers=1``, one direction; its
-            sensitivities take ``B H (H D + H^2 + H)`` elements, see ``jaxrnn._src.rtrl``).
+        method: ``"bptt"``, ``"autodiff"``, or an estimator's name (``"rtrl"``,
+            ``"snap1"``, ``"snap2"``, ``"uoro"``, ``"kf_rtrl"``, ``"rflo"``,
+            ``"eprop"``: one read-out at the end of each batch; one direction, no
+            dropout; the stochastic ones draw from ``key``) or an ``Estimator``.
         donate: donate the ``params`` and ``opt_state`` buffers (the caller must
             not reuse the arrays it passed in).
         last_only: score only the last step (``ys[-1:]`` against ``targets[-1:]``).
@@ -215,14 +223,14 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
     Raises:
         ValueError: a model without a readout (``output_size=None``); an unknown
             ``loss`` or ``method``; ``diagnostics`` with a method other than
-            ``"bptt"``; ``method="rtrl"`` for a model it does not support (and, when
+            ``"bptt"``; an estimator for a model it does not support (and, when
             the step is first called, a batch too large for it).
     """
     check_readout(model.output_size, "make_train_step")
     losses_lib.get_loss(loss)
     check_train_options(method, diagnostics)
-    if method == "rtrl":
-        rtrl.check_model(model)  # the cell, layers and directions; the size at trace time
+    # an estimator: checked for the cell, layers and directions now, its size at trace time
+    estimator = None if method in METHODS else model.estimator(method)
 
     tm = model.time_major()  # the arrays below are time-major, already converted
 
@@ -232,10 +240,11 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
             diag = gradient_diagnostics(tm, params, xs, targets, loss, None, lengths,
                                         key, last_only)
             return diag.loss, diag.grads, summary(diag)
-        if method == "rtrl":
-            # One layer: dropout (between layers) never applies, so the key is unused.
-            value, grads = rtrl.rtrl_loss_and_grad(tm, params, xs, targets, loss, None,
-                                                   lengths, last_only=last_only)
+        if estimator is not None:  # no dropout: the key is the estimator's
+            tm.check_estimator(estimator, params, xs.shape[1])  # its size, at trace time
+            check_key(estimator, key)
+            value, grads = estimated_loss_and_grad(tm, estimator, loss, params, xs, targets,
+                                                   None, lengths, key, last_only)
             return value, grads, {}
         value, grads = jax.value_and_grad(loss_fn, argnums=3)(
             model, loss, method, params, xs, targets, None, lengths, key, last_only)
@@ -254,6 +263,157 @@ def make_train_step(model: RNN, optimizer: optax.GradientTransformation,
 
     jitted: TrainStep = jax.jit(step, donate_argnums=(0, 1) if donate else ())
     return jitted
+
+
+def check_key(estimator: Estimator, key) -> None:
+    """A stochastic estimator needs its PRNG key.
+
+    Raises:
+        ValueError: ``key`` is None for an estimator that draws random numbers.
+    """
+    if estimator.stochastic and key is None:
+        raise ValueError(f"method={estimator.method!r} draws random numbers: pass its PRNG key "
+                         f"(key=jax.random.key(0))")
+
+
+class OnlineState(NamedTuple):
+    """What online training carries from one call to the next: a stream's place."""
+
+    state: State  # the network's state, PyTorch's shape (L, B, H) (a pair for the LSTM)
+    estimator: Any  # the estimator's state (sensitivities, factors or traces)
+    step: jax.Array  # int (): the stream's steps so far (the estimator's keys fold it in)
+
+
+class OnlineStep(NamedTuple):
+    """What ``make_online_step`` returns: ``init`` and ``step``."""
+
+    init: Callable[..., OnlineState]
+    step: Callable[..., tuple]
+
+
+def make_online_step(model: RNN, optimizer: optax.GradientTransformation,
+                     method: Method | Estimator = "rtrl", every: int = 1,
+                     loss: LossName = "half_sse", donate: bool = True) -> OnlineStep:
+    r"""Online training: an optax update every ``every`` steps of a stream, one jit per batch.
+
+    The batch's ``T`` steps are cut into chunks of ``every`` steps (the last may be
+    shorter). Over each chunk the network runs forward while the estimator updates
+    its state and reads out the gradient of the chunk's loss; then one optimizer
+    update is made and the next chunk starts from the network's and the estimator's
+    state where the chunk left them (the sensitivities computed under the old
+    parameters carry on under the new ones, as online RTRL does). ``every=1`` is
+    fully online; ``every=T`` with a fresh ``OnlineState`` per batch is one update
+    per sequence, ``make_train_step(method=...)``'s.
+
+    Args:
+        model: the ``RNN`` (one direction; no ``compute_dtype``).
+        optimizer: any optax ``GradientTransformation``.
+        method: an estimator's name (``"rtrl"``, ``"snap1"``, ...) or an ``Estimator``.
+        every: steps between updates, >= 1.
+        loss: the loss, computed per chunk (its divisor is the chunk's).
+        donate: donate the ``params``, ``opt_state`` and ``online`` buffers.
+
+    Returns:
+        ``OnlineStep(init, step)``: ``init(params, batch_size, key=None) ->
+        OnlineState`` (zero network state, the estimator's initial state; ``key``
+        for its random draws); ``step(params, opt_state, online, batch, key=None) ->
+        (params, opt_state, online, metrics)`` with ``batch`` a ``Batch`` without
+        ``lengths`` (the stream's next ``T`` steps), ``key`` the estimator's (the
+        same every call: step t of the stream draws from ``fold_in(key, t)``), and
+        ``metrics``: ``loss`` (the chunks' mean, weighted by their steps),
+        ``grad_norm`` (the last chunk's) and ``updates``.
+
+    Raises:
+        ValueError: a bidirectional model (one line: the backward direction needs
+            the future), an unknown or unsupported method, ``every < 1``; at the
+            first call a batch with ``lengths``, or a model too large for the estimator.
+    """
+    check_readout(model.output_size, "make_online_step")
+    losses_lib.get_loss(loss)
+    check_int("every", every, 1)
+    check_train_options(method)
+    estimator = model.estimator(method)
+    tm = model.time_major()
+
+    def init(params: RNNParams, batch_size: int, key: jax.Array | None = None) -> OnlineState:
+        tm.check_estimator(estimator, params, batch_size)
+        dtype = params.readout.weight.dtype
+        state = tm.zero_state(batch_size, dtype)
+        carries0 = tm.initial_carries(state, batch_size, dtype)
+        est = estimator.init(tm.cell_fn, layers_of(params), carries0, key)
+        return OnlineState(state, est, jnp.zeros((), jnp.int32))
+
+    def chunk(params, opt_state, online, xs, targets, key):
+        return online_chunk(tm, estimator, optimizer, loss, params, opt_state, online, xs,
+                            targets, key)
+
+    def run(params, opt_state, online: OnlineState, xs, targets, key):
+        T = xs.shape[0]
+        n, rest = divmod(T, every)
+
+        def body(carry, inputs):
+            params, opt_state, online = carry
+            params, opt_state, online, value, norm = chunk(params, opt_state, online, *inputs, key)
+            return (params, opt_state, online), (value, norm)
+
+        cut = lambda a: a[:n * every].reshape((n, every) + a.shape[1:])  # noqa: E731
+        (params, opt_state, online), (values, norms) = jax.lax.scan(
+            body, (params, opt_state, online), (cut(xs), cut(targets)))
+        total, norm = jnp.sum(values) * every, norms[-1]
+        if rest:
+            params, opt_state, online, value, norm = chunk(
+                params, opt_state, online, xs[n * every:], targets[n * every:], key)
+            total = total + value * rest
+        metrics = {"loss": total / T, "grad_norm": norm, "updates": n + (rest > 0)}
+        return params, opt_state, online, metrics
+
+    run = jax.jit(run, donate_argnums=(0, 1, 2) if donate else ())
+
+    def step(params: RNNParams, opt_state: optax.OptState, online: OnlineState, batch: Batch,
+             key: jax.Array | None = None):
+        if batch.lengths is not None:
+            raise ValueError("online training takes a stream of full-length steps: "
+                             "batch.lengths must be None")
+        xs, _, _ = model.check_inputs(params, batch.xs)  # time-major from here on
+        targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size),
+                                      batch.targets, loss)
+        tm.check_estimator(estimator, params, xs.shape[1])
+        check_key(estimator, key)
+        return run(params, opt_state, online, xs, targets, key)
+
+    return OnlineStep(init, step)
+
+
+def online_chunk(model: RNN, estimator: Estimator, optimizer: optax.GradientTransformation,
+                 loss: str, params: RNNParams, opt_state, online: OnlineState, xs: jax.Array,
+                 targets: jax.Array, key):
+    """One chunk of a stream, then one update (``make_online_step``'s unit).
+
+    Args:
+        model: a time-major ``RNN``.
+        estimator, optimizer, loss: ``make_online_step``'s.
+        params, opt_state: before the chunk.
+        online: the stream's place before the chunk.
+        xs: the chunk's inputs, (k, B, D), time-major.
+        targets: its targets, (k, B, O) or (k, B).
+        key: the estimator's key.
+
+    Returns:
+        ``(params, opt_state, online, loss, grad_norm)`` after the update.
+    """
+    T, B = xs.shape[:2]
+    valid = jnp.ones((T, B), bool)
+    div = losses_lib.divisor(loss, valid, model.output_size).astype(xs.dtype)
+    carries0 = model.initial_carries(online.state, B, xs.dtype)
+    readout = estimators.Readout(params.readout.weight, params.readout.bias)
+    out = estimators.run_chunk(estimator, model.cell_fn, layers_of(params), readout, loss, xs,
+                               targets, carries0, valid, valid, div, online.estimator, key,
+                               online.step)
+    grads = estimator_grads(params, out.grads, out.dreadout)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    online = OnlineState(model.state_from_carries(out.carries), out.state, online.step + T)
+    return params, opt_state, online, out.loss, optax.tree.norm(grads)
 
 
 def truncation_windows(num_steps: int, k1: int, k2: int) -> list[tuple[int, int, int, int]]:

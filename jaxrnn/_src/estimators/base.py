@@ -79,6 +79,11 @@ class Estimator:
     exact: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
 
+    @property
+    def method(self) -> str:
+        """The name it goes by as a gradient method (``"snap2"`` for ``SnAp(2)``)."""
+        return self.name
+
     def check(self, cell: Cell, num_layers: int) -> None:
         """Raises a one-line ``ValueError`` for a cell or depth it is not defined on."""
 

@@ -34,10 +34,9 @@ from jaxrnn._src.estimators.base import (Cost, Estimator, num_params, stack_tang
                                          step_flops)
 
 
-def basis(layers):
-    """The n unit tangents of the parameters, stacked: ``layers`` with a leading (n,) axis."""
-    flat, unravel = ravel_pytree(layers)
-    return jax.vmap(unravel)(jnp.eye(flat.size, dtype=flat.dtype))
+# Columns of P updated at once: the unit tangents e_j are built per block of this many
+# (a block's one-hots take BLOCK * n elements, not n^2).
+BLOCK = 128
 
 
 def unravel_like(layers, g):
@@ -45,9 +44,26 @@ def unravel_like(layers, g):
     return ravel_pytree(layers)[1](g)
 
 
-def sensitivity_update(cell, layers, P, traces, dlayers):
-    """``P_t = J_t P_{t-1} + M_t dlayers``, one column per leading index of ``P`` and ``dlayers``."""
-    new = jax.vmap(lambda d, p: stack_tangent(cell, layers, traces, d, p))(dlayers, P)
+def sensitivity_update(cell, layers, P, traces, unit: bool):
+    r"""One column per leading index j of ``P``: :math:`P_t e_j = J_t P_{t-1} e_j (+ M_t e_j)`.
+
+    Args:
+        cell, layers, traces: the step's (``base.stack_step``).
+        P: carries' tangents with a leading (n,) axis, one per layer.
+        unit: add the immediate term of the j-th parameter (``P`` has one column per
+            parameter, in ``ravel_pytree(layers)``'s order); False: ``J_t P`` only.
+
+    Returns:
+        The new ``P``, like ``P``.
+    """
+    flat, unravel = ravel_pytree(layers)
+
+    def column(j, p):
+        d = unravel(jax.nn.one_hot(j, flat.size, dtype=flat.dtype)) if unit else None
+        return stack_tangent(cell, layers, traces, d, p)
+
+    n = jax.tree.leaves(P)[0].shape[0]
+    new = jax.lax.map(lambda a: column(*a), (jnp.arange(n), P), batch_size=min(n, BLOCK))
     return tuple(tuple(c) for c in new)
 
 
@@ -88,11 +104,10 @@ class RTRL(Estimator):
 
     def update(self, cell, layers, state, traces, key):
         P, Q = (state, None) if not self.state_grad else state
-        P = sensitivity_update(cell, layers, P, traces, basis(layers))  # P_t = J P_{t-1} + M
+        P = sensitivity_update(cell, layers, P, traces, True)  # P_t = J_t P_{t-1} + M_t
         if Q is None:
             return P
-        zero = jax.tree.map(lambda a: jnp.zeros((Q[0][0].shape[0],) + a.shape, a.dtype), layers)
-        return P, sensitivity_update(cell, layers, Q, traces, zero)  # Q_t = J_t Q_{t-1}
+        return P, sensitivity_update(cell, layers, Q, traces, False)  # Q_t = J_t Q_{t-1}
 
     def read_out(self, cell, layers, state, dh, dy, readout_weight):
         P, Q = (state, None) if not self.state_grad else state
@@ -104,5 +119,8 @@ class RTRL(Estimator):
 
     def cost(self, cell, layers, batch):
         n, S = num_params(layers), state_size(cell, layers)
-        return Cost(state=batch * n * S, work=n * n + batch * n * S, flops=n * step_flops(
-            cell, layers, batch), formula="state B n S; work n^2 + B n S; n tangents per step")
+        block = min(n, BLOCK)
+        return Cost(state=batch * n * S, work=block * n + batch * n * S,
+                    flops=n * step_flops(cell, layers, batch),
+                    formula="state B n S, work (128 + B S) n; per step n tangents of the step, "
+                            "2 n B G H (D + H) per layer: O(B H^4)")
