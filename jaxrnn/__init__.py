@@ -20,12 +20,14 @@ from jaxrnn._src.generate import sample
 from jaxrnn._src.loop import LoopResult, train_loop
 from jaxrnn._src.losses import half_sse, mse, xent
 from jaxrnn._src.model import RNN, ReadoutParams, RNNParams, State, sequence_mask
-from jaxrnn._src.names import CellName, LossName, Method, ScanMethod
+from jaxrnn._src.names import CellName, EstimatorName, LossName, Method, ScanMethod
 from jaxrnn._src.stack import reverse_sequences
 from jaxrnn._src.rtrl import rtrl_loss_and_grad
 from jaxrnn._src.scan import layer
-from jaxrnn._src.train import (Batch, Metrics, TrainStep, make_optimizer, make_tbptt_step,
-                               make_train_step)
+from jaxrnn._src.train import (Batch, Metrics, OnlineState, OnlineStep, TrainStep,
+                               make_online_step, make_optimizer, make_tbptt_step, make_train_step)
+
+from jaxrnn import estimators  # noqa: E402  (the estimators' namespace: jaxrnn.estimators.X)
 
 __version__ = "0.2.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "State",
     "Method",
     "ScanMethod",
+    "EstimatorName",
     "LossName",
     "CellName",
     "layer",
@@ -67,6 +70,9 @@ __all__ = [
     "Batch",
     "make_train_step",
     "make_tbptt_step",
+    "make_online_step",
+    "OnlineStep",
+    "OnlineState",
     "make_optimizer",
     "TrainStep",
     "Metrics",
@@ -77,5 +83,6 @@ __all__ = [
     "step_gradients",
     "Diagnostics",
     "sample",
+    "estimators",
     "__version__",
 ]

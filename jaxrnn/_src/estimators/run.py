@@ -44,7 +44,8 @@ class ChunkResult(NamedTuple):
 
 def run_chunk(estimator: Estimator, cell: Cell, layers: Layers, readout: Readout, loss: str,
               xs: jax.Array, targets: jax.Array, carries0: Sequence[Carry], valid: jax.Array,
-              scored: jax.Array, total_divisor: jax.Array, state, key, t0=0) -> ChunkResult:
+              scored: jax.Array, total_divisor: jax.Array, state, key, t0=0,
+              per_step: bool = False) -> ChunkResult:
     """Runs the network over a chunk, updating the estimator and reading out its gradient.
 
     Args:
@@ -63,9 +64,11 @@ def run_chunk(estimator: Estimator, cell: Cell, layers: Layers, readout: Readout
         key: the estimator's PRNG key (None for a deterministic one); step t of the
             chunk uses ``fold_in(key, t0 + t)``.
         t0: the chunk's first step's index in its stream.
+        per_step: also return every step's read-out, stacked, (T, ...) (to measure
+            an estimator step by step).
 
     Returns:
-        A ``ChunkResult``.
+        A ``ChunkResult``; with ``per_step``, ``(ChunkResult, read-outs)``.
     """
     W, b = readout
     T = xs.shape[0]
@@ -86,16 +89,17 @@ def run_chunk(estimator: Estimator, cell: Cell, layers: Layers, readout: Readout
         g_t = estimator.read_out(cell, layers, est, dh, dy, W)
         acc = (L + l_t, jax.tree.map(jnp.add, g, g_t), dW + dy.T @ h,  # dL/dW += dy_t^T h_t
                None if db is None else db + dy.sum(0))  # dL/db += sum_b dy_t
-        return (carries, est, acc), None
+        return (carries, est, acc), (g_t if per_step else None)
 
     probe = jax.eval_shape(lambda: _first_read_out(estimator, cell, layers, state, xs, carries0,
                                                    valid, W))
     g0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
     acc0 = (jnp.zeros((), xs.dtype), g0, jnp.zeros_like(W), None if b is None else jnp.zeros_like(b))
-    (carries, state, (L, g, dW, db)), _ = jax.lax.scan(
+    (carries, state, (L, g, dW, db)), steps = jax.lax.scan(
         body, (list(map(tuple, carries0)), state, acc0),
         (jnp.arange(T), xs, targets, valid, scored))
-    return ChunkResult(L, g, Readout(dW, db), carries, state)
+    out = ChunkResult(L, g, Readout(dW, db), carries, state)
+    return (out, steps) if per_step else out
 
 
 def _first_read_out(estimator, cell, layers, state, xs, carries0, valid, W):

@@ -1,0 +1,118 @@
+r"""How good is an estimator? Its gradient against the exact one, over draws and step by step.
+
+Above the model (it validates through it); the measures themselves are in
+``jaxrnn._src.estimators.measure``. For a model, a batch and an estimator:
+
+* ``estimator_alignment``: N draws of the estimator's whole-sequence gradient
+  against BPTT's: cosine, relative error and norm ratio per draw, and the
+  relative variance :math:`\sum_j \mathrm{Var}(\hat g_j) / \|g\|^2` across draws
+  (0 for a deterministic estimator);
+* ``step_alignment``: each step's read-out :math:`(\partial\ell_t/\partial h_t)^\top
+  \hat P_t` against exact RTRL's on the same trajectory, step by step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn._src import estimators
+from jaxrnn._src.estimators.base import Estimator
+from jaxrnn._src.estimators.measure import Alignment, Paired, alignment, flatten
+from jaxrnn._src.model import RNN, RNNParams, estimated_loss_and_grad, layers_of, loss_fn
+from jaxrnn._src.names import LossName, Method
+
+
+class DrawAlignment(NamedTuple):
+    """``estimator_alignment``'s result."""
+
+    draws: Alignment  # each of the N draws against the exact gradient, (N,) arrays
+    mean: Alignment  # the mean of the draws against the exact gradient, scalars
+    rel_variance: jax.Array  # sum over entries of the draws' variance / |g|^2
+
+
+def _checked(model: RNN, params: RNNParams, xs, targets, loss, method):
+    """Validated, time-major ``(estimator, xs, targets)`` for a one-sequence measurement."""
+    estimator = model.estimator(method)
+    xs, _, _ = model.check_inputs(params, xs)
+    targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss)
+    model.check_estimator(estimator, params, xs.shape[1])
+    return estimator, xs, targets
+
+
+def estimator_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                        method: Method | Estimator, loss: LossName = "half_sse", *,
+                        key: jax.Array, draws: int = 1) -> DrawAlignment:
+    """The estimator's gradient over ``draws`` random draws against BPTT's exact gradient.
+
+    Only the recurrent layers' gradients are compared (the readout's is exact for
+    every estimator).
+
+    Args:
+        model: the ``RNN`` (one direction).
+        params: its parameters.
+        xs: inputs, (T, B, D) (``(B, T, D)`` with ``batch_first``).
+        targets: as ``model.loss``'s.
+        method: an estimator's name or an ``Estimator``.
+        loss: the loss's name.
+        key: the draws' keys are ``split(key, draws)``.
+        draws: N, the number of draws (1 suffices for a deterministic estimator).
+
+    Returns:
+        A ``DrawAlignment``.
+    """
+    estimator, xs, targets = _checked(model, params, xs, targets, loss, method)
+    return _draw_alignment(model.time_major(), estimator, loss, params, xs, targets,
+                           jax.random.split(key, draws))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _draw_alignment(model, estimator, loss, params, xs, targets, keys):
+    exact = jax.grad(loss_fn, argnums=3)(model, loss, "bptt", params, xs, targets, None, None)
+    exact = layers_of(exact)
+
+    def one(k):
+        return layers_of(estimated_loss_and_grad(model, estimator, loss, params, xs, targets,
+                                                 None, None, k)[1])
+
+    est = jax.lax.map(one, keys)  # (N, ...) per leaf, one draw at a time
+    per_draw = alignment(est, jax.tree.map(lambda e: jnp.broadcast_to(e, (keys.shape[0],)
+                                                                      + e.shape), exact), 1)
+    mean = jax.tree.map(lambda a: a.mean(0), est)
+    var = jnp.sum(jnp.var(flatten(est, 1), axis=0)) / jnp.sum(flatten(exact) ** 2)
+    return DrawAlignment(per_draw, alignment(mean, exact), var)
+
+
+def step_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
+                   method: Method | Estimator, loss: LossName = "half_sse", *,
+                   key: jax.Array | None = None) -> Alignment:
+    r"""Each step's read-out against exact RTRL's, on one trajectory: ``Alignment`` of (T,) arrays.
+
+    Step t compares :math:`(\partial\ell_t/\partial h_t)^\top \hat P_t` with
+    :math:`(\partial\ell_t/\partial h_t)^\top P_t`: how well the estimator's
+    sensitivities carry the past at that moment (NaN at a step whose exact term is
+    zero). Costs RTRL's memory and time as well as the estimator's.
+
+    Args: as ``estimator_alignment``'s, with one ``key`` (None for a deterministic
+    estimator).
+    """
+    estimator, xs, targets = _checked(model, params, xs, targets, loss, method)
+    return _step_alignment(model.time_major(), Paired(estimator), loss, params, xs, targets, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _step_alignment(model, paired, loss, params, xs, targets, key):
+    T, B = xs.shape[:2]
+    valid = jnp.ones((T, B), bool)
+    div = estimators.losses_lib.divisor(loss, valid, model.output_size).astype(xs.dtype)
+    carries0 = model.initial_carries(None, B, xs.dtype)
+    layers = layers_of(params)
+    state = paired.init(model.cell_fn, layers, carries0, key)
+    readout = estimators.Readout(params.readout.weight, params.readout.bias)
+    _, (est, exact) = estimators.run_chunk(paired, model.cell_fn, layers, readout, loss, xs,
+                                           targets, carries0, valid, valid, div, state, key,
+                                           per_step=True)
+    return alignment(est, exact, 1)
