@@ -13,7 +13,9 @@ small interface:
 * ``batches(start)``: the training batches ``start, start + 1, ...``;
 * static facts: ``name``, ``input_size``, ``output_size``, ``loss`` (``"half_sse"``,
   ``"mse"`` or ``"xent"``), ``last_step_only`` (only the last step's output is
-  scored) and ``baseline`` (the loss of the best constant prediction, or None).
+  scored), ``stream`` (batch ``step + 1`` continues batch ``step``'s sequences, so
+  an online run carries its state from one batch to the next) and ``baseline``
+  (the loss of the best constant prediction, or None).
 
 All arrays are time-major: inputs ``(T, B, input_size)``, targets
 ``(T, B, output_size)`` floats or ``(T, B)`` integer classes. ``make_task(name,
@@ -157,6 +159,7 @@ class Task:
     name: ClassVar[str]
     loss: ClassVar[str]  # "half_sse", "mse" or "xent" (see jaxrnn.half_sse, jaxrnn.mse, jaxrnn.xent)
     last_step_only: ClassVar[bool] = False  # score only ys[-1:] against targets[-1:]
+    stream: ClassVar[bool] = False  # batch step+1 continues batch step's sequences
     input_size: ClassVar[int]  # D of the inputs (T, B, D)
     output_size: ClassVar[int]  # O of the model's outputs (T, B, O)
 
@@ -388,6 +391,114 @@ class AddingTask(_SampledTask):
         targets[-1, :, 0] = values[first, cols] + values[second, cols]
         xs = np.stack([values, marker], axis=-1)  # (T, B, 2)
         return Batch(jnp.asarray(xs, self.dtype), jnp.asarray(targets, self.dtype))
+
+
+LAG_BASELINE = 5.0 / 64.0
+"""MSE of the best prediction that ignores the inputs on the lag task (t1 != t2):
+the constant E[y] = 0.625, scoring Var[y] = 0.5^2/4 + 0.25^2/4 = 5/64 = 0.078125.
+Predicting from x_{t-t1} alone scores ``LAG_T1_ONLY`` = 0.25^2/4 = 1/64; using both
+lags, 0."""
+
+LAG_T1_ONLY = 1.0 / 64.0
+"""MSE on the lag task of the best prediction from x_{t-t1} alone (0.015625)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LagTask(_SampledTask):
+    r"""The streamed lag task of Marschall, Cho & Savin 2020 (JMLR 21), Sec. 5.
+
+    One endless stream per batch row (their ``Add_Task``, ``omarschall/vanilla-rtrl``
+    ``gen_data/Add_Task.py``, after Pitis 2016):
+
+    .. math::
+        x_t \sim \mathrm{Bernoulli}(1/2), \qquad
+        y_t = 0.5 + 0.5\, x_{t-t_1} - 0.25\, x_{t-t_2}
+
+    with :math:`x_t = 0` for :math:`t < 0` (nothing comes before the stream starts).
+    As theirs, the input has two channels, ``[x_t, 1 - x_t]``. Their main script
+    uses the deterministic labels (``y_t`` itself, a probability) under a softmax
+    over two outputs with cross-entropy against ``[y_t, 1 - y_t]``; the library's
+    ``xent`` takes integer classes only, so here the model has one output scored
+    by ``"mse"`` against ``y_t`` (the same minimiser: the prediction ``y_t``).
+
+    Batch ``step`` holds steps ``[step*T, (step+1)*T)`` of every row's stream, so
+    consecutive batches continue the streams (``stream = True``: an online run
+    carries its state across batches). Stream ``b``'s inputs over the steps
+    ``[k*T, (k+1)*T)`` are drawn from a generator seeded by ``(seed, 0, k)``: any
+    batch is a pure function of ``(seed, step)``. The held-out batch is the first
+    ``seq_len`` steps of ``eval_size`` other streams (seeded by ``(seed, 1, k)``).
+
+    ``baseline`` is ``LAG_BASELINE`` = 5/64, the MSE of the best constant (0.625);
+    ``LAG_T1_ONLY`` = 1/64 is the MSE of a model that learned the ``t1`` lag only
+    (the paper's Fig. 3 marks the same three levels in cross-entropy: 0.66, 0.52
+    and 0.45 nats).
+
+    Batches: ``xs (T, B, 2)``, ``targets (T, B, 1)``.
+
+    Args:
+        t1, t2: the two lags, integers >= 1 (default 5 and 9, as their main script's
+            ``Add_Task(5, 9, deterministic=True)``).
+        seed, batch_size, seq_len, eval_size, dtype: as in every sampled task.
+    """
+
+    name: ClassVar[str] = "lag"
+    loss: ClassVar[str] = "mse"
+    stream: ClassVar[bool] = True
+    input_size: ClassVar[int] = 2
+    output_size: ClassVar[int] = 1
+
+    t1: int = 5
+    t2: int = 9
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("t1", self.t1, 1)
+        _check_int("t2", self.t2, 1)
+
+    @property
+    def baseline(self) -> float:
+        """``LAG_BASELINE`` = 5/64 (t1 != t2): the MSE of always answering 0.625."""
+        if self.t1 == self.t2:  # y = 0.5 + 0.25 x: Var = 0.25^2 / 4
+            return 1.0 / 64.0
+        return LAG_BASELINE
+
+    def _inputs(self, stream: int, start: int, stop: int, batch_size: int) -> np.ndarray:
+        """x over the steps ``[start, stop)`` of ``batch_size`` streams, (stop-start, B)
+        float64 zeros and ones; 0 at steps < 0."""
+        T = self.seq_len
+        first, last = max(start, 0) // T, max(stop - 1, 0) // T
+        blocks = [self._rng(stream, k).integers(0, 2, size=(T, batch_size))
+                  for k in range(first, last + 1)]
+        xs = np.concatenate(blocks).astype(np.float64)  # steps [first*T, (last+1)*T)
+        lead = max(0, -start)  # steps before the stream starts
+        xs = xs[max(start, 0) - first * T: stop - first * T]
+        return np.concatenate([np.zeros((lead, batch_size)), xs])[:stop - start]
+
+    def _stream_batch(self, stream: int, step: int, batch_size: int,
+                      rows: slice | None = None) -> Batch:
+        T, lag = self.seq_len, max(self.t1, self.t2)
+        start = step * T
+        x = self._inputs(stream, start - lag, start + T, batch_size)  # (lag + T, B)
+        x = x if rows is None else x[:, rows]
+        now = x[lag:]  # x_t for t in [start, start + T)
+        y = 0.5 + 0.5 * x[lag - self.t1: lag - self.t1 + T] - 0.25 * x[lag - self.t2: lag - self.t2 + T]
+        xs = np.stack([now, 1.0 - now], axis=-1)  # (T, B, 2): [x, 1 - x] as theirs
+        return Batch(jnp.asarray(xs, self.dtype), jnp.asarray(y[:, :, None], self.dtype))
+
+    def batch(self, step: int, part: tuple[int, int] | None = None) -> Batch:
+        """Steps ``[step*T, (step+1)*T)`` of the training streams (see the class).
+
+        Args:
+            step: an integer >= 0.
+            part: ``(i, n)``: only the streams ``[i*B/n, (i+1)*B/n)``; None: all.
+        """
+        _check_int("step", step, 0)
+        rows = None if part is None else check_part(part, self.batch_size)
+        return self._stream_batch(_TRAIN_STREAM, int(step), self.batch_size, rows)
+
+    def eval_batch(self) -> Batch:
+        """The first ``seq_len`` steps of ``eval_size`` held-out streams."""
+        return self._stream_batch(_EVAL_STREAM, 0, self.eval_size)
 
 
 class _Corpus(NamedTuple):
@@ -628,14 +739,14 @@ class CharLMTask(_SampledTask):
 
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (ExampleTask, SineTask, AddingTask, CharLMTask)}
+    cls.name: cls for cls in (ExampleTask, SineTask, AddingTask, LagTask, CharLMTask)}
 
 
 def make_task(name: str, **kwargs) -> Task:
     """The task called ``name``, built with ``kwargs``.
 
     Args:
-        name: ``"example"``, ``"sine"``, ``"adding"`` or ``"charlm"``.
+        name: ``"example"``, ``"sine"``, ``"adding"``, ``"lag"`` or ``"charlm"``.
         **kwargs: the task's arguments (e.g. ``seed``, ``batch_size``, ``seq_len``).
 
     Raises:

@@ -9,8 +9,9 @@ import pytest
 
 from jaxrnn._src import losses
 from jaxrnn._src.model import RNN
-from jaxrnn_app.tasks import (ADDING_BASELINE, TASKS, AddingTask, CharLMTask, ExampleTask, SineTask,
-                          bits_per_char, make_task, reference_example)
+from jaxrnn_app.tasks import (ADDING_BASELINE, LAG_BASELINE, LAG_T1_ONLY, TASKS, AddingTask,
+                              CharLMTask, ExampleTask, LagTask, SineTask, bits_per_char, make_task,
+                              reference_example)
 
 TRAIN_TEXT = "ab" * 450  # 900 characters: the first 90% of the text
 HELD_OUT_TEXT = "0123456789" * 10  # 100 characters: the last 10%, no character in common
@@ -71,7 +72,7 @@ def test_batches_fit_the_model_and_its_loss(name):
     assert np.isfinite(float(value)) and float(value) > 0
 
 
-@pytest.mark.parametrize("name", ["sine", "adding", "charlm"])
+@pytest.mark.parametrize("name", ["sine", "adding", "lag", "charlm"])
 def test_batch_is_a_pure_function_of_seed_and_step(name):
     task, again = small(name, seed=3), small(name, seed=3)
     for step in (0, 1, 17):
@@ -162,6 +163,44 @@ def test_adding_baseline_is_one_sixth():
     mse_of_one = float(np.mean((answers - 1.0) ** 2))  # 40k answers; std error ~0.8%
     assert mse_of_one == pytest.approx(1 / 6, rel=0.03)
     assert task.baseline == ADDING_BASELINE
+
+
+# --- lag -----------------------------------------------------------------------
+
+def test_lag_targets_follow_the_formula_on_a_written_out_case():
+    """t1=1, t2=2 over the first 6 steps of one stream: y_t = 0.5 + 0.5 x_{t-1} - 0.25 x_{t-2},
+    with x = 0 before the stream starts."""
+    b = LagTask(batch_size=1, seq_len=6, t1=1, t2=2, seed=5).batch(0)
+    assert np.asarray(b.xs[:, 0, 0]).tolist() == [1, 1, 0, 1, 0, 1]
+    assert np.asarray(b.xs[:, 0, 1]).tolist() == [0, 0, 1, 0, 1, 0]  # [x, 1 - x] as theirs
+    # t=0: 0.5 (no past); t=1: 0.5 + 0.5*1; t=2: 0.5 + 0.5*1 - 0.25*1; t=3: 0.5 + 0 - 0.25*1;
+    # t=4: 0.5 + 0.5*1 - 0; t=5: 0.5 + 0 - 0.25*1
+    assert np.asarray(b.targets[:, 0, 0]).tolist() == [0.5, 1.0, 0.75, 0.25, 1.0, 0.25]
+    assert LagTask.stream and not SineTask.stream and LagTask.loss == "mse"
+
+
+def test_lag_consecutive_batches_continue_one_stream():
+    """Batches 0..4 of T=4 are one stream of 20 steps: its targets follow the formula
+    across the batch boundaries (default lags 5 and 9 > T), and a part is its rows."""
+    task = LagTask(batch_size=3, seq_len=4, seed=1)
+    assert (task.t1, task.t2) == (5, 9)
+    batches = [task.batch(k) for k in range(5)]
+    x = np.concatenate([np.asarray(b.xs[:, :, 0]) for b in batches])  # (20, 3)
+    y = np.concatenate([np.asarray(b.targets[:, :, 0]) for b in batches])
+    past = np.concatenate([np.zeros((9, 3)), x])  # x_t = 0 for t < 0
+    np.testing.assert_array_equal(y, 0.5 + 0.5 * past[4:24] - 0.25 * past[0:20])
+    assert not np.array_equal(x[:, 0], x[:, 1])  # one stream per row
+    part = task.batch(2, part=(1, 3))
+    np.testing.assert_array_equal(part.xs[:, 0, 0], x[8:12, 1])
+    assert task.eval_batch().xs.shape == (4, task.eval_size, 2)
+
+
+def test_lag_baseline_is_the_variance_of_the_targets():
+    assert LAG_BASELINE == 5 / 64 and LAG_T1_ONLY == 1 / 64
+    task = LagTask(batch_size=500, seq_len=100, seed=0)
+    y = np.asarray(task.batch(1).targets[:, :, 0], np.float64)  # 50k steps, past the start
+    assert float(np.mean((y - 0.625) ** 2)) == pytest.approx(task.baseline, rel=0.02)
+    assert LagTask(t1=3, t2=3).baseline == 1 / 64
 
 
 # --- charlm --------------------------------------------------------------------
@@ -273,7 +312,7 @@ def test_charlm_ids_are_ranks_among_the_sorted_characters(tmp_path):
 # --- make_task and argument errors ---------------------------------------------
 
 @pytest.mark.parametrize("name, kwargs, error, message", [
-    ("nope", {}, ValueError, r"task must be one of \['adding', 'charlm', 'example', 'sine'\], "
+    ("nope", {}, ValueError, r"task must be one of \['adding', 'charlm', 'example', 'lag', 'sine'\], "
                              r"got 'nope'"),
     ("sine", {"seq_len": -3}, ValueError, r"^seq_len must be an integer >= 1, got -3$"),
     ("sine", {"seq_len": 2.0}, ValueError, r"seq_len must be an integer >= 1, got 2.0"),
@@ -288,6 +327,7 @@ def test_charlm_ids_are_ranks_among_the_sorted_characters(tmp_path):
      r"eval_fraction must be a finite number > 0.0 and < 1.0, got 1.0"),
     ("example", {"seq_len": 5}, ValueError,
      r"task 'example' takes no argument\(s\) seq_len; its arguments are dtype"),
+    ("lag", {"t2": 0}, ValueError, r"t2 must be an integer >= 1, got 0"),
     ("sine", {"dtype": "int32"}, TypeError, r"dtype must be a floating dtype, got 'int32'"),
 ])
 def test_make_task_errors_name_the_argument(name, kwargs, error, message):
