@@ -638,6 +638,7 @@ class _State(NamedTuple):
 
     dcarry: Carry  # dL/dcarry_t coming in from step t+1, each (B, H)
     dhs_buf: jax.Array | None  # plan "dhs": dhs (T, B, H), dgi_t written over step t
+    dh_t: jax.Array | None  # ... and its step t, read by the previous iteration (read-ahead)
     res_buf: jax.Array | None  # plan "residual": that leaf (T, B, G*H), dgi_t over step t
     res_t: jax.Array | None  # ... and its step t, read by the previous iteration (read-ahead)
     acc: dict  # {summed field: (B,) + shape}: the per-example terms summed so far
@@ -660,7 +661,7 @@ def _reverse_step(loop: _Loop, state: _State, inputs):
     t, carry, res, dh_t, m_t = inputs
     res_buf, res_t = state.res_buf, state.res_t
     if plan.dgi_over == "dhs":
-        dh_t = state.dhs_buf[t]  # the loss's dL/dh_t, read before it is overwritten
+        dh_t = state.dh_t  # the loss's dL/dh_t: read ahead by the last iteration
     if plan.dgi_over == "residual":
         k = plan.residual_index
         res = res[:k] + [res_t] + res[k:]  # res_t: read ahead by the last iteration
@@ -680,9 +681,14 @@ def _reverse_step(loop: _Loop, state: _State, inputs):
     # the cell's own small parameters: their per-example terms summed in the loop
     terms = {f: _masked(m_t, extra[f]) for f in plan.summed}
     acc = {f: state.acc[f] + terms[f] for f in plan.summed}
-    dhs_buf = state.dhs_buf
+    dhs_buf, dh_ahead = state.dhs_buf, None
     if plan.dgi_over == "dhs":
+        # dgi_t over dh_t, then dh_{t-1} read from the updated buffer, for the next
+        # iteration, as the "residual" plan does below: reading dh_t here made XLA copy
+        # the whole buffer at every step for a cell whose dcarry_prev reads dh off
+        # dgi's path (the leaky cell's (1 - alpha) dh)
         dhs_buf = jax.lax.dynamic_update_index_in_dim(dhs_buf, dgi, t, 0)  # over dh_t
+        dh_ahead = dhs_buf[jnp.maximum(t - 1, 0)]
     elif plan.dgi_over == "residual":
         # dgi_t over res_t, then res_{t-1} read from the updated buffer, for the
         # next iteration: every reader of the buffer follows the write, so XLA
@@ -699,7 +705,7 @@ def _reverse_step(loop: _Loop, state: _State, inputs):
         tuple(Outer(_masked(m_t, extra[f].dg), extra[f].a) for f in plan.outer))
     if loop.with_trace:
         stacked = stacked._replace(dh=dcarry[0], dh_next=dcarry_prev[0], terms=terms)
-    return _State(dcarry_prev, dhs_buf, res_buf, res_t, acc), stacked
+    return _State(dcarry_prev, dhs_buf, dh_ahead, res_buf, res_t, acc), stacked
 
 
 class _Reversed(NamedTuple):
@@ -723,7 +729,8 @@ def _reverse_loop(loop: _Loop, fwd: ForwardTrace, dhs, dcarry_T, mask, extra) ->
     # under shard_map the sums vary as the terms do (each a function of all of these)
     acc0 = vary(acc0, varying_axes(loop.params, loop.carry0, fwd, dhs, dcarry_T, mask))
     res_buf, res_t = (None, None) if k is None else (res_leaves[k], res_leaves[k][T - 1])
-    state0 = _State(tuple(dcarry_T), dhs if in_place else None, res_buf, res_t, acc0)
+    state0 = _State(tuple(dcarry_T), dhs if in_place else None, dhs[T - 1] if in_place else None,
+                    res_buf, res_t, acc0)
     final, stacked = jax.lax.scan(
         partial(_reverse_step, loop), state0,
         (jnp.arange(T), fwd.carries, res_in, None if in_place else dhs, mask),
