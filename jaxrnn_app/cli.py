@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from jaxrnn_app import rundir
-from jaxrnn_app.defaults import COMPUTE_DTYPES, default_text
+from jaxrnn_app.defaults import COMPUTE_DTYPES, TASKS, default_text
 
 EXIT_USAGE = 2
 
@@ -174,6 +174,13 @@ def _finite_float(text: str) -> float:
     return v
 
 
+def _leak(text: str) -> float:
+    v = _finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     v = _finite_float(text)
     if not v > 0:
@@ -204,14 +211,39 @@ def cmd_explain(args) -> int:
 
 # --- train -------------------------------------------------------------------
 
-# jaxrnn.extend.CELLS's names, spelled out so that building the parser imports no jax
-# (tests/test_cli.py checks that the two agree).
-CELL_NAMES = ("elman", "lstm", "gru", "indrnn", "peephole_lstm", "layernorm_lstm")
+def _library_names():
+    """The library's ``jaxrnn._src.names`` (its ``Literal`` types of the method and cell
+    names), read without importing ``jaxrnn``, whose package imports jax: building the
+    parser imports no jax (``jaxrnn --help`` answers at once)."""
+    import importlib.util
 
-RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "hidden", "layers", "bidirectional", "dropout", "method",
-               "compute_dtype", "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
-               "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every", "eval_every",
-               "checkpoint_every", "target_loss")
+    if "jaxrnn._src.names" in sys.modules:
+        return sys.modules["jaxrnn._src.names"]
+    spec = importlib.util.find_spec("jaxrnn")  # finds the package without running it
+    path = Path(spec.origin).parent / "_src" / "names.py"
+    names_spec = importlib.util.spec_from_file_location("_jaxrnn_names", path)
+    module = importlib.util.module_from_spec(names_spec)
+    names_spec.loader.exec_module(module)  # it imports typing only
+    return module
+
+
+def _names(literal) -> tuple[str, ...]:
+    from typing import get_args
+
+    return get_args(literal)
+
+
+# The built-in cells (jaxrnn.extend.CELLS's names; tests/test_cli.py checks that the two
+# agree) and the gradient methods (jaxrnn.extend.TRAIN_METHODS): the library's
+# names.CellName and names.Method.
+CELL_NAMES = _names(_library_names().CellName)
+TRAIN_METHODS = _names(_library_names().Method)
+
+RUN_OPTIONS = ("task", "text", "cell", "proj_size", "forget_bias", "alpha", "hidden", "layers",
+               "bidirectional", "dropout", "method", "online_every", "compute_dtype",
+               "diagnostics", "optimizer", "lr", "schedule", "warmup", "clip", "batch",
+               "seq_len", "k1", "k2", "bptt_segment", "steps", "seed", "devices", "log_every",
+               "eval_every", "checkpoint_every", "target_loss")
 
 
 def _default_out(task: str) -> Path:
@@ -265,8 +297,10 @@ def cmd_train(args) -> int:
                f"jaxrnn train --resume --out {out}")
     else:
         why = f"ran to step {result.final_step}"
+    how = f"method={cfg.method}" + (f", online every {cfg.online_every} steps"
+                                    if cfg.online_every is not None else "")
     print(f"{why}; compile (first step) {result.compile_s:.2f} s, then "
-          f"{result.steps_per_s:,.1f} steps/s (method={cfg.method})")
+          f"{result.steps_per_s:,.1f} steps/s ({how})")
     if result.samples is not None:
         print("sample:", result.samples[:200].replace("\n", " "))
     print(f"wrote {out}/: config.json, metrics.jsonl, checkpoints/, curves.png"
@@ -307,7 +341,10 @@ def _sample(args) -> int:
     task = runner.build_task(cfg)
     model, params = runner.build_model(cfg, task)
     optimizer = runner.build_optimizer(cfg)
-    like = ckpt.CheckpointState(params, optimizer.init(params), 0, jax.random.key(0), 0,
+    online = (runner.make_online(cfg, task, model, optimizer).init
+              if cfg.online_every is not None else None)
+    opt_state = runner.initial_opt_state(cfg, task, optimizer, params, online)
+    like = ckpt.CheckpointState(params, opt_state, 0, jax.random.key(0), 0,
                                 runner.checkpoint_metadata(cfg))
     def skipped(step, why):
         print(f"warning: checkpoint {step} is unreadable ({why}): skipped", file=sys.stderr)
@@ -373,7 +410,7 @@ def cmd_gradcheck(args) -> int:
     if bad_cells:
         return 1
     rtrl_msg = (f"; rtrl vs autodiff {max(rtrl_errs):.1e} in the {len(rtrl_errs)} "
-                f"one-layer elman configuration(s)" if rtrl_errs else "")
+                f"one-direction configuration(s)" if rtrl_errs else "")
     print(f"all {len(results)} configurations agree: max relative error bptt vs autodiff "
           f"{worst:.1e}{rtrl_msg} (tolerance {BPTT_TOL:g}), finite differences within "
           f"{FD_TOL:g}")
@@ -425,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains with a jit-compiled optax step, showing a progress bar, and "
                     "writes config.json, metrics.jsonl, checkpoints/ and curves.png to --out. "
                     "Options left out take their defaults, listed below (some per --task).")
-    t.add_argument("--task", choices=["example", "sine", "adding", "charlm"], default=None,
+    t.add_argument("--task", choices=TASKS, default=None,
                    help="what to train on (default: example, the reference worked example); it sets "
                         "the defaults of the options marked 'per task'")
     t.add_argument("--text", default=None, help="charlm: a UTF-8 text file (default: the "
@@ -438,14 +475,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--forget-bias", type=_finite_float, default=None,
                    help="LSTM-family cells: added to the forget gate's bias at init, e.g. 1 "
                         + default_text("forget_bias"))
+    t.add_argument("--alpha", type=_leak, default=None,
+                   help="--cell leaky: the leak alpha in (0, 1] of h = (1-alpha) h + alpha "
+                        "phi(W x + U h + b); 1 is the elman cell (default: 0.5)")
     t.add_argument("--hidden", type=_positive_int, default=None, help="hidden units per layer " + default_text("hidden"))
     t.add_argument("--layers", type=_positive_int, default=None, help="stacked layers " + default_text("layers"))
     t.add_argument("--bidirectional", action="store_true", default=None,
                    help="both directions (default: one)")
     t.add_argument("--dropout", type=float, default=None, help="dropout between layers " + default_text("dropout"))
-    t.add_argument("--method", choices=["bptt", "autodiff", "rtrl"], default=None,
-                   help="gradient: handwritten BPTT, jax.grad, or real-time recurrent "
-                        "learning (rtrl: one-layer elman only) " + default_text("method"))
+    t.add_argument("--method", choices=TRAIN_METHODS, default=None,
+                   help="gradient: handwritten BPTT, jax.grad, or a forward-in-time "
+                        "estimator: exact real-time recurrent learning (rtrl, any cell and "
+                        "depth) or its approximations (snap1, snap2, uoro, kf_rtrl, rflo, "
+                        "eprop; each refuses the cells it is not defined on); one update "
+                        "per batch, or online with --online-every " + default_text("method"))
+    t.add_argument("--online-every", type=_positive_int, default=None, metavar="K",
+                   help="online training with an estimator --method: an update every K "
+                        "steps while the sequence runs (1: fully online); a stream task "
+                        "(--task lag) carries the network's and the estimator's state from "
+                        "batch to batch (default: none, one update per batch)")
     t.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="mixed precision: each recurrent step's products and gate math in "
                         "this dtype; the parameters (float32), the state, the gradients and "
@@ -534,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draws random configurations and compares the handwritten "
                                    "BPTT gradient with jax.grad and with central finite "
                                    "differences in float64, and RTRL with jax.grad where it "
-                                   "applies (one-layer, one-direction elman). Exit status 1 "
+                                   "applies (one direction: any cell and depth). Exit status 1 "
                                    "on a mismatch.")
     g.add_argument("--cell", action="append", type=_cell_arg, default=None,
                    help="cell(s) to check: a built-in name (elman, lstm, gru, indrnn, ...) or "

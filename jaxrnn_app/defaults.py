@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("example", "sine", "adding", "charlm")
+TASKS = ("example", "sine", "adding", "lag", "charlm")
 
 # ``--compute-dtype``'s values: mixed precision below the parameters' float32.
 COMPUTE_DTYPES = ("bfloat16", "float16")
 
 RUN_DEFAULTS: dict[str, Any] = dict(
     task="example", text=None, cell="elman", hidden=64, proj_size=0, forget_bias=0.0,
-    layers=1, bidirectional=False, dropout=0.0, method="bptt", diagnostics=False,
+    alpha=None, layers=1, bidirectional=False, dropout=0.0, method="bptt",
+    online_every=None, diagnostics=False,
     optimizer="adam", lr=1e-3, schedule="constant", warmup=0, clip=None, batch=32,
     seq_len=50, k1=None, k2=None, bptt_segment=None, steps=1000, seed=0, devices=None,
     log_every=10, eval_every=100, checkpoint_every=500, target_loss=None, dtype="float32",
@@ -31,6 +32,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                  log_every=10, eval_every=50, checkpoint_every=250),
     "adding": dict(cell="lstm", hidden=64, lr=1e-2, steps=1500, batch=64, seq_len=100,
                    clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
+    # Marschall, Cho & Savin 2020's streamed lag task: their leaky RNN of 32 units
+    "lag": dict(cell="leaky", hidden=32, lr=3e-3, steps=500, batch=8, seq_len=50,
+                log_every=10, eval_every=50, checkpoint_every=250),
     "charlm": dict(cell="lstm", hidden=128, lr=3e-3, steps=1500, batch=32, seq_len=64,
                    clip=1.0, log_every=10, eval_every=100, checkpoint_every=500),
 }

@@ -7,10 +7,10 @@ parameters, the inputs and the initial state is computed three ways:
 * ``autodiff``: ``jax.grad`` through the plain forward ``lax.scan``;
 * finite differences: the central difference of the loss along a random
   direction ``v``, compared with ``<grad, v>`` for both methods;
-* ``rtrl``, where the configuration allows it (one layer, one direction,
-  ``cell="elman"``): real-time recurrent learning, forward in time
-  (``jaxrnn.rtrl_loss_and_grad``), for the parameters and the initial state (RTRL gives no
-  input gradient), compared with ``autodiff``.
+* ``rtrl``, where the configuration allows it (one direction, any cell and depth,
+  sensitivities within ``rtrl.MAX_SENSITIVITY_ELEMENTS``): real-time recurrent
+  learning, forward in time (``jaxrnn.rtrl_loss_and_grad``), for the parameters and
+  the initial state (RTRL gives no input gradient), compared with ``autodiff``.
 
 ``bptt``, ``autodiff`` and ``rtrl`` are equal in exact arithmetic, so their
 float64 relative differences should be at rounding level (<= 1e-10); the finite
@@ -162,10 +162,12 @@ def check_config(cfg: CheckConfig, key: jax.Array, eps: float = 1e-6) -> CheckRe
 
 
 def rtrl_supported(cfg: CheckConfig) -> bool:
-    """Whether ``method="rtrl"`` handles ``cfg``: one-layer, one-direction Elman, within
+    """Whether ``method="rtrl"`` handles ``cfg``: one direction (any cell and depth), within
     ``rtrl.MAX_SENSITIVITY_ELEMENTS``."""
+    model = cfg.model()
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0)))  # shapes: none made
     try:
-        extend.check_model(cfg.model(), cfg.batch, state_grad=cfg.with_state)
+        extend.check_model(model, cfg.batch, state_grad=cfg.with_state, params=params)
     except ValueError:
         return False
     return True

@@ -61,9 +61,10 @@ summed (their scans are independent; XLA may overlap them):
   ``T B n P`` (``dhs``, padded back to every step for a last-step loss) +
   ``T' B n P`` with two directions (their concatenation); ``T' = 1`` for a
   last-step loss, else ``T``.
-* ``rtrl`` (``jaxrnn.rtrl_loss_and_grad``): no per-step storage; the sensitivities
-  (``rtrl.sensitivity_size``) and two temporaries of their size, plus
-  ``T B (D + 2 P)``.
+* an estimator (``rtrl``, ``snap1``, ``uoro``, ...: ``jaxrnn.estimators``): no
+  per-step storage; its state and working arrays as it states them
+  (``Estimator.cost``: ``state + work``), one more state (the update's new one,
+  or an online run's carried one), plus ``T B (D + 2 P)``.
 
 ``estimate_run`` adds the task's data that the run keeps (two training batches
 and the held-out batch on the device, the text's ids for ``charlm``) and takes
@@ -91,6 +92,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn import extend
+from jaxrnn.estimators import get_estimator
 
 GB = 1e9
 
@@ -198,9 +200,9 @@ def _activations(model, params, method, T, B, segment, loss, last_only, dtype) -
     n = model.num_directions
     P = model.layer_output_size
     O = model.output_size
-    if method == "rtrl":
-        D = model.input_size
-        return 3 * extend.sensitivity_size(B, D, model.hidden_size, model.bias) + T * B * (D + 2 * P)
+    if method not in extend.METHODS:  # an estimator: its state, not the sequence
+        cost = get_estimator(method).cost(cell, tuple(dirs[0] for dirs in params.layers), B)
+        return 2 * cost.state + cost.work + T * B * (model.input_size + 2 * P)
     R = _step_residuals(cell, params.layers[0][0], sizes, dtype, autodiff=(method == "autodiff"))
     plans = _backward_plans(model, params, B, dtype) if method == "bptt" else None
     stored, kept, backward = [], [], []  # per layer, both directions summed
@@ -255,7 +257,7 @@ def estimate_step(model, optimizer, batch: int, seq_len: int, method: str = "bpt
         optimizer: the optax ``GradientTransformation``.
         batch: B.
         seq_len: T.
-        method: ``"bptt"``, ``"autodiff"`` or ``"rtrl"``.
+        method: ``"bptt"``, ``"autodiff"`` or an estimator's name (``"rtrl"``, ...).
         loss: ``"half_sse"``, ``"mse"`` or ``"xent"`` (integer targets (T, B)).
         last_only: only the last step is scored.
         dtype: the parameters' and inputs' floating dtype; every term is counted in

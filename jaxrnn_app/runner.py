@@ -58,9 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import (RNN, LoopResult, extend, make_optimizer, make_tbptt_step, make_train_step,
-                    train_loop)
-from jaxrnn.extend import loss_fn
+from jaxrnn import (RNN, Leaky, LoopResult, OnlineState, make_online_step,
+                    make_optimizer, make_tbptt_step, make_train_step, train_loop)
+from jaxrnn.estimators import get_estimator
+from jaxrnn.extend import METHODS, TRAIN_METHODS, loss_fn
 from jaxrnn_app import checkpoint as ckpt
 from jaxrnn_app import distributed, memory, rundir, sharding
 from jaxrnn_app.defaults import COMPUTE_DTYPES, TASK_DEFAULTS
@@ -74,18 +75,22 @@ SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # trained: the parameters keep ``dtype`` under any compute dtype. The first two are
 # ``RUN_DEFINING``: ``--resume`` refuses to change them.)
 MODEL_FIELDS = ("task", "text", "cell", "hidden", "layers", "bidirectional", "dropout",
-                "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias")
+                "batch", "seq_len", "seed", "dtype", "proj_size", "forget_bias", "alpha")
 # Cell options added later: recorded only when set, so that runs made before them resume.
-_OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0}
+_OPTIONAL_MODEL_FIELDS = {"proj_size": 0, "forget_bias": 0.0, "alpha": None}
+
+# The forward-in-time estimators (--method rtrl, snap1, ...): the train methods beyond
+# the scan's bptt and autodiff.
+ESTIMATOR_METHODS = tuple(m for m in TRAIN_METHODS if m not in METHODS)
 
 # Every RunConfig field is in exactly one of these two (tests/test_runner.py checks it):
 # the fields that define the run, which ``--resume`` refuses to change (a value given
 # that differs from the stored one is an error), and those that may change between runs
 # of the same directory (given on ``--resume``, they apply). A new field must be added to
 # one of them.
-RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "layers",
-                "bidirectional", "dropout", "method", "optimizer", "lr", "schedule",
-                "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
+RUN_DEFINING = ("task", "text", "cell", "hidden", "proj_size", "forget_bias", "alpha", "layers",
+                "bidirectional", "dropout", "method", "online_every", "optimizer", "lr",
+                "schedule", "warmup", "clip", "batch", "seq_len", "k1", "k2", "seed", "dtype",
                 "compute_dtype", "reference_model")
 CHANGEABLE_ON_RESUME = ("steps", "log_every", "eval_every", "checkpoint_every",
                         "diagnostics", "target_loss", "devices", "bptt_segment")
@@ -103,7 +108,7 @@ OPTION = {"seq_len": "--seq-len", "batch_size": "--batch", "batch": "--batch",
           "bidirectional": "--bidirectional", "dropout": "--dropout", "method": "--method",
           "optimizer": "--optimizer", "lr": "--lr", "clip": "--clip", "k1": "--k1",
           "k2": "--k2", "bptt_segment": "--bptt-segment", "diagnostics": "--diagnostics",
-          "compute_dtype": "--compute-dtype"}
+          "compute_dtype": "--compute-dtype", "every": "--online-every", "alpha": "--alpha"}
 
 
 def option_message(message: str, anywhere: tuple[str, ...] = ()) -> str:
@@ -145,10 +150,12 @@ class RunConfig:
     hidden: int = 64
     proj_size: int = 0  # lstm: project h to this size (PyTorch's LSTMP); 0: none
     forget_bias: float = 0.0  # LSTM-family cells: added to the forget gate's bias at init
+    alpha: float | None = None  # leaky: the leak in (0, 1] (set for --cell leaky; None: other cells)
     layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
-    method: str = "bptt"  # "bptt", "autodiff" or "rtrl"
+    method: str = "bptt"  # "bptt", "autodiff" or an estimator's name (ESTIMATOR_METHODS)
+    online_every: int | None = None  # online training: an update every k steps (estimators)
     diagnostics: bool = False  # log per-step gradient norms (method "bptt", full BPTT only)
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -184,8 +191,8 @@ class RunConfig:
 
 # Run-defining fields added to RUN_DEFINING after checkpoints recorded their run: name
 # each here with its default, so that it is recorded only when set and the checkpoints
-# made before it resume (as ``_OPTIONAL_MODEL_FIELDS``). None yet.
-_OPTIONAL_RUN_FIELDS: dict[str, Any] = {}
+# made before it resume (as ``_OPTIONAL_MODEL_FIELDS``).
+_OPTIONAL_RUN_FIELDS: dict[str, Any] = {"online_every": None}
 
 
 # Recorded in every checkpoint (``checkpoint_metadata``): "model" since the first
@@ -219,6 +226,8 @@ def build_config(**given) -> RunConfig:
     if task == "example":
         model_opts = ("cell", "hidden", "layers", "bidirectional")
         values["reference_model"] = all(given.get(k) in (None, False) for k in model_opts)
+    if values.get("cell") == "leaky" and values.get("alpha") is None:
+        values["alpha"] = Leaky().alpha  # recorded in config.json: the run's own value
     cfg = RunConfig(**values)
     validate(cfg)
     _check_no_silent_options(cfg)
@@ -267,10 +276,12 @@ def validate(cfg: RunConfig) -> None:
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
     if cfg.k2 is not None and cfg.k1 is None:
         raise RunError("--k2 needs --k1 (truncated BPTT: k1 steps between updates)")
-    if cfg.method == "rtrl":
-        if cfg.k1 is not None:
-            raise RunError("--method rtrl computes each sequence's gradient forward in time; "
-                           "truncated BPTT (--k1/--k2) is not supported with it")
+    if cfg.method in ESTIMATOR_METHODS and cfg.k1 is not None:
+        raise RunError(f"--method {cfg.method} computes the gradient forward in time; "
+                       f"truncated BPTT (--k1/--k2) is not supported with it (online "
+                       f"updates: --online-every)")
+    _validate_online(cfg)
+    _validate_alpha(cfg)
     if cfg.diagnostics and cfg.k1 is not None:
         raise RunError("--diagnostics is not supported with truncated BPTT (--k1/--k2)")
     if cfg.bptt_segment is not None:
@@ -294,11 +305,37 @@ def validate(cfg: RunConfig) -> None:
         raise RunError("reference_model applies to --task example only")
 
 
+def _validate_online(cfg: RunConfig) -> None:
+    """``--online-every k``: an integer >= 1, with an estimator's ``--method`` only (bptt
+    and autodiff need the whole sequence before their gradient)."""
+    k = cfg.online_every
+    if k is None:
+        return
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise RunError(f"--online-every must be an integer >= 1, got {k!r}")
+    if cfg.method not in ESTIMATOR_METHODS:
+        raise RunError(f"--online-every updates while the sequence runs, which needs a "
+                       f"forward-in-time --method ({', '.join(ESTIMATOR_METHODS)}); --method "
+                       f"{cfg.method} has its gradient only at the sequence's end")
+
+
+def _validate_alpha(cfg: RunConfig) -> None:
+    """``--alpha``: the leaky cell's leak, a number in (0, 1], with ``--cell leaky`` only."""
+    a = cfg.alpha
+    if a is None:
+        return
+    if cfg.cell != "leaky":
+        raise RunError(f"--alpha is the leaky cell's leak: it needs --cell leaky, got "
+                       f"--cell {cfg.cell}")
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+        raise RunError(f"--alpha must be a number in (0, 1], got {a!r}")
+
+
 def _validate_compute_dtype(cfg: RunConfig) -> None:
     """``--compute-dtype``: one of ``COMPUTE_DTYPES``, with a gradient that honours it.
 
-    RTRL computes in the parameters' dtype (the library refuses a compute dtype with
-    it too): refused here, before anything is written. The diagnostics' scans follow
+    The estimators (RTRL, ...) compute in the parameters' dtype (the library refuses a
+    compute dtype with them too): refused here, before anything is written. The diagnostics' scans follow
     the model's compute dtype.
     Whether it is narrower than the parameters is the library's rule
     (``check_compute_dtype``, on shapes in ``_build``).
@@ -306,9 +343,9 @@ def _validate_compute_dtype(cfg: RunConfig) -> None:
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise RunError(f"--compute-dtype must be one of {COMPUTE_DTYPES} or none, got "
                        f"{cfg.compute_dtype!r}")
-    if cfg.method == "rtrl":
+    if cfg.method in ESTIMATOR_METHODS:
         raise RunError(f"--compute-dtype {cfg.compute_dtype} is not supported with --method "
-                       f"rtrl (it computes in the parameters' dtype); use --method bptt")
+                       f"{cfg.method} (it computes in the parameters' dtype); use --method bptt")
 
 
 def build_task(cfg: RunConfig) -> Task:
@@ -331,7 +368,8 @@ def make_model(cfg: RunConfig, task: Task) -> RNN:
     try:
         if cfg.reference_model:
             return dataclasses.replace(task.example().model, compute_dtype=cfg.compute_dtype)
-        return RNN(cell=cfg.cell, input_size=task.input_size, hidden_size=cfg.hidden,
+        cell = Leaky(alpha=cfg.alpha) if cfg.cell == "leaky" and cfg.alpha is not None else cfg.cell
+        return RNN(cell=cell, input_size=task.input_size, hidden_size=cfg.hidden,
                    output_size=task.output_size, num_layers=cfg.layers,
                    bidirectional=cfg.bidirectional, dropout=cfg.dropout,
                    proj_size=cfg.proj_size, forget_bias=cfg.forget_bias,
@@ -417,7 +455,7 @@ def _memory_advice(cfg: RunConfig, model: RNN, est: memory.MemoryEstimate,
         return "lower --hidden (or --layers)"
     if part == "data" and cfg.task == "charlm":
         return "lower --seq-len or --batch, or give a shorter --text"
-    if cfg.method == "rtrl":  # its sensitivities grow as B H^2 (H + D), not with T
+    if cfg.method in ESTIMATOR_METHODS:  # its state grows with B and H, not with T
         return "lower --hidden or --batch, or use --method bptt"
     advice = "lower --seq-len or --batch"
     if cfg.k1 is None and cfg.bptt_segment is None and cfg.method in ("bptt", "autodiff"):
@@ -955,6 +993,16 @@ class _Built(NamedTuple):
     mesh: sharding.Mesh | None  # None: one device
     n_dev: int
     place_batch: Any  # ``place(step) -> Batch`` on the mesh
+    online_init: Any = None  # online runs: ``OnlineStep.init`` (None: one update per batch)
+
+
+class OnlineTrain(NamedTuple):
+    """What an online run (``--online-every``) carries in the loop's optimizer-state slot,
+    and so in its checkpoints."""
+
+    opt_state: Any  # the optax state
+    online: OnlineState | None  # a stream's place (network and estimator state); None: the
+    # task's sequences are independent, and each batch starts from a fresh OnlineState
 
 
 def _build(cfg: RunConfig, memory_available: int | None) -> _Built:
@@ -967,20 +1015,27 @@ def _build(cfg: RunConfig, memory_available: int | None) -> _Built:
     model = make_model(cfg, task)
     check_dtypes(cfg, task, model)
     optimizer = build_optimizer(cfg)
-    step_fn = make_step(cfg, task, model, optimizer)
-    if task.last_step_only and cfg.k1 is not None:
-        raise RunError(f"--k1/--k2 (truncated BPTT) need a loss at every step; task "
-                       f"{cfg.task!r} scores only the last step")
+    if cfg.online_every is not None:
+        online = make_online(cfg, task, model, optimizer)
+        step_fn = online_train_step(online, task, cfg.batch)
+    else:
+        online, step_fn = None, make_step(cfg, task, model, optimizer)
+    if task.last_step_only and (cfg.k1 is not None or online is not None):
+        what = "--k1/--k2 (truncated BPTT)" if online is None else "--online-every"
+        raise RunError(f"{what} need a loss at every step; task {cfg.task!r} scores only "
+                       f"the last step")
     if cfg.k1 is not None and cfg.k1 > cfg.seq_len:
         raise RunError(f"--k1 ({cfg.k1}) must be <= --seq-len ({cfg.seq_len})")
-    if cfg.method == "rtrl":
-        try:
-            extend.check_model(model, cfg.batch)  # its memory grows as B H^2 (H + D)
-        except ValueError as e:
-            raise RunError(option_message(str(e), anywhere=("batch",))) from None
+    if cfg.method in ESTIMATOR_METHODS:
+        check_estimator_size(cfg, task, model)
     # Before the parameters are made, a batch drawn or the run directory written.
     check_memory(cfg, task, model, optimizer, memory_available)
     batch_size = task.batch(0).xs.shape[1]
+    if online is not None:  # one device: the stream's state lives on it
+        if distributed.is_multiprocess() or cfg.devices not in (None, 1):
+            raise RunError("--online-every runs on one device: leave --devices out (or "
+                           "give 1) and run one process")
+        return _Built(task, model, optimizer, step_fn, None, 1, task.batch, online.init)
     n_dev, mesh = build_mesh(cfg, batch_size)
     if mesh is not None:
         step_fn = make_step(cfg, task, model, optimizer, mesh)
@@ -988,9 +1043,56 @@ def _build(cfg: RunConfig, memory_available: int | None) -> _Built:
                   batch_placer(task, mesh, batch_size))
 
 
+def check_estimator_size(cfg: RunConfig, task: Task, model: RNN) -> None:
+    """Refuses an estimator (``--method rtrl``, ...) whose state would be too large for
+    this model and batch (the library's ``check_estimator``, on the parameters' shapes).
+
+    Raises:
+        RunError: the library's one line, naming the options.
+    """
+    params = jax.eval_shape(lambda: init_params(cfg, task, model))  # shapes: none made
+    try:
+        model.check_estimator(get_estimator(cfg.method), params, cfg.batch)
+    except ValueError as e:
+        raise RunError(option_message(str(e), anywhere=("batch",))) from None
+
+
+def make_online(cfg: RunConfig, task: Task, model: RNN, optimizer):
+    """``make_online_step`` for ``cfg`` (``--online-every``).
+
+    Raises:
+        RunError: the library's message (a bidirectional model, a cell the estimator is
+            not defined on), naming the options.
+    """
+    try:
+        return make_online_step(model, optimizer, method=cfg.method, every=cfg.online_every,
+                                loss=task.loss)
+    except ValueError as e:
+        raise RunError(option_message(str(e))) from None
+
+
+def online_train_step(online, task: Task, batch_size: int):
+    """The loop's step for an online run: ``step(params, OnlineTrain, batch, key=None)``.
+
+    A stream task (``task.stream``) carries the ``OnlineState`` from batch to batch (it
+    is in the checkpoints); otherwise each batch's sequences start afresh: a new
+    ``OnlineState`` (zero network state, the estimator's initial state) per batch.
+    ``key`` (stochastic estimators): the loop's ``fold_in(run key, step)``; the stream's
+    step ``t`` draws from ``fold_in(key, t)`` (``make_online_step``).
+    """
+    def step(params, state: OnlineTrain, batch, key=None):
+        carried = state.online if task.stream else online.init(params, batch_size, key)
+        params, opt_state, carried, metrics = online.step(params, state.opt_state, carried,
+                                                          batch, key)
+        return params, OnlineTrain(opt_state, carried if task.stream else None), metrics
+
+    return step
+
+
 def make_step(cfg: RunConfig, task: Task, model: RNN, optimizer,
               mesh: sharding.Mesh | None = None):
-    """The train step of ``cfg``: full BPTT (on ``mesh``, if given) or truncated BPTT.
+    """The train step of ``cfg`` (one update per batch): full BPTT or an estimator (on
+    ``mesh``, if given), or truncated BPTT. Online runs: ``make_online``.
 
     Raises:
         RunError: the library's message on a ``--method``, ``--diagnostics``, ``--k1``
@@ -1022,13 +1124,32 @@ class _State(NamedTuple):
     skipped: list  # resume: the newer, unreadable checkpoints, ``(step, why)``
 
 
+def uses_key(cfg: RunConfig) -> bool:
+    """Whether the steps draw random numbers: dropout, or a stochastic estimator (UORO,
+    KF-RTRL): step ``i`` gets ``fold_in(key(seed), i - 1)`` (``train_loop``), so a
+    resumed run draws what an uninterrupted one draws."""
+    stochastic = cfg.method in ESTIMATOR_METHODS and get_estimator(cfg.method).stochastic
+    return cfg.dropout > 0 or stochastic
+
+
+def initial_opt_state(cfg: RunConfig, task: Task, optimizer, params, online_init=None):
+    """What the loop carries beside the parameters: the optax state, or for an online run
+    ``OnlineTrain(optax state, the stream's first OnlineState or None)``."""
+    opt_state = optimizer.init(params)
+    if cfg.online_every is None:
+        return opt_state
+    key = jax.random.key(cfg.seed) if uses_key(cfg) else None
+    online = online_init(params, cfg.batch, key) if task.stream else None
+    return OnlineTrain(opt_state, online)
+
+
 def _start(cfg: RunConfig, built: _Built, out: Path, resume: bool) -> _State:
     """The initial parameters, optimizer state and key, or those of the newest readable
     checkpoint in ``out/checkpoints`` (``resume``); replicated on the mesh. Nothing is
     written."""
     params = init_params(cfg, built.task, built.model)
     key = jax.random.key(cfg.seed)
-    opt_state = built.optimizer.init(params)
+    opt_state = initial_opt_state(cfg, built.task, built.optimizer, params, built.online_init)
     if built.mesh is not None:  # before a restore: it restores onto the same (global) layout
         params, opt_state, key = sharding.replicate((params, opt_state, key), built.mesh)
     metadata = checkpoint_metadata(cfg)
@@ -1118,11 +1239,12 @@ def _train(cfg: RunConfig, built: _Built, start: _State, out: Path,
                  f"progress bar's ETA starts after it)...")
         res = train_loop(
             built.step_fn, start.params, start.opt_state, built.place_batch, cfg.steps,
-            start=start.step, key=key if cfg.dropout > 0 else None, log_every=cfg.log_every,
+            start=start.step, key=key if uses_key(cfg) else None, log_every=cfg.log_every,
             eval_every=cfg.eval_every, evaluate=evaluate,
             checkpoint_every=cfg.checkpoint_every, checkpoint=save,
             target_loss=cfg.target_loss, should_stop=stop_check(stop, cfg.log_every),
-            on_row=rows.write, progress=progress, desc=cfg.task)
+            on_row=lambda row: rows.write(_whole_counts(row)), progress=progress,
+            desc=cfg.task)
     if res.status == "nonfinite":
         last, where = checkpointer.latest_step(), out / "checkpoints"
         raise RunFailed(f"the loss or the parameters became NaN or infinite at step "
@@ -1130,6 +1252,14 @@ def _train(cfg: RunConfig, built: _Built, start: _State, out: Path,
                         + (f"the last good checkpoint is step {last} in {where}"
                            if last is not None else f"there is no checkpoint yet in {where}"))
     return res
+
+
+def _whole_counts(row: dict) -> dict:
+    """The row with the online step's ``updates`` as an integer (the loop logs its array
+    metrics as floats); changed in place, so ``history`` shows the same."""
+    if isinstance(row.get("updates"), float):
+        row["updates"] = int(row["updates"])
+    return row
 
 
 # --- the process layout (small helpers, so that the training loop needs no more) ----

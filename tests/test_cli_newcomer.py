@@ -66,7 +66,7 @@ def test_train_help_lists_each_tasks_default(name):
 
 def test_train_help_hidden_defaults_by_task():
     text = " ".join(_help("train").split())
-    assert "(default per task: example 1, sine 32, adding 64, charlm 128)" in text
+    assert "(default per task: example 1, sine 32, adding 64, lag 32, charlm 128)" in text
 
 
 def test_every_option_with_a_value_shows_its_default():

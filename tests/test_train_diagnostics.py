@@ -112,15 +112,22 @@ def test_rtrl_step_equals_the_bptt_step(loss, last_only, lengths):
     assert min(jax.tree.leaves(moved)) > 1e-6  # every parameter trained
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(cell="lstm"), "supports cell='elman' only"),
-    (dict(num_layers=2), "num_layers=1 only"),
-    (dict(bidirectional=True), "bidirectional=True is not supported"),
+@pytest.mark.parametrize("method, kw, match", [
+    ("rtrl", dict(bidirectional=True), "method='rtrl' runs forward in time: "
+                                       "bidirectional=True is not supported"),
+    ("kf_rtrl", dict(cell="lstm"), "method='kf_rtrl' needs one layer of the 'elman' or "
+                                   "'leaky' cell"),
+    ("kf_rtrl", dict(num_layers=2), "got 2 layer"),
 ])
-def test_rtrl_step_refuses_unsupported_models_when_made(kw, match):
+def test_estimator_step_refuses_unsupported_models_when_made(method, kw, match):
+    """RTRL runs on every cell and depth (one direction); the others refuse, each naming
+    itself, the models they are not defined on."""
     model = RNN(**{"cell": "elman", "input_size": 2, "hidden_size": 3, "output_size": 1, **kw})
     with pytest.raises(ValueError, match=match):
-        make_train_step(model, optax.sgd(0.1), method="rtrl")
+        make_train_step(model, optax.sgd(0.1), method=method)
+    for cell, layers in (("lstm", 1), ("gru", 2)):  # made without complaint
+        make_train_step(RNN(cell=cell, input_size=2, hidden_size=3, output_size=1,
+                            num_layers=layers), optax.sgd(0.1), method="rtrl")
 
 
 def test_truncated_bptt_refuses_rtrl():
@@ -181,12 +188,16 @@ def test_cli_train_diagnostics_then_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    # the library's rules (rtrl.check_model, check_train_options), named as options
-    (["--method", "rtrl", "--cell", "lstm"], "--method 'rtrl' supports --cell 'elman' only, "
-                                             "got --cell 'lstm'"),
-    (["--method", "rtrl", "--layers", "2"], "supports --layers=1 only, got --layers=2"),
+    # the library's rules (estimators.check_model, check_train_options), named as options
+    (["--method", "rtrl", "--bidirectional"], "--method 'rtrl' runs forward in time: "
+                                              "--bidirectional is not supported"),
+    (["--method", "kf_rtrl", "--cell", "lstm"], "--method 'kf_rtrl' needs one layer of the "
+                                                "'elman' or 'leaky' cell"),
     (["--method", "rtrl", "--k1", "5"], "truncated BPTT (--k1/--k2) is not supported"),
-    (["--method", "rtrl", "--hidden", "200", "--batch", "64"], "too large for this model"),
+    (["--method", "rtrl", "--hidden", "200", "--batch", "64"],
+     "--method 'rtrl' is too large for this model"),
+    (["--method", "uoro", "--compute-dtype", "bfloat16"], "--compute-dtype bfloat16 is not "
+                                                          "supported with --method uoro"),
     (["--diagnostics", "--method", "autodiff"], "--diagnostics reads the handwritten reverse "
                                                 "scan: it needs --method 'bptt'"),
     (["--diagnostics", "--k1", "5"], "--diagnostics is not supported with truncated BPTT"),
@@ -220,7 +231,8 @@ def table_rows(out):
 
 
 def test_gradcheck_compares_rtrl_where_it_applies(capsys):
-    assert main([*GRADCHECK, "--cell", "elman", "--layers", "1", "--no-bidirectional"]) == 0
+    """Two layers of the GRU: a configuration RTRL once refused, exact now."""
+    assert main([*GRADCHECK, "--cell", "gru", "--layers", "2", "--no-bidirectional"]) == 0
     out = capsys.readouterr().out
     head = [c.strip() for c in out.splitlines()[0].split("|")[1:-1]]
     (row,) = table_rows(out)
@@ -231,18 +243,22 @@ def test_gradcheck_compares_rtrl_where_it_applies(capsys):
 
 
 def test_gradcheck_shows_a_dash_where_rtrl_does_not_apply():
+    """RTRL is exact for every cell and depth: the column applies to every one-direction
+    configuration within its size limit."""
     from jaxrnn_app.gradcheck import CheckConfig, CheckResult, format_results, rtrl_supported
 
-    assert rtrl_supported(CheckConfig(cell="elman", num_layers=1, bidirectional=False))
-    for kw in (dict(cell="gru"), dict(num_layers=2), dict(bidirectional=True),
-               dict(hidden_size=200, input_size=5, batch=30)):
+    for kw in (dict(cell="elman"), dict(cell="gru"), dict(cell="lstm", num_layers=2),
+               dict(cell="leaky", with_state=True)):
+        assert rtrl_supported(CheckConfig(bidirectional=False, **kw)), kw
+    for kw in (dict(bidirectional=True),
+               dict(hidden_size=200, input_size=5, batch=30, bidirectional=False)):
         assert not rtrl_supported(CheckConfig(**kw))
-    r = CheckResult(CheckConfig(cell="gru"), 1e-16, 1e-9, 1e-9)
+    r = CheckResult(CheckConfig(bidirectional=True), 1e-16, 1e-9, 1e-9)
     table = format_results([r])
     head = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
     (row,) = table_rows(table)
     assert row[head.index("rtrl vs autodiff")] == "-" and row[-1] == "ok" and r.ok
-    bad = r._replace(config=CheckConfig(), rtrl_vs_autodiff=1e-8)
+    bad = r._replace(config=CheckConfig(bidirectional=False), rtrl_vs_autodiff=1e-8)
     assert not bad.ok and table_rows(format_results([bad]))[0][-1] == "MISMATCH"
 
 
