@@ -38,7 +38,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn._src.validation import check_forget_bias, check_int
+from jaxrnn._src.validation import check_forget_bias, check_int, check_nonlinearity
 
 Carry = tuple[jax.Array, ...]
 
@@ -278,9 +278,7 @@ class Elman(Cell):
     carry_size: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(
-                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        check_nonlinearity(self.nonlinearity)
 
     def _phi(self, a):
         return jnp.tanh(a) if self.nonlinearity == "tanh" else jax.nn.relu(a)
@@ -346,9 +344,7 @@ class Leaky(Cell):
     carry_size: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(
-                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        check_nonlinearity(self.nonlinearity)
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a <= 1:
             raise ValueError(f"alpha must be a real number in (0, 1], got {a!r}")
@@ -1009,9 +1005,7 @@ class IndRNN(Cell):
     carry_size: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(
-                f"nonlinearity must be 'tanh' or 'relu', got {self.nonlinearity!r}")
+        check_nonlinearity(self.nonlinearity)
         r = self.recurrent_max
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
                               or not 0 < r < math.inf):

@@ -32,6 +32,16 @@ def check_int(name: str, value, minimum: int, *, bound: str = "", context: str =
                          f"got {value!r}")
 
 
+def check_nonlinearity(nonlinearity) -> None:
+    """The Elman-family cells' ``nonlinearity``: ``"tanh"`` or ``"relu"``.
+
+    Raises:
+        ValueError: another value.
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+
+
 def check_forget_bias(forget_bias, bias: bool, what: str) -> None:
     """``forget_bias`` initialises a bias, so it needs ``bias=True``.
 
