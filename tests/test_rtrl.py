@@ -225,3 +225,19 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="lengths must be None"):
         rtrl_loss_and_grad(model, params, xs, targets, lengths=jnp.array([4, 4]),
                            last_only=True)
+
+
+def test_the_initial_states_gradient_of_a_two_layer_lstm():
+    """state_grad for a cell with two carry parts and two layers: dL/d(h0, c0) as jax.grad."""
+    model = RNN(cell="lstm", input_size=2, hidden_size=3, output_size=2, num_layers=2)
+    params = model.init(jax.random.key(0), jnp.float64)
+    rng = np.random.default_rng(0)
+    xs, targets = jnp.asarray(rng.normal(size=(5, 2, 2))), jnp.asarray(rng.normal(size=(5, 2, 2)))
+    state = tuple(jnp.asarray(0.5 * rng.normal(size=(2, 2, 3))) for _ in range(2))
+    lengths = jnp.array([5, 3])
+    loss, g, dstate = rtrl_loss_and_grad(model, params, xs, targets, "mse", state, lengths,
+                                         state_grad=True)
+    ref_loss, (ref_g, ref_dstate) = jax.value_and_grad(loss_fn, argnums=(3, 6))(
+        model, "mse", "autodiff", params, xs, targets, state, lengths)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
+    assert_close((g, dstate), (ref_g, ref_dstate), RTOL)
