@@ -230,3 +230,53 @@ def test_huge_pages_merges_processes_by_median():
     runs.append({"status": "failed (exit 1): ['boom']"})  # a failed process is left out
     (row,) = mod.merge(runs)
     assert row == {**key, "processes": 3, "ms": {"bptt": 2.0}, "faults": {"bptt": 20}}
+
+
+def test_estimator_cost_quick(tmp_path):
+    # one run through the module's command line (it is not in PERF: run it directly)
+    proc = subprocess.run([sys.executable, "-m", "jaxrnn_lab.perf.estimator_cost", "--quick",
+                           "--out", str(tmp_path), "--no-progress"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "estimator_cost.json").read_text())
+    mod = _experiment_module("estimator_cost")
+    results = record["results"]
+    assert {"points", "slopes", "jax", "jaxlib", "cpu", "load_average"} <= set(results)
+    points = {(p["H"], p["B"]): p for p in results["points"]}
+    assert set(points) == {(4, 1), (8, 1)}
+    D = record["settings"]["input_size"]
+    for (H, B), p in points.items():
+        assert p["skipped"] == {} and tuple(p["methods"]) == mod.METHODS  # every method, every H
+        for method, row in p["methods"].items():
+            assert row["step_us"] > 0, (H, method)
+            mem = row["memory"]
+            assert mem["peak_bytes"] == (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
+                                         - mem["alias_size_in_bytes"] + mem["temp_size_in_bytes"])
+        # RTRL's state is B n S, as cost() says: n = H (D + H + 2) (w_ih, w_hh, two biases),
+        # S = H (the leaky cell's one carry part)
+        assert p["methods"]["rtrl"]["predicted"]["state_elements"] == B * H * (D + H + 2) * H
+        assert p["methods"]["bptt"]["predicted"] is None
+    # XLA's buffers: RTRL's sensitivities (and their blocks of unit tangents) grow far
+    # faster with H than UORO's two factors
+    def temp_bytes(H, m):
+        return points[(H, 1)]["methods"][m]["memory"]["temp_size_in_bytes"]
+
+    growth = {m: temp_bytes(8, m) / temp_bytes(4, m) for m in ("rtrl", "uoro")}
+    assert growth["rtrl"] > 2 * growth["uoro"], growth
+    slope = results["slopes"]["1"]
+    assert set(slope) == set(mod.METHODS) and slope["rtrl"]["H"] == [4, 8]
+    assert slope["rtrl"]["predicted_state"] > slope["uoro"]["predicted_state"]
+    assert (tmp_path / "estimator_cost_B1.png").stat().st_size > 1000
+    md = (tmp_path / "estimator_cost.md").read_text()
+    assert "| 1 | 8 | rtrl |" in md and "| 1 | kf_rtrl | 4, 8 |" in md
+
+
+def test_estimator_cost_skips_what_exceeds_the_budget():
+    import dataclasses
+
+    mod = _experiment_module("estimator_cost")
+    assert abs(mod.fit_slope([2, 4, 8], [3.0, 48.0, 768.0]) - 4.0) < 1e-12  # 3 (H/2)^4
+    # RTRL and SnAp-2 predict 1.5e4 multiplies a step at H=8; the others under 2e3
+    runs, skipped = mod.contenders(dataclasses.replace(mod.QUICK, max_step_multiplies=5e3), 8, 1)
+    assert set(skipped) == {"rtrl", "snap2"} and "time budget" in skipped["rtrl"]
+    assert set(runs) == set(mod.METHODS) - {"rtrl", "snap2"}
