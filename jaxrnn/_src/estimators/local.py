@@ -84,8 +84,8 @@ def feedback_matrix(key_data: jax.Array, shape: tuple[int, int], dtype) -> jax.A
 
 
 def _zero_recurrence(w_hh: jax.Array) -> jax.Array:
-    """The recurrent weights as the trace's Jacobian sees them: zero (h_{t-1}'s path cut)."""
-    return jnp.zeros_like(w_hh)
+    """The recurrent weights' unit diagonal as the trace's Jacobian sees it: zero, (G*H,)."""
+    return jnp.zeros(w_hh.shape[:1], w_hh.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +101,8 @@ class EProp(Estimator):
     :math:`\tilde J_t` the step's Jacobian with the recurrent weights zeroed (the
     unit's internal dynamics only), per unit and parameter of that unit. Memory
     :math:`B (n/H) S` (:math:`S = H` or :math:`2H` per example: the trace of each
-    carry part); per step :math:`n/H` tangents of the layer,
-    :math:`2 B (n/H) G H (D + H)` multiplies as implemented (dense tangents).
+    carry part); per step :math:`n/H` directions of :math:`B G H (D + 4)`
+    multiplies, :math:`O(B G^2 H (D + H))` (``snap.unit_parallel_update``).
     One layer of the cells ``snap.UNIT_LOCAL_CELLS``.
 
     Args:

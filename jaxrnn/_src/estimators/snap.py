@@ -24,7 +24,8 @@ out online as RTRL's: :math:`\partial L/\partial\theta \approx \sum_t
   column) pair of a parameter leaf taken at every unit at once, with the recurrent
   weights cut to their unit diagonal in :math:`J_t` so that the units do not mix;
   :math:`n/H` directions in all. Memory :math:`B (n/H) S`, i.e. :math:`B n` for a
-  one-part carry (BPTT's order per step, T-independent).
+  one-part carry (BPTT's order per step, T-independent); time :math:`O(B G^2 H (D +
+  H))` a step, the recurrent term elementwise (``_DiagonalRecurrence``).
 * **SnAp-n, n >= 2** (``SnAp(n=2)``, method ``"snap2"``): this implementation stores
   :math:`P` densely, with RTRL's memory :math:`B n S` and cost (n tangents a step),
   and masks it after each update; ``cost`` also reports the entries a sparse
@@ -44,6 +45,7 @@ output, so those layers would get no gradient).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -128,18 +130,106 @@ def unit_layout(params) -> tuple[np.ndarray, np.ndarray, int]:
     return np.concatenate(units), np.concatenate(dirs), offset
 
 
-def direction_tangent(layer, dirs: np.ndarray, d: jax.Array):
-    """Direction ``d``'s tangent, shaped like ``layer``: 1 on its entries (one per unit), else 0."""
-    flat, unravel = ravel_pytree(layer)
-    return unravel((jnp.asarray(dirs) == d).astype(flat.dtype))
+def field_directions(params) -> list[tuple[str, int, int]]:
+    """``(field, first direction, directions)`` of every array field, in ``unit_layout``'s order."""
+    out, offset = [], 0
+    H = params.w_hh.shape[-1] if params.w_hh.ndim == 2 else params.w_hh.shape[0]
+    for name in params._fields:
+        a = getattr(params, name)
+        if a is None:
+            continue
+        if name == "w_peep":  # (3, H): one direction per row
+            n = a.shape[0]
+        else:  # (G*H, K) or (G*H,): one per (gate block, column)
+            n = (a.shape[0] // H) * (a.shape[1] if a.ndim == 2 else 1)
+        out.append((name, offset, n))
+        offset += n
+    return out
+
+
+def direction_params(layer, d: jax.Array):
+    """Direction ``d``'s tangent of the input-side parameters, shaped like ``layer``.
+
+    1 on the direction's entry of every unit (row ``g*H+i``, column ``k``), else 0,
+    built field by field (``G H K`` elements each, not the n of a flattened one-hot).
+    ``w_hh``'s immediate term is formed apart (``immediate_recurrent``): here zero.
+    """
+    H = layer.w_hh.shape[-1] if layer.w_hh.ndim == 2 else layer.w_hh.shape[0]
+    fields = {}
+    for name, offset, n in field_directions(layer):
+        a = getattr(layer, name)
+        j = d - offset  # the direction's index within this field (out of range: none of it)
+        if name == "w_hh":
+            fields[name] = None  # see immediate_recurrent
+        elif name == "w_peep":
+            fields[name] = jnp.broadcast_to((jnp.arange(a.shape[0]) == j)[:, None],
+                                            a.shape).astype(a.dtype)
+        elif a.ndim == 1:  # (G*H,): block g = j
+            fields[name] = (jnp.arange(a.shape[0]) // H == j).astype(a.dtype)
+        else:  # (G*H, K): block g, column k, with j = g K + k
+            K = a.shape[1]
+            rows = (jnp.arange(a.shape[0]) // H == j // K) & (j >= 0) & (j < n)
+            fields[name] = (rows[:, None] & (jnp.arange(K) == j % K)[None, :]).astype(a.dtype)
+    return layer._replace(**fields)
+
+
+def immediate_recurrent(cell, layer, h_prev: jax.Array) -> jax.Array:
+    r"""Every direction's immediate term of the recurrent pre-activation, (n_dir, B, G*H).
+
+    :math:`h_{t-1} \dot W_{hh}^	op` (+ :math:`\dot b_{hh}` where not folded) for the
+    direction's one-hot tangent, built from its structure: direction ``(g, k)`` of
+    ``w_hh`` puts :math:`h_{t-1}[:, k]` on gate block g (IndRNN's vector ``u``:
+    :math:`h_{t-1}` itself); direction g of an unfolded ``b_hh`` puts ones on block g;
+    every other direction, zero. (A product with the one-hot would cost B H G H per
+    direction: :math:`O(H^3)` a step.)
+    """
+    B, H = h_prev.shape
+    GH = cell.num_gates * H
+    blocks = []
+    for name, _, n in field_directions(layer):
+        if name == "w_hh" and layer.w_hh.ndim == 1:  # IndRNN: d(u h)/du = h
+            blocks.append(h_prev[None])
+        elif name == "w_hh":  # (g, k): h_prev[:, k] on block g
+            G = n // H
+            E = jnp.repeat(jnp.eye(G, dtype=h_prev.dtype), H, axis=1)  # (G, G*H) blocks
+            blocks.append((E[:, None, None, :] * h_prev.T[None, :, :, None]).reshape(n, B, GH))
+        elif name == "b_hh" and not cell.fold_recurrent_bias:  # g: ones on block g
+            E = jnp.repeat(jnp.eye(n, dtype=h_prev.dtype), H, axis=1)
+            blocks.append(jnp.broadcast_to(E[:, None, :], (n, B, GH)))
+        else:
+            blocks.append(jnp.zeros((n, B, GH), h_prev.dtype))
+    return jnp.concatenate(blocks)
+
+
+class _DiagonalRecurrence:
+    """A built-in cell whose recurrent tangent reads a unit-diagonal ``w_hh``, elementwise.
+
+    ``params.w_hh`` is the diagonal (G*H,) (``w_hh[g*H+i, i]``; IndRNN's ``u``), and
+    ``dparams.w_hh`` the direction's immediate term (B, G*H), ready formed.
+    """
+
+    def recurrent_tangent(self, params, h_prev, dparams, dh_prev):
+        G = params.w_hh.shape[0] // dh_prev.shape[-1]
+        return jnp.tile(dh_prev, (1, G)) * params.w_hh + dparams.w_hh  # J's term + M's
+
+
+@functools.cache
+def _diagonal_class(cls: type) -> type:
+    return type(f"Diagonal{cls.__name__}", (_DiagonalRecurrence, cls), {})
+
+
+def diagonal_cell(cell):
+    """``cell`` with ``_DiagonalRecurrence``'s recurrent tangent (its options kept)."""
+    return _diagonal_class(type(cell))(**{f.name: getattr(cell, f.name)
+                                          for f in dataclasses.fields(cell)})
 
 
 def unit_diagonal(w_hh: jax.Array) -> jax.Array:
-    """``w_hh`` with only its entries ``[g*H+i, i]`` (IndRNN's vector: itself)."""
+    """The unit diagonal of ``w_hh``, ``w_hh[g*H+i, i]``, as a (G*H,) vector (IndRNN's: itself)."""
     if w_hh.ndim == 1:
         return w_hh
-    G = w_hh.shape[0] // w_hh.shape[1]
-    return w_hh * jnp.tile(jnp.eye(w_hh.shape[1], dtype=w_hh.dtype), (G, 1))  # keep W[gH+i, i]
+    H = w_hh.shape[1]
+    return jnp.diagonal(w_hh.reshape(-1, H, H), axis1=1, axis2=2).reshape(-1)
 
 
 def unit_parallel_update(cell, layer, Pc, trace, recurrent_weights):
@@ -149,32 +239,36 @@ def unit_parallel_update(cell, layer, Pc, trace, recurrent_weights):
         \dot s^{(d)}_t = \tilde J_t \dot s^{(d)}_{t-1} + M_t e_d, \qquad
         \tilde J_t = J_t \text{ with } W_{hh} \to \texttt{recurrent\_weights}(W_{hh})
 
-    The cell's ``tangent_step`` reads ``params.w_hh`` only in ``recurrent_tangent``'s
-    :math:`\dot h_{t-1} W_{hh}^\top` (the built-in cells'), so replacing it changes
-    :math:`J_t`'s recurrent term only; the immediate term :math:`h_{t-1} \dot
-    W_{hh}^\top` reads the direction's tangent. With a unit-diagonal (or zero)
-    ``recurrent_weights`` the units do not mix, so entry i of direction d's tangent
-    is unit i's sensitivity to its own entry of direction d.
+    The cell's ``tangent_step`` reads ``w_hh`` only in ``recurrent_tangent`` (the
+    built-in cells'); here that is ``_DiagonalRecurrence``'s, so :math:`\tilde J_t`'s
+    recurrent term is elementwise in the unit-diagonal (or zero) weights and the
+    units do not mix: entry i of direction d's tangent is unit i's sensitivity to
+    its own entry of direction d. Per direction :math:`O(B G H (D + 1))` multiplies
+    (the input side's product with the direction's tangent) and :math:`O(B G H)`
+    elementwise work: :math:`O(B G^2 H (D + H))` a step.
 
     Args:
         cell: a built-in unit-local cell.
         layer: the layer's parameters.
         Pc: the carry's tangents, one per carry part, (n_dir, B, H) each.
         trace: the step's ``Trace``.
-        recurrent_weights: ``w_hh -> `` the weights :math:`J_t` reads.
+        recurrent_weights: ``w_hh -> `` its unit diagonal (G*H,) as :math:`J_t` reads it.
 
     Returns:
         The updated ``Pc``.
     """
-    _, dirs, n_dir = unit_layout(layer)
+    n_dir = unit_layout(layer)[2]
     cut = layer._replace(w_hh=recurrent_weights(layer.w_hh))  # J_t with the cut recurrence
+    diag = diagonal_cell(cell)
+    imm = immediate_recurrent(cell, layer, trace.carry_prev[0])  # (n_dir, B, G*H)
 
-    def column(d, p):  # P_t e_d = J~_t P_{t-1} e_d + M_t e_d, frozen where the sequence ended
-        (new,) = stack_tangent(cell, (cut,), [trace], (direction_tangent(layer, dirs, d),), (p,))
+    def column(d, p, imm_d):  # P_t e_d = J~_t P_{t-1} e_d + M_t e_d, frozen where ended
+        dp = direction_params(layer, d)._replace(w_hh=imm_d)
+        (new,) = stack_tangent(diag, (cut,), [trace], (dp,), (p,))
         return tuple(new)
 
-    # directions in blocks of BLOCK, as RTRL's columns (a block's tangents: BLOCK * n elements)
-    return jax.lax.map(lambda a: column(*a), (jnp.arange(n_dir), tuple(Pc)),
+    # directions in blocks of BLOCK, as RTRL's columns
+    return jax.lax.map(lambda a: column(*a), (jnp.arange(n_dir), tuple(Pc), imm),
                        batch_size=min(n_dir, BLOCK))
 
 
@@ -199,12 +293,15 @@ def unit_parallel_read_out(layer, Pc, dh: jax.Array):
 
 def compact_cost(cell, layers, batch: int, what: str) -> Cost:
     """The compact unit-local state's memory and time (SnAp-1, e-prop, RFLO)."""
-    n, S = num_params(layers), state_size(cell, layers)
-    n_dir = unit_layout(layers[0])[2]
-    return Cost(state=batch * n_dir * S, work=min(n_dir, BLOCK) * n + batch * n_dir * S,
-                flops=n_dir * step_flops(cell, layers, batch),
-                formula=f"state B (n/H) S, work min(n/H, {BLOCK}) n + B (n/H) S; per step "
-                        f"n/H = {n_dir} tangents of the layer, 2 B (n/H) G H (D + H) ({what})")
+    S = state_size(cell, layers)
+    layer = layers[0]
+    n_dir = unit_layout(layer)[2]
+    GH, D = layer.w_ih.shape
+    return Cost(state=batch * n_dir * S,
+                work=n_dir * batch * GH + min(n_dir, BLOCK) * (GH * (D + 2) + batch * GH),
+                flops=n_dir * batch * GH * (D + 4),
+                formula=f"state B (n/H) S, work (n/H) B G H; per step n/H = {n_dir} "
+                        f"directions of B G H (D + 4): O(B G^2 H (D + H)) ({what})")
 
 
 # --- SnAp-n's pattern ------------------------------------------------------------------
@@ -249,8 +346,8 @@ class SnAp(Estimator):
 
     :math:`\tilde J^{(ii)}_t` the unit's own block of :math:`J_t` (its carry parts,
     ``w_hh`` cut to its unit diagonal). Memory :math:`B (n/H) S`; per step
-    :math:`n/H` tangents of the layer, :math:`2 B (n/H) G H (D + H)` multiplies
-    (this implementation forms each direction's tangent densely).
+    :math:`n/H` directions of :math:`B G H (D + 4)` multiplies, :math:`O(B G^2 H (D +
+    H))`: BPTT's order per step (``unit_parallel_update``).
 
     ``n >= 2`` (method ``"snap2"`` for n = 2): RTRL's dense update (``rtrl``) masked to
     the units reachable within n - 1 steps of ``w_hh``'s nonzeros, read from the
