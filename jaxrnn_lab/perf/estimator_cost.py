@@ -55,10 +55,10 @@ METHODS = ("bptt", "rtrl", "snap1", "snap2", "uoro", "kf_rtrl", "rflo", "eprop")
 
 # The per-step multiplies each method's update grows with, as implemented (the
 # exponent of H with D, O fixed); the figure draws these as dashed guides. SnAp-1,
-# e-prop and RFLO in their sparse published forms are O(H^2) per step; here they
-# form n/H = D + H + 2 dense tangents of the layer per step, O(H^3) (snap.py).
-THEORY_SLOPE = {"bptt": 2, "rtrl": 4, "snap1": 3, "snap2": 4, "uoro": 2, "kf_rtrl": 3,
-                "rflo": 3, "eprop": 3}
+# e-prop and RFLO update n/H = D + H + 2 directions of B H elementwise work each,
+# O(H^2) per step as published (snap.unit_parallel_update).
+THEORY_SLOPE = {"bptt": 2, "rtrl": 4, "snap1": 2, "snap2": 4, "uoro": 2, "kf_rtrl": 3,
+                "rflo": 2, "eprop": 2}
 
 
 @dataclasses.dataclass(frozen=True)
