@@ -49,7 +49,7 @@ import jaxrnn
 from jaxrnn import estimators
 from jaxrnn_lab import harness as common
 from jaxrnn_lab.bench.contenders import xla_memory
-from jaxrnn_lab.bench.environment import cpu_pressure, load_average
+from jaxrnn_lab.bench.environment import cpu_model, cpu_pressure, load_average
 
 METHODS = ("bptt", "rtrl", "snap1", "snap2", "uoro", "kf_rtrl", "rflo", "eprop")
 
@@ -301,21 +301,8 @@ def run(settings: Settings, out: Path, progress: bool) -> dict:
         plot(points, B, settings.steps, settings.fit_points, out / f"estimator_cost_B{B}.png")
     return {"points": points, "slopes": fits, "theory_slopes": THEORY_SLOPE,
             "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-            "cpu": _cpu_name(), "cpu_pressure": {"start": pressure, "end": cpu_pressure()},
+            "cpu": cpu_model(), "cpu_pressure": {"start": pressure, "end": cpu_pressure()},
             "load_average": {"start": load, "end": load_average()}}
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
 
 
 if __name__ == "__main__":
