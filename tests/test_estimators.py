@@ -154,3 +154,19 @@ def test_online_refusals():
     with pytest.raises(ValueError, match="method='rtrl' is too large"):
         big = jaxrnn.RNN(cell="lstm", input_size=2, hidden_size=256, output_size=1)
         make_online_step(big, sgd, "rtrl").init(jax.eval_shape(big.init, jax.random.key(0)), 1)
+
+
+def test_alignment_from_a_given_state():
+    """The measures start where a stream has brought the network: RTRL from that state is
+    exact against BPTT from it, and an approximation's alignment depends on it."""
+    model, params, xs, targets, _ = case("lstm", layers=1, lengths=False)
+    state = model.apply(params, 2 * xs)[1]  # where another window left the network
+    E, key = jaxrnn.estimators, jax.random.key(0)
+    exact = E.estimator_alignment(model, params, xs, targets, "rtrl", "mse", key=key,
+                                  state=state)
+    np.testing.assert_allclose(exact.draws.cosine, 1.0, atol=1e-12)
+    np.testing.assert_allclose(exact.draws.rel_error, 0.0, atol=1e-10)
+    steps = E.step_alignment(model, params, xs, targets, "snap1", "mse", state=state)
+    fresh = E.step_alignment(model, params, xs, targets, "snap1", "mse")
+    assert steps.cosine.shape == (xs.shape[0],) and np.all(np.abs(steps.cosine) <= 1 + 1e-12)
+    assert np.max(np.abs(steps.cosine - fresh.cosine)) > 1e-6

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jaxrnn._src import estimators
 from jaxrnn._src.estimators.base import Estimator
 from jaxrnn._src.estimators.measure import Alignment, Paired, alignment, flatten
-from jaxrnn._src.model import RNN, RNNParams, estimated_loss_and_grad, layers_of, loss_fn
+from jaxrnn._src.model import (RNN, RNNParams, State, estimated_loss_and_grad, layers_of,
+                               loss_fn)
 from jaxrnn._src.names import LossName, Method
 
 
@@ -34,18 +35,19 @@ class DrawAlignment(NamedTuple):
     rel_variance: jax.Array  # sum over entries of the draws' variance / |g|^2
 
 
-def _checked(model: RNN, params: RNNParams, xs, targets, loss, method):
-    """Validated, time-major ``(estimator, xs, targets)`` for a one-sequence measurement."""
+def _checked(model: RNN, params: RNNParams, xs, targets, loss, method, state):
+    """Validated, time-major ``(estimator, xs, targets, state)`` for a one-sequence measurement."""
     estimator = model.estimator(method)
-    xs, _, _ = model.check_inputs(params, xs)
+    xs, state, _ = model.check_inputs(params, xs, state)
     targets = model.check_targets((xs.shape[0], xs.shape[1], model.output_size), targets, loss)
     model.check_estimator(estimator, params, xs.shape[1])
-    return estimator, xs, targets
+    return estimator, xs, targets, state
 
 
 def estimator_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
                         method: Method | Estimator, loss: LossName = "half_sse", *,
-                        key: jax.Array, draws: int = 1) -> DrawAlignment:
+                        key: jax.Array, draws: int = 1,
+                        state: State | None = None) -> DrawAlignment:
     """The estimator's gradient over ``draws`` random draws against BPTT's exact gradient.
 
     Only the recurrent layers' gradients are compared (the readout's is exact for
@@ -60,23 +62,26 @@ def estimator_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: j
         loss: the loss's name.
         key: the draws' keys are ``split(key, draws)``.
         draws: N, the number of draws (1 suffices for a deterministic estimator).
+        state: the network's state at the window's start (PyTorch's shape, as
+            ``apply``'s), e.g. where a stream has brought it; zeros if None. The
+            estimators start their own state afresh there, as at a sequence's start.
 
     Returns:
         A ``DrawAlignment``.
     """
-    estimator, xs, targets = _checked(model, params, xs, targets, loss, method)
-    return _draw_alignment(model.time_major(), estimator, loss, params, xs, targets,
+    estimator, xs, targets, state = _checked(model, params, xs, targets, loss, method, state)
+    return _draw_alignment(model.time_major(), estimator, loss, params, xs, targets, state,
                            jax.random.split(key, draws))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _draw_alignment(model, estimator, loss, params, xs, targets, keys):
-    exact = jax.grad(loss_fn, argnums=3)(model, loss, "bptt", params, xs, targets, None, None)
+def _draw_alignment(model, estimator, loss, params, xs, targets, state, keys):
+    exact = jax.grad(loss_fn, argnums=3)(model, loss, "bptt", params, xs, targets, state, None)
     exact = layers_of(exact)
 
     def one(k):
         return layers_of(estimated_loss_and_grad(model, estimator, loss, params, xs, targets,
-                                                 None, None, k)[1])
+                                                 state, None, k)[1])
 
     est = jax.lax.map(one, keys)  # (N, ...) per leaf, one draw at a time
     per_draw = alignment(est, jax.tree.map(lambda e: jnp.broadcast_to(e, (keys.shape[0],)
@@ -88,7 +93,7 @@ def _draw_alignment(model, estimator, loss, params, xs, targets, keys):
 
 def step_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Array,
                    method: Method | Estimator, loss: LossName = "half_sse", *,
-                   key: jax.Array | None = None) -> Alignment:
+                   key: jax.Array | None = None, state: State | None = None) -> Alignment:
     r"""Each step's read-out against exact RTRL's, on one trajectory: ``Alignment`` of (T,) arrays.
 
     Step t compares :math:`(\partial\ell_t/\partial h_t)^\top \hat P_t` with
@@ -97,18 +102,19 @@ def step_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Ar
     zero). Costs RTRL's memory and time as well as the estimator's.
 
     Args: as ``estimator_alignment``'s, with one ``key`` (None for a deterministic
-    estimator).
+    estimator) and the ``state`` the window starts from.
     """
-    estimator, xs, targets = _checked(model, params, xs, targets, loss, method)
-    return _step_alignment(model.time_major(), Paired(estimator), loss, params, xs, targets, key)
+    estimator, xs, targets, state = _checked(model, params, xs, targets, loss, method, state)
+    return _step_alignment(model.time_major(), Paired(estimator), loss, params, xs, targets,
+                           state, key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _step_alignment(model, paired, loss, params, xs, targets, key):
+def _step_alignment(model, paired, loss, params, xs, targets, state, key):
     T, B = xs.shape[:2]
     valid = jnp.ones((T, B), bool)
     div = estimators.losses_lib.divisor(loss, valid, model.output_size).astype(xs.dtype)
-    carries0 = model.initial_carries(None, B, xs.dtype)
+    carries0 = model.initial_carries(state, B, xs.dtype)
     layers = layers_of(params)
     state = paired.init(model.cell_fn, layers, carries0, key)
     readout = estimators.Readout(params.readout.weight, params.readout.bias)
