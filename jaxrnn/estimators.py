@@ -14,8 +14,9 @@ imports no more than ``import jaxrnn``.
 """
 
 from jaxrnn._src.assess import DrawAlignment, estimator_alignment, step_alignment
-from jaxrnn._src.estimators import ESTIMATORS, MAX_STATE_ELEMENTS, get_estimator
-from jaxrnn._src.estimators.base import (Cost, Estimator, Trace, stack_step, stack_tangent)
+from jaxrnn._src.estimators import ESTIMATORS, get_estimator
+from jaxrnn._src.estimators.base import (MAX_STATE_ELEMENTS, Cost, Estimator, Trace, stack_step,
+                                         stack_tangent)
 from jaxrnn._src.estimators.kf_rtrl import KFRTRL
 from jaxrnn._src.estimators.local import RFLO, EProp
 from jaxrnn._src.estimators.measure import Alignment, Paired, alignment

@@ -111,14 +111,9 @@ def step_alignment(model: RNN, params: RNNParams, xs: jax.Array, targets: jax.Ar
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _step_alignment(model, paired, loss, params, xs, targets, state, key):
-    T, B = xs.shape[:2]
-    valid = jnp.ones((T, B), bool)
-    div = estimators.losses_lib.divisor(loss, valid, model.output_size).astype(xs.dtype)
-    carries0 = model.initial_carries(state, B, xs.dtype)
-    layers = layers_of(params)
-    state = paired.init(model.cell_fn, layers, carries0, key)
+    carries0 = model.initial_carries(state, xs.shape[1], xs.dtype)
     readout = estimators.Readout(params.readout.weight, params.readout.bias)
-    _, (est, exact) = estimators.run_chunk(paired, model.cell_fn, layers, readout, loss, xs,
-                                           targets, carries0, valid, valid, div, state, key,
-                                           per_step=True)
+    *_, (est, exact) = estimators.loss_and_grad(paired, model.cell_fn, layers_of(params),
+                                                readout, loss, xs, targets, carries0, None,
+                                                key, per_step=True)
     return alignment(est, exact, 1)

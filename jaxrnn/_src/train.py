@@ -26,7 +26,7 @@ from jaxrnn._src.estimators.base import Estimator
 from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.diagnostics import gradient_diagnostics, summary
 from jaxrnn._src.model import (RNN, RNNParams, State, estimated_loss_and_grad, estimator_grads,
-                               layers_of, loss_fn)
+                               layers_of, loss_fn, params_dtype)
 from jaxrnn._src.names import LossName, Method, ScanMethod
 from jaxrnn._src.scan import METHODS
 from jaxrnn._src.validation import check_int, check_readout
@@ -337,7 +337,7 @@ def make_online_step(model: RNN, optimizer: optax.GradientTransformation,
 
     def init(params: RNNParams, batch_size: int, key: jax.Array | None = None) -> OnlineState:
         tm.check_estimator(estimator, params, batch_size)
-        dtype = params.readout.weight.dtype
+        dtype = params_dtype(params)
         state = tm.zero_state(batch_size, dtype)
         carries0 = tm.initial_carries(state, batch_size, dtype)
         est = estimator.init(tm.cell_fn, layers_of(params), carries0, key)

@@ -5,7 +5,6 @@ from jaxrnn._src.estimators.kf_rtrl import KFRTRL
 from jaxrnn._src.estimators.local import RFLO, EProp
 from jaxrnn._src.estimators.rtrl import RTRL
 from jaxrnn._src.estimators.run import Readout, loss_and_grad, run_chunk
-from jaxrnn._src import losses as losses_lib
 from jaxrnn._src.estimators.snap import SnAp
 from jaxrnn._src.estimators.uoro import UORO
 

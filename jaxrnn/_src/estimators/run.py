@@ -120,15 +120,17 @@ def masks(T: int, B: int, lengths, last_only: bool) -> tuple[jax.Array, jax.Arra
 
 def loss_and_grad(estimator: Estimator, cell: Cell, layers: Layers, readout: Readout, loss: str,
                   xs: jax.Array, targets: jax.Array, carries0: Sequence[Carry], lengths,
-                  key, last_only: bool = False):
+                  key, last_only: bool = False, per_step: bool = False):
     """The loss and the estimator's gradient of a whole sequence: one update at its end.
 
     Args: as ``run_chunk``'s; ``lengths`` an optional (B,) integer array in [1, T];
-    ``last_only`` scores the last step only (full-length sequences).
+    ``last_only`` scores the last step only (full-length sequences); ``per_step``
+    also returns every step's read-out, stacked (``run_chunk``'s).
 
     Returns:
         ``(loss, grads, dreadout)``: ``grads`` as the estimator's ``read_out`` (shaped
-        like ``layers``), ``dreadout`` a ``Readout``.
+        like ``layers``), ``dreadout`` a ``Readout``; with ``per_step``, the read-outs
+        (T, ...) as a fourth value.
     """
     T, B = xs.shape[:2]
     valid, scored = masks(T, B, lengths, last_only)
@@ -138,5 +140,8 @@ def loss_and_grad(estimator: Estimator, cell: Cell, layers: Layers, readout: Rea
     k_init, k_run = (None, None) if key is None else jax.random.split(key)
     state = estimator.init(cell, layers, carries0, k_init)
     out = run_chunk(estimator, cell, layers, readout, loss, xs, targets, carries0, valid, scored,
-                    div, state, k_run)
+                    div, state, k_run, per_step=per_step)
+    if per_step:
+        out, steps = out
+        return out.loss, out.grads, out.dreadout, steps
     return out.loss, out.grads, out.dreadout

@@ -111,12 +111,11 @@ def unit_layout(params) -> tuple[np.ndarray, np.ndarray, int]:
         ``(unit (n,), direction (n,), n_dir)``: static int arrays and the number of
         directions (n / H).
     """
-    H = params.w_hh.shape[-1] if params.w_hh.ndim == 2 else params.w_hh.shape[0]
-    units, dirs, offset = [], [], 0
-    for name in params._fields:
+    H = params.w_hh.shape[-1]  # w_hh (G*H, H), or IndRNN's (H,)
+    fields = field_directions(params)
+    units, dirs = [], []
+    for name, offset, _ in fields:
         a = getattr(params, name)
-        if a is None:
-            continue
         idx = np.indices(a.shape)
         if name == "w_peep":  # (3, H): row r of unit i
             unit, d = idx[1], idx[0]
@@ -126,14 +125,13 @@ def unit_layout(params) -> tuple[np.ndarray, np.ndarray, int]:
             unit, d = idx[0] % H, (idx[0] // H) * a.shape[1] + idx[1]
         units.append(unit.ravel())
         dirs.append(d.ravel() + offset)
-        offset += int(d.max()) + 1
-    return np.concatenate(units), np.concatenate(dirs), offset
+    return np.concatenate(units), np.concatenate(dirs), sum(n for _, _, n in fields)
 
 
 def field_directions(params) -> list[tuple[str, int, int]]:
     """``(field, first direction, directions)`` of every array field, in ``unit_layout``'s order."""
     out, offset = [], 0
-    H = params.w_hh.shape[-1] if params.w_hh.ndim == 2 else params.w_hh.shape[0]
+    H = params.w_hh.shape[-1]  # w_hh (G*H, H), or IndRNN's (H,)
     for name in params._fields:
         a = getattr(params, name)
         if a is None:
@@ -154,7 +152,7 @@ def direction_params(layer, d: jax.Array):
     built field by field (``G H K`` elements each, not the n of a flattened one-hot).
     ``w_hh``'s immediate term is formed apart (``immediate_recurrent``): here zero.
     """
-    H = layer.w_hh.shape[-1] if layer.w_hh.ndim == 2 else layer.w_hh.shape[0]
+    H = layer.w_hh.shape[-1]  # w_hh (G*H, H), or IndRNN's (H,)
     fields = {}
     for name, offset, n in field_directions(layer):
         a = getattr(layer, name)
@@ -312,7 +310,7 @@ def reachable(w_hh: jax.Array, steps: int) -> jax.Array:
     One step: ``A[i, u] = any_g w_hh[g*H+i, u] != 0``, plus the diagonal (IndRNN's
     vector reaches only its own unit).
     """
-    H = w_hh.shape[-1] if w_hh.ndim == 2 else w_hh.shape[0]
+    H = w_hh.shape[-1]  # w_hh (G*H, H), or IndRNN's (H,)
     eye = jnp.eye(H, dtype=bool)
     if w_hh.ndim == 1:
         return eye
